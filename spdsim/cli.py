@@ -1,0 +1,84 @@
+"""`spdsim` command line (DESIGN §4). Each subcommand's work lives in its own module; this file only
+parses arguments and turns bad input into exit 2 with one line (no traceback)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from spdsim.errors import UserError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from spdsim.sweep import run_command
+    return run_command(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from spdsim.report import report_command
+    return report_command(args)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from spdsim.calibrate import calibrate_command
+    return calibrate_command(args)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from spdsim.plan import plan_command
+    return plan_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spdsim",
+        description="Predict the decode speed, speedup and bubble ratio of Speculative Pipeline Decoding "
+                    "(SPD) against plain pipelining (PP) and one-device decoding (AR).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    r = sub.add_parser("run", help="simulate every point of a scenario's sweep",
+                       description="Simulate every point of SCENARIO's sweep; write OUT/results.csv, plots "
+                                   "and an HTML summary; print a table.")
+    r.add_argument("scenario", type=Path, metavar="SCENARIO.yaml")
+    r.add_argument("--out", type=Path, default=None, help="output directory (default: reports/<scenario name>/)")
+    r.add_argument("--jobs", type=int, default=1, help="simulate sweep points in N processes (default 1)")
+    r.add_argument("--quiet", action="store_true", help="print no table and no progress")
+    r.add_argument("--no-plots", action="store_true", help="write results.csv only, no plots or HTML")
+    r.add_argument("--trace", default=None, metavar="SELECT",
+                   help="keep timelines for selected points: 'all', 'best', or 'scheme=spd,stages=4,...'")
+    r.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser("report", help="(re)draw plots and the HTML summary from DIR/results.csv")
+    rep.add_argument("dir", type=Path, metavar="DIR")
+    rep.set_defaults(func=_cmd_report)
+
+    c = sub.add_parser("calibrate", help="fit cost models from executor traces")
+    c.add_argument("trace_dir", type=Path, metavar="TRACE_DIR")
+    c.add_argument("--out", type=Path, required=True, metavar="CALIB.yaml")
+    c.set_defaults(func=_cmd_calibrate)
+
+    pl = sub.add_parser("plan", help="capacity planning: which GPUs, how many, which partition")
+    pl.set_defaults(func=_cmd_plan)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"spdsim: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("spdsim."):
+            print(f"spdsim: error: '{args.command}' is not built yet ({e.name} missing)", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("spdsim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
