@@ -159,14 +159,15 @@ def read_trace(path: str | Path) -> Trace:
 # One process per device, one thread (track) per stage / link / the speculative module.
 # Useful and discarded compute get different names and colours; flush and verify are instant events.
 
-def _track(ev: TraceEvent) -> str:
+def _track(ev: TraceEvent) -> tuple[str, int]:
+    """(track name, sort index): stages in pipeline order, then the module, links, control."""
     if ev.kind == "compute":
-        return f"stage {ev.stage}"
+        return f"stage {ev.stage}", ev.stage
     if ev.kind == "send":
-        return f"link {ev.name}" if ev.name else f"send from stage {ev.stage}"
+        return (f"link {ev.name}" if ev.name else f"send from stage {ev.stage}"), 2000 + max(ev.stage, 0)
     if ev.kind == "head":
-        return "speculative module"
-    return "control"
+        return "speculative module", 1000
+    return "control", 3000
 
 
 def to_chrome_trace(trace: Trace) -> dict[str, Any]:
@@ -175,18 +176,22 @@ def to_chrome_trace(trace: Trace) -> dict[str, Any]:
     tids: dict[tuple[int, str], int] = {}
     out: list[dict[str, Any]] = []
 
-    def ids(device: str, track: str) -> tuple[int, int]:
+    def ids(device: str, track: tuple[str, int]) -> tuple[int, int]:
         device = device or "host"
         if device not in pids:
             pids[device] = len(pids) + 1
             out.append({"ph": "M", "name": "process_name", "pid": pids[device], "tid": 0,
                         "args": {"name": device}})
-        pid = pids[device]
-        if (pid, track) not in tids:
-            tids[(pid, track)] = len(tids) + 1
-            out.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tids[(pid, track)],
-                        "args": {"name": track}})
-        return pid, tids[(pid, track)]
+            out.append({"ph": "M", "name": "process_sort_index", "pid": pids[device], "tid": 0,
+                        "args": {"sort_index": pids[device]}})
+        pid, (name, order) = pids[device], track
+        if (pid, name) not in tids:
+            tids[(pid, name)] = len(tids) + 1
+            out.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tids[(pid, name)],
+                        "args": {"name": name}})
+            out.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tids[(pid, name)],
+                        "args": {"sort_index": order}})
+        return pid, tids[(pid, name)]
 
     for ev in trace.events:
         pid, tid = ids(ev.device, _track(ev))
@@ -195,10 +200,17 @@ def to_chrome_trace(trace: Trace) -> dict[str, Any]:
             args["bytes"] = ev.bytes
         if ev.accepted is not None:
             args["accepted"] = ev.accepted
+        if ev.discarded:
+            args["discarded"] = True
         ts_us = ev.start_ns / 1000.0
-        if ev.kind in ("flush", "verify", "commit") and ev.duration_ns == 0:
+        if ev.kind in ("flush", "verify", "commit"):
+            # Control decisions are points in time (the verdict is known at end_ns); a measured duration,
+            # if any, is kept in args.
+            if ev.duration_ns:
+                args["dur_us"] = ev.duration_ns / 1000.0
             label = ev.kind if ev.accepted is None else f"{ev.kind} {'accept' if ev.accepted else 'reject'}"
-            out.append({"ph": "i", "s": "t", "name": label, "pid": pid, "tid": tid, "ts": ts_us, "args": args})
+            out.append({"ph": "i", "s": "t", "name": label, "pid": pid, "tid": tid, "ts": ev.end_ns / 1000.0,
+                        "args": args})
             continue
         name = f"{ev.kind} p{ev.position}" if ev.position >= 0 else ev.kind
         event = {"ph": "X", "name": name + (" (discarded)" if ev.discarded else ""), "cat": ev.kind,

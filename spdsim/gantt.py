@@ -1,0 +1,146 @@
+"""A Gantt chart of the first few dozen ticks of one run's trace (simulated or measured).
+
+One row per pipeline stage (its compute), one for the speculative module (head), one per link (sends),
+and a control row with verifications. Useful compute is coloured by token position, so a token can be
+followed down the pipeline; discarded compute (a flush threw it away) is red and hatched; a flush is a
+red dashed line across every row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from spdsim.trace import Trace, TraceEvent
+
+DPI = 100
+WIDTH_IN = 14.0
+DISCARD_FACE, DISCARD_EDGE = "#f6b2b2", "#c0392b"
+
+
+@dataclass(frozen=True)
+class Window:
+    start_ns: int
+    end_ns: int
+
+    def overlaps(self, ev: TraceEvent) -> bool:
+        return ev.end_ns >= self.start_ns and ev.start_ns <= self.end_ns
+
+
+def first_ticks(events: list[TraceEvent], ticks: int) -> Window:
+    """From the first decode compute to the end of stage 0's `ticks`-th decode compute."""
+    decode = [e for e in events if e.phase == "decode"]
+    computes = [e for e in decode if e.kind == "compute"]
+    if not computes:
+        raise ValueError("trace has no decode compute events")
+    start = min(e.start_ns for e in computes)
+    first_stage = min(e.stage for e in computes)
+    ends = sorted(e.end_ns for e in computes if e.stage == first_stage)
+    end = ends[ticks - 1] if len(ends) >= ticks else max(e.end_ns for e in decode)
+    return Window(start, max(end, start + 1))
+
+
+def _time_unit(span_ns: int) -> tuple[str, float]:
+    if span_ns >= 10_000_000:
+        return "ms", 1e6
+    if span_ns >= 10_000:
+        return "µs", 1e3
+    return "ns", 1.0
+
+
+def _rows(trace: Trace, events: list[TraceEvent]) -> list[tuple[str, str]]:
+    """(key, label) of every row, top to bottom: stages, module, links, control."""
+    placement = trace.header.placement
+    stages = sorted({e.stage for e in events if e.kind == "compute" and e.stage >= 0}
+                    | set(range(trace.header.stages)))
+    rows = []
+    for s in stages:
+        dev = placement[s] if s < len(placement) else ""
+        rows.append((f"stage {s}", f"stage {s}" + (f"\n{dev}" if dev else "")))
+    if any(e.kind == "head" for e in events):
+        dev = next((e.device for e in events if e.kind == "head" and e.device), "")
+        rows.append(("module", "spec. module" + (f"\n{dev}" if dev else "")))
+    for link in sorted({_link(e) for e in events if e.kind == "send"}):
+        rows.append((link, link))
+    rows.append(("control", "verify"))
+    return rows
+
+
+def _link(ev: TraceEvent) -> str:
+    return f"link {ev.name}" if ev.name else f"send from stage {ev.stage}"
+
+
+def _row_of(ev: TraceEvent) -> str:
+    if ev.kind == "compute":
+        return f"stage {ev.stage}"
+    if ev.kind == "head":
+        return "module"
+    if ev.kind == "send":
+        return _link(ev)
+    return "control"
+
+
+def draw_gantt(trace: Trace, path: str | Path, ticks: int = 36, label: str = "") -> Path:
+    """Draw the first `ticks` ticks of stage 0 (and everything that overlaps them) to a PNG."""
+    from matplotlib import colormaps
+
+    path = Path(path)
+    win = first_ticks(trace.events, ticks)
+    events = [e for e in trace.events if e.phase == "decode" and win.overlaps(e)]
+    rows = _rows(trace, events)
+    y_of = {key: i for i, (key, _) in enumerate(rows)}
+    unit, scale = _time_unit(win.end_ns - win.start_ns)
+    span = (win.end_ns - win.start_ns) / scale
+    palette = colormaps["tab20"]
+
+    fig = Figure(figsize=(WIDTH_IN, 1.6 + 0.55 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+
+    def x(t_ns: int) -> float:
+        return (min(max(t_ns, win.start_ns), win.end_ns) - win.start_ns) / scale
+
+    for ev in events:
+        y = y_of.get(_row_of(ev))
+        if y is None:
+            continue
+        x0, x1 = x(ev.start_ns), x(ev.end_ns)
+        if ev.kind in ("compute", "head", "send") and x1 > x0:
+            if ev.discarded:
+                style = dict(facecolor=DISCARD_FACE, edgecolor=DISCARD_EDGE, hatch="////", lw=0.6)
+            elif ev.kind == "send":
+                style = dict(facecolor="#b0b0b0", edgecolor="#707070", lw=0.4)
+            else:
+                color = palette((ev.position % 20) / 20 + 0.025) if ev.position >= 0 else "#4c72b0"
+                style = dict(facecolor=color, edgecolor="black", lw=0.4, alpha=0.6 if ev.kind == "head" else 1.0)
+            h = 0.7 if ev.kind != "send" else 0.4
+            ax.broken_barh([(x0, x1 - x0)], (y - h / 2, h), **style)
+            if ev.position >= 0 and ev.kind != "send" and (x1 - x0) > span / 60:
+                ax.text((x0 + x1) / 2, y, str(ev.position), ha="center", va="center", fontsize=6.5, clip_on=True)
+        elif ev.kind == "verify":
+            ok = bool(ev.accepted)
+            ax.plot([x1], [y], marker="^" if ok else "x", color="tab:green" if ok else "tab:red",
+                    ms=6 if ok else 8, mew=2, ls="none")
+        elif ev.kind == "flush":
+            ax.axvline(x1, color=DISCARD_EDGE, ls="--", lw=1.0, alpha=0.8)
+
+    ax.set_yticks(range(len(rows)), [text for _, text in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.4, -0.6)   # stage 0 on top
+    ax.set_xlim(0, span)
+    ax.set_xlabel(f"time since the first decode tick ({unit})")
+    ax.grid(True, axis="x", alpha=0.3)
+    h = trace.header
+    ax.set_title(f"{label + ': ' if label else ''}{h.scheme}, {h.stages} stages — first {ticks} ticks of "
+                 f"stage 0 (cells: token position)", fontsize=10)
+    legend = [Patch(facecolor=palette(0.025), edgecolor="black", label="useful compute (colour = position)"),
+              Patch(facecolor=DISCARD_FACE, edgecolor=DISCARD_EDGE, hatch="////", label="discarded compute"),
+              Patch(facecolor="#b0b0b0", edgecolor="#707070", label="link transfer"),
+              Line2D([], [], marker="^", color="tab:green", ls="none", label="draft accepted"),
+              Line2D([], [], marker="x", color="tab:red", ls="none", mew=2, label="draft rejected"),
+              Line2D([], [], color=DISCARD_EDGE, ls="--", label="flush")]
+    fig.legend(handles=legend, loc="outside lower center", ncols=6, fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
