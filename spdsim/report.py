@@ -172,7 +172,7 @@ def _fmt(value, col: str = "") -> str:
             return str(int(value))
         if abs(value) >= 100:
             return f"{value:,.1f}"
-        return f"{value:.3f}".rstrip("0").rstrip(".") if col == "acceptance" else f"{value:.3f}"
+        return f"{value:.3f}".rstrip("0").rstrip(".") if col in ("acceptance", "α") else f"{value:.3f}"
     return str(value)
 
 
