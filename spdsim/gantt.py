@@ -8,6 +8,7 @@ red dashed line across every row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import median
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -31,7 +32,9 @@ class Window:
 
 
 def first_ticks(events: list[TraceEvent], ticks: int) -> Window:
-    """From the first decode compute to the end of stage 0's `ticks`-th decode compute."""
+    """From the first decode compute to the end of stage 0's `ticks`-th decode compute, or `ticks`
+    typical ticks (median compute + median send) if sooner: under PP stage 0 computes only once per
+    round trip, and a window of its computes would span n times as many ticks."""
     decode = [e for e in events if e.phase == "decode"]
     computes = [e for e in decode if e.kind == "compute"]
     if not computes:
@@ -40,6 +43,10 @@ def first_ticks(events: list[TraceEvent], ticks: int) -> Window:
     first_stage = min(e.stage for e in computes)
     ends = sorted(e.end_ns for e in computes if e.stage == first_stage)
     end = ends[ticks - 1] if len(ends) >= ticks else max(e.end_ns for e in decode)
+    sends = [e.duration_ns for e in decode if e.kind == "send"]
+    tick = median([e.duration_ns for e in computes]) + (median(sends) if sends else 0)
+    if tick > 0:
+        end = min(end, start + int(ticks * tick))
     return Window(start, max(end, start + 1))
 
 

@@ -5,8 +5,8 @@ draws one PNG and returns its path, or None when the table has nothing to draw f
 built with `matplotlib.figure.Figure` (Agg canvas, no pyplot state), at a fixed size and DPI, so a
 PNG's pixel size is known in advance.
 
-Baseline schemes are the rows without an acceptance rate (AR, PP); every scheme whose rows carry an
-acceptance rate (SPD, and later SD, chain, ...) is drawn as one line per α. Where several rows share
+Baseline schemes are AR, PP and any rows without an acceptance rate; every other scheme (SPD, and later
+SD, chain, ...) is drawn as one line per α. Where several rows share
 (scheme, n, partition, α) — other sweep dimensions such as placement — the fastest one is drawn.
 """
 from __future__ import annotations
@@ -28,12 +28,20 @@ BASELINE_STYLE = {"pp": dict(color="black", marker="o"),
 MAX_PANELS = 6   # more partitioners than this are collapsed into one "best partition" panel
 
 
+BASELINE_SCHEMES = ("ar", "pp")
+
+
+def is_baseline(df: pd.DataFrame) -> pd.Series:
+    """AR and PP, and any row without an acceptance rate: nothing about them depends on α."""
+    return df["scheme"].isin(BASELINE_SCHEMES) | df["acceptance"].isna()
+
+
 def speculative(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["acceptance"].notna()]
+    return df[~is_baseline(df)]
 
 
 def baselines(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["acceptance"].isna()]
+    return df[is_baseline(df)]
 
 
 def best(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:

@@ -189,10 +189,12 @@ def _table(df: pd.DataFrame, columns: list[str]) -> str:
 
 def best_per_alpha(df: pd.DataFrame) -> pd.DataFrame:
     """For every α swept, the fastest configuration of all (α-free baselines compete at every α)."""
-    base = df[df["acceptance"].isna()]
+    from spdsim.plots import is_baseline
+    base_mask = is_baseline(df)
+    base, spec = df[base_mask], df[~base_mask]
     rows = []
-    for a in sorted(df["acceptance"].dropna().unique()):
-        pool = pd.concat([df[df["acceptance"] == a], base])
+    for a in sorted(spec["acceptance"].unique()):
+        pool = pd.concat([spec[spec["acceptance"] == a], base])
         top = pool.loc[pool["tokens_per_s"].idxmax()].copy()
         top["α"] = a
         rows.append(top)
@@ -207,7 +209,8 @@ def _figure(rel: str, caption: str) -> str:
 def render_html(df: pd.DataFrame, report: Report, scenario_text: str | None) -> str:
     names = sorted({str(s) for s in df["scenario"].unique() if str(s)})
     title = f"spdsim report — {', '.join(names) or report.out_dir.name}"
-    alphas = sorted(df["acceptance"].dropna().unique())
+    from spdsim.plots import speculative
+    alphas = sorted(speculative(df)["acceptance"].unique())
     summary = (f"{len(df)} simulated points; schemes {', '.join(sorted(df['scheme'].unique()))}; "
                f"stages {', '.join(str(n) for n in sorted(df['stages'].unique()))}; "
                f"partitions {', '.join(sorted(df['partition'].unique()))}; "

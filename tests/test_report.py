@@ -72,14 +72,16 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def synthetic_spd_trace(n: int = 4, new_tokens: int = 24, tick: int = 1_000_000, link: int = 100_000,
-                        reject_every: int = 5) -> tuple[TraceHeader, list[TraceEvent]]:
+                        reject_every: int = 5, window: int | None = None) -> tuple[TraceHeader, list[TraceEvent]]:
     """A lock-step SPD pipeline: stage s works on the position issued s ticks ago; every
-    `reject_every`-th draft is rejected, discarding the compute of every younger in-flight position."""
+    `reject_every`-th draft is rejected, discarding the compute of every younger in-flight position.
+    window=1 makes it PP (one token in flight, nothing drafted)."""
+    window = n if window is None else window
     events: list[TraceEvent] = []
     inflight: list[dict] = []
     next_pos, committed, t = 0, 0, 0
     while committed < new_tokens:
-        if len(inflight) < n and next_pos < new_tokens:
+        if len(inflight) < window and next_pos < new_tokens:
             drafted = bool(inflight)
             inflight.append(dict(pos=next_pos, start=t, drafted=drafted, evs=[]))
             if drafted:
@@ -112,7 +114,7 @@ def synthetic_spd_trace(n: int = 4, new_tokens: int = 24, tick: int = 1_000_000,
         t += 1
     for it in inflight:
         events += it["evs"]
-    header = TraceHeader(scheme="spd", stages=n, new_tokens=new_tokens,
+    header = TraceHeader(scheme="spd" if window > 1 else "pp", stages=n, new_tokens=new_tokens,
                          placement=[f"gpu{s}" for s in range(n)])
     return header, sorted(events, key=lambda e: (e.start_ns, e.end_ns))
 
@@ -225,6 +227,16 @@ def test_unknown_schemes_and_no_ar_baseline_still_plot(tmp_path: Path):
     assert "chain" in page and "Timelines" not in page and "Scenario" not in page
 
 
+def test_pp_rows_with_an_acceptance_are_still_baselines(tmp_path: Path):
+    from spdsim.report import best_per_alpha
+    rows = [dict(r, acceptance=0.8) if r["scheme"] == "pp" else r for r in synthetic_rows()]
+    write_csv(tmp_path / "results.csv", rows)
+    df = load_results(tmp_path / "results.csv")
+    assert set(plots.baselines(df)["scheme"]) == {"ar", "pp"}
+    assert set(plots.speculative(df)["scheme"]) == {"spd"}
+    assert list(best_per_alpha(df)["α"]) == list(ALPHAS)   # 0.8 once, not twice
+
+
 def test_without_utilization_columns_there_is_no_heatmap(tmp_path: Path):
     rows = [{k: v for k, v in r.items() if not k.startswith("utilization_")} for r in synthetic_rows()]
     write_csv(tmp_path / "results.csv", rows)
@@ -240,6 +252,14 @@ def test_gantt_window_is_the_first_ticks():
     assert win.start_ns == 0
     # lock-step: stage 0 computes once per tick, so its 10th compute ends in tick 10
     assert win.end_ns == 10 * 1_000_000 - 100_000
+
+
+def test_gantt_window_under_pp_counts_ticks_not_tokens():
+    _, events = synthetic_spd_trace(n=4, new_tokens=40, window=1)
+    assert not any(e.kind in ("head", "verify", "flush") for e in events)
+    win = gantt.first_ticks(events, 10)
+    # stage 0 computes once per 4-tick round trip; the window still spans 10 ticks (compute + send)
+    assert win.end_ns - win.start_ns == 10 * 1_000_000
 
 
 def test_cli_report_missing_dir_exits_2(tmp_path: Path, capsys):
