@@ -19,6 +19,11 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from executor.runner import run_command
+    return run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="executor",
                                 description="A real PyTorch pipeline executor for AR / PP / SPD decoding.")
@@ -32,6 +37,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.set_defaults(func=_cmd_train_lm)
+
+    from executor.runner import DEFAULT_PROMPT   # no torch import: runner imports torch lazily
+    r = sub.add_parser("run", help="decode with AR / PP / SPD across one process per stage",
+                       description="Decode greedily with AR (one process), PP or SPD (one process per stage; "
+                                   "spawned here, or one rank under torchrun). Prints tokens/s, bubble, "
+                                   "waste and acceptance, all computed from the measured trace.")
+    r.add_argument("--stages", type=int, default=1, help="pipeline stages = processes (default 1)")
+    r.add_argument("--scheme", default="ar", help="ar | pp | spd (default ar)")
+    r.add_argument("--model", default="tiny", help="'tiny' (the shipped checkpoint), our checkpoint path, "
+                                                   "or a Hugging Face directory (default tiny)")
+    r.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    r.add_argument("--draft", default=None, metavar="SPEC",
+                   help="spd drafter: oracle:ALPHA (true greedy token with probability ALPHA) or head:PATH")
+    r.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (UTF-8 bytes are the token ids)")
+    r.add_argument("--seed", type=int, default=0, help="drafter seed (default 0)")
+    r.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    r.add_argument("--transport", default="auto",
+                   help="local (sockets, one CPU host) | dist (torch.distributed: gloo / NCCL) | auto (default)")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    r.add_argument("--repeat", type=int, default=1, help="decode R times in the same processes; figures are "
+                                                       "medians, the trace is the last run's (default 1)")
+    r.add_argument("--timeout", type=float, default=20.0, help="seconds a rank waits for a message mid-run "
+                                                               "before giving up (default 20)")
+    r.add_argument("--trace", type=Path, default=None, metavar="DIR",
+                   help="write DIR/rank<k>.jsonl traces and DIR/timeline.json (Chrome / Perfetto)")
+    r.add_argument("--json", action="store_true", help="print one JSON object with every figure, last")
+    r.set_defaults(func=_cmd_run)
     return p
 
 

@@ -1,0 +1,300 @@
+"""The pipeline runtime: one process (rank) per stage, decoding with AR, PP or SPD (DESIGN §2).
+
+Control protocol (the simulator models the same one; the state machine is spdsim.protocol.SpdController):
+
+  Ranks. Rank r runs stage r (layers of the uniform partition). Rank 0 also holds the embedding, the
+  drafter (co-located with stage 1) and the controller: it decides what enters the pipeline, verifies,
+  commits and flushes. The last rank holds the final norm + LM head and picks the greedy token.
+
+  Prefill. Rank 0 sends the prompt positions 0..P-2 through the pipeline as one PREFILL chunk; every
+  stage fills its KV cache; the last stage answers READY and rank 0 waits for it before decoding, so
+  decode timing starts on an empty pipeline. (With a feature-using drafter every stage also sends its
+  prefill output to rank 0.)
+
+  Decode, rank 0, per issued position q (window W = n for SPD, 1 for PP):
+      wait until controller.can_issue() (and, for a feature-using drafter, the features of the next
+      draft), handling each message that arrives → stage-1 forward of q with its token (the true one,
+      or the draft made for q) → send ACT(epoch, q) to rank 1 → if SPD: draft the token for q+1 → loop.
+  Stage s > 0: receive ACT(e, q) from s-1; a newer epoch e means a flush happened: adopt it (rolling
+  the KV cache back to q is free, see executor/model.py: the forward of q overwrites entry q and
+  attends to entries ≤ q only) → forward → send ACT(e, q) on, or, on the last stage, RESULT(e, q, true
+  token at q+1) to rank 0, for every position it computes, stale ones included.
+  Rank 0 on RESULT: controller.on_result (rule 4 of spdsim/protocol.py): stale epoch → dropped;
+  else commit; if a draft for q+1 was in flight, verify it; a rejection bumps the epoch, voids every
+  in-flight position > q and re-issues q+1 with the true token. No flush message travels: the new
+  epoch rides on the next ACT, and stages compute the stale positions queued before it (that is the
+  waste of DESIGN §3; rank 0 marks those compute events `discarded` when it merges the traces).
+
+  Features (feature-using drafters only). Stage s sends FEAT(e, q, depth s+1, its output) to rank 0
+  after each forward; the last stage puts its final hidden state (before the norm) on the RESULT.
+  Rank 0 hands the drafter, before it drafts for q+1, exactly the features at depth min(q-j, n) of each
+  position j ≤ q (depth 0 = embedding, which rank 0 computes itself), and waits for the missing ones.
+  A feature (e, j) counts unless a later epoch restarted at a position ≤ j.
+
+  End. After the N-th commit nothing is in flight (nothing past P+N-2 is issued, links are FIFO).
+  Rank 0 sends STOP down the pipeline; each rank sends its trace events to rank 0 (BLOB). A final
+  STOP(aux=1) ends the processes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from executor.drafters import Drafter, make_drafter, parse_draft
+from executor.model import Stage, Transformer, greedy_decode
+from executor.transport import ACT, BLOB, FEAT, PREFILL, READY, RESULT, STOP, Message, Transport
+from spdsim.protocol import SpdController
+from spdsim.trace import TraceEvent
+
+clock = time.perf_counter_ns      # CLOCK_MONOTONIC: one clock for every process on a host
+
+
+@dataclass
+class Job:
+    scheme: str                     # ar | pp | spd
+    prompt: list[int]
+    new_tokens: int
+    draft: str | None = None        # oracle:ALPHA | head:PATH (spd only)
+    seed: int = 0
+
+
+@dataclass
+class JobResult:
+    tokens: list[int]
+    accepts: list[int]
+    reference: list[int] | None
+    events: list[TraceEvent]
+    epochs: int
+
+
+@dataclass
+class Recorder:
+    """Raw events of one rank, with the epoch each belongs to (rank 0 decides later what was wasted)."""
+    rank: int
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, kind: str, start: int, end: int, stage: int = -1, position: int = -1, epoch: int = 0,
+            nbytes: int = 0, accepted: bool | None = None, phase: str = "decode", name: str = "") -> None:
+        self.rows.append({"kind": kind, "start_ns": start, "end_ns": end, "stage": stage, "position": position,
+                          "epoch": epoch, "bytes": nbytes, "accepted": accepted, "phase": phase, "name": name,
+                          "device": f"rank{self.rank}"})
+
+    def take(self) -> list[dict]:
+        rows, self.rows = self.rows, []
+        return rows
+
+
+@torch.no_grad()
+def stage_forward(stage: Stage, x: Tensor, positions: Tensor, logits: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(output, pre-norm hidden, embedding) of a stage: the output is logits on the last stage (when
+    asked), else the hidden state. The same maths as Stage.forward, keeping the pieces drafters use."""
+    cos, sin = stage.rope_cos[positions], stage.rope_sin[positions]
+    emb = None
+    if stage.is_first:
+        x = emb = stage.tok_embeddings(x)
+    for layer in stage.layers:
+        x = layer(x, cos, sin, positions)
+    out = stage.output(stage.norm(x)) if stage.is_last and logits else x
+    return out, x, emb
+
+
+def _act(msg_kind: int, h: Tensor, epoch: int = 0, position: int = 0, token: int = 0, aux: int = 0) -> Message:
+    return Message(msg_kind, epoch, position, token, aux, tensor=h.reshape(-1, h.shape[-1]))
+
+
+class Worker:
+    """One rank: its stage, its transport, its recorder."""
+
+    def __init__(self, rank: int, world: int, model: Transformer, stage: Stage, transport: Transport | None,
+                 timeout: float, device: torch.device) -> None:
+        self.rank, self.n, self.model, self.stage = rank, world, model, stage
+        self.tr, self.timeout, self.device = transport, timeout, device
+        self.rec = Recorder(rank)
+        self.stage.setup_cache()
+
+    def send(self, dst: int, msg: Message, stage: int, phase: str = "decode") -> None:
+        t0 = clock()
+        self.tr.send(dst, msg)
+        self.rec.add("send", t0, clock(), stage=stage, position=msg.position, epoch=msg.epoch, nbytes=msg.nbytes,
+                     phase=phase, name=f"{_NAMES[msg.kind]} {self.rank}->{dst}")
+
+    # --- ranks 1..n-1 ------------------------------------------------------------------------
+
+    def serve(self, idle_timeout: float) -> None:
+        """A stage rank's loop over every job until the final STOP."""
+        r, last = self.rank, self.rank == self.n - 1
+        feats, in_job = False, False
+        while True:
+            _, msg = self.tr.recv([r - 1], self.timeout if in_job else idle_timeout)
+            if msg.kind == STOP:
+                if not last:
+                    self.tr.send(r + 1, msg)
+                if msg.aux == 1:
+                    return
+                self.tr.send(0, Message(BLOB, blob=json.dumps(self.rec.take()).encode()))
+                in_job = False
+                continue
+            x = msg.tensor.to(self.device).unsqueeze(0)
+            positions = torch.arange(msg.position, msg.position + x.shape[1], device=self.device)
+            if msg.kind == PREFILL:
+                in_job, feats = True, bool(msg.aux)
+                t0 = clock()
+                out, hidden, _ = stage_forward(self.stage, x, positions, logits=False)
+                self.rec.add("compute", t0, clock(), stage=r, position=msg.position, phase="prefill")
+                if feats:
+                    self.send(0, _act(FEAT, hidden, position=msg.position, aux=r + 1), r, "prefill")
+                if last:
+                    self.tr.send(0, Message(READY))
+                else:
+                    self.send(r + 1, _act(PREFILL, out, position=msg.position, aux=msg.aux), r, "prefill")
+                continue
+            assert msg.kind == ACT, msg.kind
+            t0 = clock()
+            out, hidden, _ = stage_forward(self.stage, x, positions)
+            self.rec.add("compute", t0, clock(), stage=r, position=msg.position, epoch=msg.epoch)
+            if last:
+                tok = int(out[0, -1].argmax())
+                self.send(0, Message(RESULT, msg.epoch, msg.position, tok,
+                                     tensor=hidden.reshape(1, -1) if feats else None), r)
+            else:
+                self.send(r + 1, _act(ACT, out, msg.epoch, msg.position, msg.token), r)
+                if feats:
+                    self.send(0, _act(FEAT, hidden, msg.epoch, msg.position, aux=r + 1), r)
+
+    # --- rank 0 ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def lead(self, job: Job, idle_timeout: float) -> JobResult:
+        n, P, N = self.n, len(job.prompt), job.new_tokens
+        parsed = parse_draft(job.draft)
+        spd = job.scheme == "spd" and n > 1
+        reference = None
+        if parsed and parsed[0] == "oracle":
+            reference = greedy_decode(self.model, job.prompt, N)   # before timing; clobbers the caches
+            self.stage.setup_cache()
+        drafter: Drafter | None = make_drafter(parsed, reference, job.seed, self.model, n) if spd and parsed else None
+        feats = bool(drafter and drafter.needs_features)
+        seq: list[int | None] = list(job.prompt) + [None] * N
+        ctl = SpdController(P, N, window=n if spd else 1)
+        restarts = [P - 1]                 # restarts[e]: first position issued in epoch e
+        drafts: dict[int, int] = {}
+        accepts: list[int] = []
+        buffered: dict[tuple[int, int], Tensor] = {}    # (depth, position) → hidden, not yet given
+        given: set[tuple[int, int]] = set()
+
+        def valid(epoch: int, position: int) -> bool:
+            return all(position < restarts[e] for e in range(epoch + 1, len(restarts)))
+
+        # prefill: positions 0..P-2 through the whole pipeline, then READY from the last stage
+        prefill = torch.tensor([job.prompt[:-1]], device=self.device)
+        t0 = clock()
+        out, hidden, emb = stage_forward(self.stage, prefill, torch.arange(P - 1, device=self.device), logits=False)
+        self.rec.add("compute", t0, clock(), stage=0, position=0, phase="prefill")
+        prompt_feats: dict[int, Tensor] = {}
+        if feats:
+            prompt_feats = {0: emb[0], 1: hidden[0]}
+        if n > 1:
+            self.send(1, _act(PREFILL, out, position=0, aux=int(feats)), 0, "prefill")
+            while True:
+                src, msg = self.tr.recv(list(range(1, n)), idle_timeout)
+                if msg.kind == FEAT:
+                    prompt_feats[msg.aux] = msg.tensor
+                elif msg.kind == READY:
+                    break
+        if drafter:
+            drafter.start(list(job.prompt), prompt_feats if feats else None)
+
+        def on_message(msg: Message) -> None:
+            if msg.kind == FEAT:
+                if valid(msg.epoch, msg.position):
+                    buffered[(msg.aux, msg.position)] = msg.tensor[0]
+                return
+            assert msg.kind == RESULT, msg.kind
+            p = msg.position
+            if feats and msg.tensor is not None and valid(msg.epoch, p):
+                buffered[(n, p)] = msg.tensor[0]
+            verdict = ctl.on_result(p, msg.epoch, lambda: drafts.get(p + 1) == msg.token)
+            now = clock()
+            if verdict.stale:
+                return
+            seq[p + 1] = msg.token
+            if verdict.accepted is not None:
+                accepts.append(int(verdict.accepted))
+                self.rec.add("verify", now, now, position=p + 1, epoch=msg.epoch, accepted=verdict.accepted)
+            if verdict.accepted is False:
+                self.rec.add("flush", now, now, position=p, epoch=msg.epoch)
+                restarts.append(p + 1)
+                for key in [k for k in buffered if k[1] > p]:
+                    del buffered[key]
+                given.difference_update({k for k in given if k[1] > p})
+                if drafter:
+                    drafter.rollback(p + 1)
+            self.rec.add("commit", now, now, position=p + 1, epoch=msg.epoch)
+
+        def features_ready(q: int) -> bool:
+            # the draft for q+1 needs depth d of position q-d (d = 1..n) for decode positions
+            return all((d, q - d) in buffered or (d, q - d) in given
+                       for d in range(2, n + 1) if q - d >= P - 1)
+
+        while not ctl.done:
+            q = ctl.next_position
+            will_draft = spd and q + 1 <= ctl.last_useful
+            if not ctl.can_issue() or (feats and will_draft and not features_ready(q)):
+                if n == 1:
+                    raise RuntimeError("single-stage pipeline stalled")   # cannot happen: results are local
+                _, msg = self.tr.recv([n - 1] if not feats else list(range(1, n)), self.timeout)
+                on_message(msg)
+                continue
+            issue = ctl.issue()
+            tok = seq[q] if q < ctl.known else drafts[q]
+            t0 = clock()
+            out, hidden, emb = stage_forward(self.stage, torch.tensor([[tok]], device=self.device),
+                                             torch.tensor([q], device=self.device))
+            self.rec.add("compute", t0, clock(), stage=0, position=q, epoch=issue.epoch)
+            if n == 1:                                   # AR: the only stage is also the last
+                on_message(Message(RESULT, issue.epoch, q, int(out[0, -1].argmax())))
+                continue
+            self.send(1, _act(ACT, out, issue.epoch, q, tok), 0)
+            if will_draft:
+                t0 = clock()
+                if feats:
+                    buffered[(0, q)] = emb[0, -1]
+                    for key in sorted(k for k in buffered if k[0] + k[1] <= q):   # depth ≤ q - j
+                        drafter.add_features(key[0], key[1], buffered.pop(key))
+                        given.add(key)
+                drafts[q + 1] = drafter.draft(q, tok)
+                self.rec.add("head", t0, clock(), position=q + 1, epoch=issue.epoch)
+                if feats:
+                    buffered[(1, q)] = hidden[0, -1]
+
+        # end of the job: STOP down the pipeline, every rank's events back here
+        rows = self.rec.take()
+        if n > 1:
+            self.tr.send(1, Message(STOP))
+            for _ in range(n - 1):
+                _, msg = self.tr.recv(list(range(1, n)), idle_timeout)
+                if msg.kind == BLOB:
+                    rows += json.loads(msg.blob)
+        events = [_event(row, restarts) for row in rows]
+        events.sort(key=lambda e: (e.start_ns, e.end_ns))
+        return JobResult(tokens=[int(t) for t in seq[P:]], accepts=accepts, reference=reference, events=events,
+                         epochs=len(restarts))
+
+    def shutdown(self) -> None:
+        if self.n > 1:
+            self.tr.send(1, Message(STOP, aux=1))
+
+
+_NAMES = {ACT: "act", RESULT: "result", FEAT: "feat", PREFILL: "prefill", BLOB: "blob", READY: "ready"}
+
+
+def _event(row: dict, restarts: list[int]) -> TraceEvent:
+    """A raw row → TraceEvent; compute and sends of a position that a later epoch restarted are waste."""
+    epoch, pos = row.pop("epoch"), row["position"]
+    if row["kind"] in ("compute", "send") and row["phase"] == "decode":
+        row["discarded"] = any(pos >= restarts[e] for e in range(epoch + 1, len(restarts)))
+    return TraceEvent(**row)

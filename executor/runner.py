@@ -1,0 +1,365 @@
+"""`executor run`: validate the options, start one process per stage (or join torchrun's), run the jobs
+through executor/pipeline.py, and turn rank 0's merged trace into the DESIGN §3 figures.
+
+Launch modes:
+  * `executor run --stages N` on one machine: this process picks a free port, spawns N ranks
+    (`python -m executor.runner SPEC RESULT` with torchrun's environment variables) and watches them:
+    when one dies the others exit on their own within seconds (their receives fail or time out); a
+    straggler is killed after 30 s. Ctrl-C stops them all.
+  * under torchrun (RANK / WORLD_SIZE set): this process is one rank; rank 0 prints the results.
+  * --stages 1: everything in this process, no transport.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from spdsim.errors import UserError
+
+DEFAULT_TINY = Path(__file__).parent / "weights" / "tiny.safetensors"
+DEFAULT_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
+SCHEMES = ("ar", "pp", "spd")
+TRANSPORTS = ("auto", "local", "dist")
+
+
+@dataclass
+class RunSpec:
+    model: str                      # a checkpoint path (ours) or a HF directory
+    stages: int
+    jobs: list[dict]                # executor.pipeline.Job fields
+    device: str = "cpu"
+    transport: str = "auto"
+    threads: int = 1
+    timeout: float = 20.0           # a receive during a job; between jobs: idle_timeout
+    idle_timeout: float = 600.0
+    trace_dir: str | None = None
+    model_label: str = ""
+
+
+# --- validation (in the launching process, before any rank starts) -------------------------------
+
+def resolve_model(name: str) -> Path:
+    if name == "tiny":
+        if not DEFAULT_TINY.exists():
+            raise UserError(f"the tiny model is not trained yet ({DEFAULT_TINY} missing): run `executor train-lm`")
+        return DEFAULT_TINY
+    path = Path(name)
+    if not path.exists():
+        raise UserError(f"--model {name}: no such file or directory")
+    return path
+
+
+def model_shape(path: Path) -> dict:
+    """n_layers, vocab_size, max_seq_len of a checkpoint, from its config only (no weights loaded)."""
+    try:
+        if path.is_dir():
+            from executor.hf_loader import hf_config
+            cfg = hf_config(json.loads((path / "config.json").read_text()))
+        else:
+            from executor.model import ModelConfig
+            cfg = ModelConfig.from_json(json.loads(Path(str(path) + ".json").read_text())["config"])
+    except FileNotFoundError as e:
+        raise UserError(f"--model {path}: not a checkpoint ({e.filename} missing)") from None
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"--model {path}: unreadable config ({e})") from None
+    return {"n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len}
+
+
+def validate(spec: RunSpec) -> None:
+    from executor.drafters import parse_draft
+    shape = model_shape(Path(spec.model))
+    if spec.stages < 1:
+        raise UserError(f"--stages must be ≥ 1, got {spec.stages}")
+    if spec.stages > shape["n_layers"]:
+        raise UserError(f"--stages {spec.stages} > the model's {shape['n_layers']} layers")
+    if spec.transport not in TRANSPORTS:
+        raise UserError(f"--transport {spec.transport!r}: expected one of {TRANSPORTS}")
+    if spec.device not in ("cpu", "cuda"):
+        raise UserError(f"--device {spec.device!r}: expected cpu or cuda")
+    if spec.threads < 1:
+        raise UserError("--threads must be ≥ 1")
+    for job in spec.jobs:
+        if job["scheme"] not in SCHEMES:
+            raise UserError(f"--scheme {job['scheme']!r}: expected one of {SCHEMES}")
+        if job["scheme"] == "ar" and spec.stages != 1:
+            raise UserError("--scheme ar runs on one process: use --stages 1")
+        if job["scheme"] == "spd" and spec.stages > 1 and not job.get("draft"):
+            raise UserError("--scheme spd needs --draft oracle:ALPHA or --draft head:PATH")
+        if job.get("draft") and job["scheme"] != "spd":
+            raise UserError("--draft applies to --scheme spd only")
+        parse_draft(job.get("draft"))
+        if job["new_tokens"] < 1:
+            raise UserError("--new-tokens must be ≥ 1")
+        if len(job["prompt"]) < 2:
+            raise UserError("the prompt needs at least 2 tokens")
+        if any(not 0 <= t < shape["vocab_size"] for t in job["prompt"]):
+            raise UserError(f"the prompt has token ids outside the model's vocabulary ({shape['vocab_size']})")
+        if len(job["prompt"]) + job["new_tokens"] > shape["max_seq_len"]:
+            raise UserError(f"prompt ({len(job['prompt'])}) + new tokens ({job['new_tokens']}) exceed the "
+                            f"model's context ({shape['max_seq_len']})")
+
+
+# --- one rank --------------------------------------------------------------------------------------
+
+def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
+    """Run every job of `spec` as `rank`; rank 0 returns one summary per job (and writes the trace)."""
+    import torch
+    from executor.model import Stage, load_checkpoint, uniform_partition
+    from executor.pipeline import Job, Worker
+    from executor.transport import PeerLost, connect
+
+    torch.set_num_threads(spec.threads)
+    if world != spec.stages:
+        raise UserError(f"--stages {spec.stages} but WORLD_SIZE is {world}: run one process per stage")
+    if spec.device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device here")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    transport_kind = pick_transport(spec, world)
+    model = load_checkpoint(spec.model).to(device)
+    parts = uniform_partition(model.cfg.n_layers, world)
+    stage = Stage(model, *parts[rank])
+    tr = connect(transport_kind, rank, world, device, timeout=max(spec.timeout, 60)) if world > 1 else None
+    worker = Worker(rank, world, model, stage, tr, spec.timeout, device)
+    try:
+        if rank > 0:
+            worker.serve(spec.idle_timeout)
+            return None
+        results = []
+        for i, jd in enumerate(spec.jobs):
+            job = Job(**jd)
+            res = worker.lead(job, spec.idle_timeout)
+            results.append(summarise(res, job, spec, parts, tr.name if tr else "none",
+                                     trace_dir=spec.trace_dir if i == len(spec.jobs) - 1 else None))
+        worker.shutdown()
+        return results
+    except PeerLost as e:
+        if tr is not None:
+            tr.abort(e.rank)
+        raise
+    finally:
+        if tr is not None:
+            tr.close()
+
+
+def pick_transport(spec: RunSpec, world: int) -> str:
+    if spec.transport != "auto":
+        return spec.transport
+    one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
+    return "local" if spec.device == "cpu" and one_host else "dist"
+
+
+def summarise(res, job, spec: RunSpec, parts, transport: str, trace_dir: str | None) -> dict:
+    """Every reported figure comes from spdsim.metrics.run_metrics over the merged trace."""
+    from spdsim.metrics import run_metrics
+    from spdsim.trace import Trace, TraceHeader, write_chrome_trace, write_trace
+    n = spec.stages
+    placement = [f"rank{r}" for r in range(n)]
+    m = run_metrics(res.events, job.scheme, n, job.new_tokens, placement=placement)
+    if trace_dir:
+        header = TraceHeader(scheme=job.scheme, stages=n, new_tokens=job.new_tokens, source="executor",
+                             partition=[list(p) for p in parts], placement=placement,
+                             prompt_tokens=len(job.prompt), model=spec.model_label or spec.model,
+                             device_kind=spec.device,
+                             extra={"transport": transport, "draft": job.draft, "threads": spec.threads,
+                                    "accepts": res.accepts})
+        for r in range(n):
+            write_trace(Path(trace_dir) / f"rank{r}.jsonl", TraceHeader(**{**asdict(header), "rank": r}),
+                        [e for e in res.events if e.device == f"rank{r}"])
+        write_chrome_trace(Path(trace_dir) / "timeline.json", Trace(header, res.events))
+    out = {"scheme": job.scheme, "stages": n, "new_tokens": job.new_tokens, "tokens": res.tokens,
+           "tokens_per_s": m.tokens_per_s, "ms_per_token": m.ms_per_token,
+           "acceptance_rate": m.acceptance_rate, "bubble_ratio": m.bubble_ratio, "waste_ratio": m.waste_ratio,
+           "accepts": res.accepts, "accepted": m.accepted, "rejected": m.rejected,
+           "utilization": list(m.utilization), "transport": transport, "partition": [list(p) for p in parts],
+           "draft": job.draft, "prompt_tokens": len(job.prompt), "model": spec.model_label or spec.model,
+           "device": spec.device, "threads": spec.threads, "epochs": res.epochs}
+    if res.reference is not None:
+        out["matches_reference"] = res.tokens == res.reference
+    return out
+
+
+# --- launching -------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: RunSpec, grace_s: float = 30.0) -> list[dict]:
+    """Run `spec` on this machine: in-process for one stage, else one spawned process per stage."""
+    validate(spec)
+    if spec.stages == 1:
+        return rank_main(spec, 0, 1)
+    tmp = Path(tempfile.mkdtemp(prefix="spd-run."))
+    spec_file, result_file = tmp / "spec.json", tmp / "result.json"
+    spec_file.write_text(json.dumps(asdict(spec)))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": str(spec.stages), "LOCAL_WORLD_SIZE": str(spec.stages),
+           "OMP_NUM_THREADS": str(spec.threads), "PYTHONUNBUFFERED": "1"}
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    procs = []
+    try:
+        for r in range(spec.stages):
+            procs.append(subprocess.Popen([sys.executable, "-m", "executor.runner", str(spec_file), str(result_file)],
+                                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
+        failed = _watch(procs, grace_s)
+        if failed:
+            raise RuntimeError(failed)
+        return json.loads(result_file.read_text())
+    except KeyboardInterrupt:
+        _stop(procs, signal.SIGINT)
+        raise
+    finally:
+        _stop(procs, signal.SIGTERM)
+        for f in (spec_file, result_file):
+            f.unlink(missing_ok=True)
+        tmp.rmdir()
+
+
+def _watch(procs: list[subprocess.Popen], grace_s: float) -> str | None:
+    """Wait for every rank. On the first failure give the others `grace_s` to exit, then kill them.
+    Returns a one-line description of the failure, or None."""
+    first: tuple[int, int] | None = None
+    deadline = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if first is None:
+            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                first = bad[0]
+                deadline = time.monotonic() + grace_s
+        if all(c is not None for c in codes):
+            break
+        if deadline and time.monotonic() > deadline:
+            _stop(procs, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    if first is None:
+        return None
+    r, code = first
+    how = f"was killed by signal {-code}" if code < 0 else f"failed (exit {code})"
+    return f"rank {r} {how}"
+
+
+def _stop(procs: list[subprocess.Popen], sig: int) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _child_main(spec_file: str, result_file: str) -> int:
+    """A spawned rank (also what torchrun's environment looks like)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    spec = RunSpec(**json.loads(Path(spec_file).read_text()))
+    try:
+        results = rank_main(spec, rank, world)
+    except KeyboardInterrupt:
+        return 130
+    except UserError as e:
+        print(f"executor: error: [rank {rank}] {e}", file=sys.stderr)
+        return 2
+    except Exception as e:                       # PeerLost and friends: one line, no traceback
+        from executor.transport import PeerLost
+        if not isinstance(e, PeerLost):
+            raise
+        print(f"executor: error: [rank {rank}] {e}", file=sys.stderr)
+        return 3
+    if results is not None:
+        tmp = Path(result_file + ".tmp")
+        tmp.write_text(json.dumps(results))
+        tmp.replace(result_file)
+    return 0
+
+
+# --- the `executor run` command --------------------------------------------------------------------
+
+def spec_from_args(args) -> RunSpec:
+    from executor.drafters import parse_draft
+    parse_draft(args.draft)                            # malformed --draft: exit 2 before anything starts
+    if args.scheme not in SCHEMES:
+        raise UserError(f"--scheme {args.scheme!r}: expected one of {SCHEMES}")
+    model = resolve_model(args.model)
+    prompt = list(args.prompt.encode("utf-8"))
+    job = {"scheme": args.scheme, "prompt": prompt, "new_tokens": args.new_tokens, "draft": args.draft,
+           "seed": args.seed}
+    if args.repeat < 1:
+        raise UserError("--repeat must be ≥ 1")
+    jobs = [dict(job, seed=args.seed + i) for i in range(args.repeat)]
+    return RunSpec(model=str(model), stages=args.stages, jobs=jobs, device=args.device, transport=args.transport,
+                   threads=args.threads, timeout=args.timeout, trace_dir=str(args.trace) if args.trace else None,
+                   model_label=args.model)
+
+
+def run_command(args) -> int:
+    spec = spec_from_args(args)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:      # under torchrun: this is one rank
+        from executor.transport import PeerLost
+        validate(spec)
+        rank = int(os.environ["RANK"])
+        try:
+            results = rank_main(spec, rank, int(os.environ["WORLD_SIZE"]))
+        except PeerLost as e:
+            print(f"executor: error: [rank {rank}] {e}", file=sys.stderr)
+            return 3
+        if results is None:
+            return 0
+    else:
+        try:
+            results = launch(spec)
+        except RuntimeError as e:
+            print(f"executor: error: {e}", file=sys.stderr)
+            return 1
+    print_results(results, args.json, args.trace)
+    return 0
+
+
+def print_results(results: list[dict], as_json: bool, trace_dir) -> None:
+    out = dict(results[-1])
+    if len(results) > 1:            # --repeat: the figures are medians over the repeats
+        for key in ("tokens_per_s", "ms_per_token", "bubble_ratio", "waste_ratio"):
+            out[key] = statistics.median(r[key] for r in results)
+        rates = [r["acceptance_rate"] for r in results if r["acceptance_rate"] is not None]
+        out["acceptance_rate"] = statistics.median(rates) if rates else None
+        out["repeats"] = [{k: r[k] for k in ("tokens_per_s", "ms_per_token", "bubble_ratio", "waste_ratio",
+                                              "acceptance_rate")} for r in results]
+    if as_json:
+        print(json.dumps(out))
+        return
+    acc = "" if out["acceptance_rate"] is None else \
+        f"  acceptance {out['acceptance_rate']:.3f} ({out['accepted']}/{out['accepted'] + out['rejected']})"
+    print(f"{out['scheme']}  stages={out['stages']}  transport={out['transport']}  "
+          f"{out['new_tokens']} new tokens" + (f"  draft={out['draft']}" if out["draft"] else "")
+          + (f"  (median of {len(results)})" if len(results) > 1 else ""))
+    print(f"tokens/s {out['tokens_per_s']:.1f}  ms/token {out['ms_per_token']:.2f}  "
+          f"bubble {out['bubble_ratio']:.3f}  waste {out['waste_ratio']:.3f}" + acc)
+    if "matches_reference" in out:
+        print("lossless: " + ("tokens equal the AR greedy reference" if out["matches_reference"]
+                              else "MISMATCH against the AR greedy reference"))
+    text = bytes(t for t in out["tokens"] if t < 256).decode("utf-8", "replace")
+    print("text: " + repr(text))
+    if trace_dir:
+        print(f"trace: {trace_dir}/rank<k>.jsonl, {trace_dir}/timeline.json (open in https://ui.perfetto.dev)")
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1], sys.argv[2]))
