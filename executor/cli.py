@@ -24,6 +24,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_command(args)
 
 
+def _cmd_train_head(args: argparse.Namespace) -> int:
+    from executor.spec_head import KINDS
+    from executor.train_head import TrainHeadConfig, train_head
+    if args.stages < 1 or args.steps < 1 or args.batch < 1 or args.layers < 1:
+        raise UserError("--stages, --steps, --batch and --layers must be ≥ 1")
+    if args.kind not in KINDS or args.kind == "early-exit-raw":
+        raise UserError(f"--kind {args.kind!r}: expected one of spd, window, k-ahead, early-exit")
+    tc = TrainHeadConfig(stages=args.stages, kind=args.kind, steps=args.steps, batch=args.batch, seed=args.seed,
+                         threads=args.threads, n_layers=args.layers, grad_checkpoint=args.grad_checkpoint)
+    try:
+        train_head(args.model, args.out, tc)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
+def _cmd_acceptance(args: argparse.Namespace) -> int:
+    from executor.acceptance import acceptance_study
+    from executor.train_head import TrainHeadConfig
+    if not args.stages or min(args.stages) < 1 or args.steps < 1 or args.windows < 1:
+        raise UserError("--stages, --steps and --windows must be ≥ 1")
+    tc = TrainHeadConfig(stages=max(args.stages), steps=args.steps, batch=args.batch, seed=args.seed,
+                         threads=args.threads)
+    try:
+        acceptance_study(args.model, sorted(set(args.stages)), args.out, args.heads, args.table, tc,
+                         n_windows=args.windows, timing=not args.no_timing)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="executor",
                                 description="A real PyTorch pipeline executor for AR / PP / SPD decoding.")
@@ -64,6 +95,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write DIR/rank<k>.jsonl traces and DIR/timeline.json (Chrome / Perfetto)")
     r.add_argument("--json", action="store_true", help="print one JSON object with every figure, last")
     r.set_defaults(func=_cmd_run)
+
+    h = sub.add_parser("train-head", help="train a speculative module (or a baseline drafter) by self-distillation",
+                       description="Self-distil a drafter from the frozen target on the stdlib sources (KL to the "
+                                   "target's next-token distribution), every position in parallel under the SPD "
+                                   "depth rule. Reproducible: a fixed step count and seed.")
+    h.add_argument("--stages", type=int, required=True, help="pipeline stages n the module drafts for")
+    h.add_argument("--model", default="tiny", help="'tiny' (the shipped checkpoint) or a checkpoint path")
+    h.add_argument("--out", type=Path, required=True, help="output .safetensors (+ .json)")
+    h.add_argument("--kind", default="spd", help="spd (default) | window | k-ahead | early-exit")
+    h.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    h.add_argument("--batch", type=int, default=8, help="windows of 256 bytes per step (default 8)")
+    h.add_argument("--layers", type=int, default=1, help="transformer layers in the module (default 1)")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--threads", type=int, default=1)
+    h.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (memory)")
+    h.set_defaults(func=_cmd_train_head)
+
+    a = sub.add_parser("acceptance", help="acceptance of each drafter vs pipeline depth on held-out files",
+                       description="Measure greedy agreement with the target (and top-5) of the speculative "
+                                   "module and the baselines at each n, offline, exactly as the pipeline sees "
+                                   "it. Trains drafters that are missing (same data and budget for all).")
+    a.add_argument("--model", default="tiny", help="'tiny' (the shipped checkpoint) or a checkpoint path")
+    a.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8], help="stage counts (default 2 4 8)")
+    a.add_argument("--out", type=Path, default=Path("reports/acceptance"), help="output directory")
+    a.add_argument("--heads", type=Path, default=Path(__file__).parent / "weights",
+                   help="where head_n<N>.safetensors live (default executor/weights)")
+    a.add_argument("--table", default=None, help="per-n acceptance table for scenarios (default "
+                                                  "scenarios/acceptance/<model>_head.yaml; 'none' to skip)")
+    a.add_argument("--steps", type=int, default=300, help="training steps of any missing drafter (default 300)")
+    a.add_argument("--batch", type=int, default=8)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--windows", type=int, default=48, help="held-out windows of 512 bytes (default 48)")
+    a.add_argument("--no-timing", action="store_true", help="skip the per-call timing of the module")
+    a.set_defaults(func=_cmd_acceptance)
     return p
 
 

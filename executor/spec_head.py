@@ -38,6 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from spdsim.errors import UserError
+
+from executor.drafters import Drafter
 from executor.model import Block, KVCache, ModelConfig, RMSNorm, Transformer, apply_rope, rope_tables, uniform_partition
 
 KINDS = ("spd", "window", "k-ahead", "early-exit", "early-exit-raw")
@@ -139,7 +142,9 @@ class SpecHead(nn.Module):
         """ckpts [B, T, n+1, dim] (positions 0..T-1) → logits [B, T, vocab]; row q drafts the token at
         q+1 as seen in the tick in which q enters stage 1."""
         n, T = self.cfg.stages, ckpts.shape[1]
-        h = torch.stack([self.row(ckpts, d) for d in range(n + 1)])          # variant o = depth o
+        # Lists, not stacked tensors: indexing a stack costs a full-size zero tensor in backward.
+        r = [_rms(c, self.cfg.norm_eps) for c in ckpts.unbind(2)]
+        h = [self.proj[d](torch.cat(r[: d + 1], -1)) for d in range(n + 1)]     # variant o = depth o
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for i, layer in enumerate(self.layers):
             keep = [0] if i == len(self.layers) - 1 else list(range(n + 1))
@@ -149,37 +154,41 @@ class SpecHead(nn.Module):
                 h = self._layer(layer, h, cos, sin, keep)
         return self.output(self.norm(h[0]))
 
-    def _layer(self, layer: Block, h: Tensor, cos: Tensor, sin: Tensor, keep: list[int]) -> Tensor:
-        """One Block over offset variants h [n+1, B, T, dim] → the variants in `keep`."""
+    def _layer(self, layer: Block, h: list[Tensor], cos: Tensor, sin: Tensor, keep: list[int]) -> list[Tensor]:
+        """One Block over the offset variants h[o] [B, T, dim] → the variants in `keep`."""
         n = self.cfg.stages
         att = layer.attention
-        V, B, T, _ = h.shape
+        B, T, _ = h[0].shape
         nh, hd = att.cfg.n_heads, att.cfg.head_dim
-        x = layer.attention_norm(h)
-        heads = lambda w: w(x).view(V, B, T, nh, hd).transpose(2, 3)        # [V, B, nh, T, hd]
-        q, k, v = apply_rope(heads(att.wq), cos, sin), apply_rope(heads(att.wk), cos, sin), heads(att.wv)
+        x = [layer.attention_norm(v) for v in h]
+        heads = lambda w, t: w(t).view(B, T, nh, hd).transpose(1, 2)             # [B, nh, T, hd]
+        k = [apply_rope(heads(att.wk, t), cos, sin) for t in x]
+        v = [heads(att.wv, t) for t in x]
         scale = hd ** -0.5
         j = torch.arange(T)
-        lag = j[:, None] - j[None, :]                                         # j - i
+        lag = j[:, None] - j[None, :]                                             # j - i (query j, key i)
         out = []
+        shift = lambda t, delta: F.pad(t[..., : T - delta, :], (0, 0, delta, 0))   # row j ← row j - delta
         for o in keep:
-            s = q[o] @ k[n].transpose(-1, -2) * scale                          # stable keys everywhere…
-            band_max = n - o                                                  # …except lags < n - o
-            for delta in range(min(band_max, T)):
-                band = (q[o][..., delta:, :] * k[o + delta][..., : T - delta, :]).sum(-1) * scale
-                s = torch.diagonal_scatter(s, band, offset=-delta, dim1=-2, dim2=-1)
-            allowed = lag >= 0
-            if self.cfg.kind == "window":                                     # keys within the window only
-                allowed = allowed & (lag <= n - o)
-            p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-            y = (p * (lag >= band_max)) @ v[n]
-            for delta in range(min(band_max, T)):
-                w = torch.diagonal(p, offset=-delta, dim1=-2, dim2=-1)[..., None]   # [B, nh, T-delta, 1]
-                y = y + F.pad(w * v[o + delta][..., : T - delta, :], (0, 0, delta, 0))
+            q = apply_rope(heads(att.wq, x[o]), cos, sin)
+            band_max = min(n - o, T)          # keys at lag < n - o are read at depth o + lag < n…
+            dense = (q @ k[n].transpose(-1, -2) * scale).masked_fill((lag < band_max) | (self._too_far(lag, o)), float("-inf"))
+            band = torch.stack([(q * shift(k[o + d], d)).sum(-1) * scale for d in range(band_max)], -1) \
+                if band_max else q.new_zeros(B, nh, T, 0)                          # …the rest at depth n
+            band = band.masked_fill(j[:, None] < torch.arange(band_max)[None, :], float("-inf"))
+            p_dense, p_band = torch.softmax(torch.cat([dense, band], -1), dim=-1).split([T, band_max], -1)
+            y = p_dense @ v[n]
+            for d, w in enumerate(p_band.unbind(-1)):
+                y = y + w[..., None] * shift(v[o + d], d)
             y = att.wo(y.transpose(1, 2).reshape(B, T, nh * hd))
-            r = h[o] + y
-            out.append(r + layer.feed_forward(layer.ffn_norm(r)))
-        return torch.stack(out)
+            res = h[o] + y
+            out.append(res + layer.feed_forward(layer.ffn_norm(res)))
+        return out
+
+    def _too_far(self, lag: Tensor, o: int) -> Tensor:
+        """Keys a query of offset o never sees: future ones, and for the window kind those beyond it."""
+        far = lag < 0
+        return far | (lag > self.cfg.stages - o) if self.cfg.kind == "window" else far
 
     # --- inference: one tick ---------------------------------------------------------------------
     def setup_cache(self) -> None:
@@ -269,11 +278,11 @@ def load_drafter(path: str | Path) -> nn.Module:
 
 # --- the pipeline's drafter ----------------------------------------------------------------------
 
-class HeadDrafter:
-    """A trained `SpecHead` behind the executor's drafter interface. It stores every checkpoint of every
-    position as the stages report them, and each call reads position j at exactly depth
-    min(q - j, n): what training saw (`SpecHead.forward`), even when deeper features already exist
-    (after a prefill or a flush)."""
+class HeadDrafter(Drafter):
+    """A trained `SpecHead` behind the pipeline's drafter interface (executor/drafters.py). It keeps
+    every checkpoint of every position as the stages report them, and each call reads position j at
+    exactly depth min(q - j, n), what training saw (`SpecHead.forward`), even when deeper features
+    already exist (after the prefill or a flush)."""
 
     needs_features = True
 
@@ -291,39 +300,31 @@ class HeadDrafter:
         self.stable = 0           # the module's KV cache holds final (depth-n) rows for positions < stable
         self.last_logits: Tensor | None = None
 
-    @classmethod
-    def from_file(cls, path: str | Path, target: Transformer) -> "HeadDrafter":
-        return cls(load_drafter(path), target)
-
     @torch.no_grad()
-    def start(self, prompt_tokens: list[int], features: list[Tensor] | Tensor | None = None) -> None:
-        """features: the target's prefill hidden states of the prompt, either the `return_hidden` list
-        (embedding + every layer, each [1, P', dim]) or [P', n+1, dim] checkpoints; P' ≤ len(prompt)."""
+    def start(self, prompt_tokens: list[int], features: dict[int, Tensor] | None = None) -> None:
+        """features: depth → [P', dim] hidden states of prompt positions 0..P'-1 (the prefill; P' ≤ P)."""
         self.feats.zero_()
         self.have.zero_()
         self.stable = 0
         self.head.setup_cache()
-        if features is not None:
-            if isinstance(features, (list, tuple)):
-                ck = torch.stack([features[layer][0] for layer in self.head.cfg.checkpoints], dim=1)
-            else:
-                ck = features
-            m = ck.shape[0]
-            self.feats[:m] = ck
-            self.have[:m] = True
+        for depth, h in (features or {}).items():
+            h = h.reshape(-1, self.head.cfg.dim)
+            self.feats[: len(h), depth] = h
+            self.have[: len(h), depth] = True
         toks = torch.tensor(prompt_tokens, dtype=torch.long)
-        self.feats[: len(toks), 0] = self.embed(toks)
+        self.feats[: len(toks), 0] = self.embed.weight[toks]
         self.have[: len(toks), 0] = True
 
-    def add_features(self, stage: int, position: int, hidden: Tensor) -> None:
-        """stage s ∈ 1..n's output for `position` (the last stage's final hidden, before the norm)."""
-        self.feats[position, stage] = hidden.reshape(-1)
-        self.have[position, stage] = True
+    def add_features(self, depth: int, position: int, hidden: Tensor) -> None:
+        """`position`'s hidden state at `depth` (0: embedding, s: stage s's output, n: the final hidden
+        state before the norm)."""
+        self.feats[position, depth] = hidden.reshape(-1)
+        self.have[position, depth] = True
 
     def rollback(self, position: int) -> None:
-        """Positions > `position` are void (a rejection)."""
-        self.have[position + 1:] = False
-        self.stable = min(self.stable, max(0, position + 1 - self.n))
+        """Positions ≥ `position` are void (a rejection)."""
+        self.have[position:] = False
+        self.stable = min(self.stable, max(0, position - self.n))
 
     @torch.no_grad()
     def logits(self, position: int, token: int) -> Tensor:
@@ -352,3 +353,40 @@ class HeadDrafter:
 
     def draft(self, position: int, token: int) -> int:
         return int(self.logits(position, token).argmax())
+
+
+def load_head_drafter(path: str | Path, model: Transformer, stages: int) -> HeadDrafter:
+    """`executor run --draft head:PATH`: the module must have been trained for this target and n."""
+    try:
+        head = load_drafter(path)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise UserError(f"--draft head:{path}: {e}") from None
+    if head.cfg.stages != stages:
+        raise UserError(f"--draft head:{path}: trained for {head.cfg.stages} stages, the run has {stages} "
+                        f"(train one with `executor train-head --stages {stages}`)")
+    if not isinstance(head, SpecHead):
+        raise UserError(f"--draft head:{path}: a {head.cfg.kind} baseline, not a speculative module")
+    try:
+        return HeadDrafter(head, model)
+    except ValueError as e:
+        raise UserError(f"--draft head:{path}: {e}") from None
+
+
+# --- sampling (temperature > 0) ------------------------------------------------------------------
+
+def speculative_accept(p: Tensor, q: Tensor, draft: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023), batched over leading dims.
+
+    p, q: [..., vocab] the target's and the drafter's distributions at the drafted position; draft [...]:
+    the token sampled from q. Accept it with probability min(1, p/q); otherwise return a token drawn from
+    the normalised residual max(p - q, 0). Either way the returned token is distributed exactly as p,
+    so SPD stays lossless in distribution. Returns (accepted [...] bool, token [...])."""
+    pd = p.gather(-1, draft[..., None])[..., 0]
+    qd = q.gather(-1, draft[..., None])[..., 0]
+    u = torch.rand(pd.shape, generator=generator)
+    accepted = u * qd < pd                          # u < p/q without dividing by a zero q
+    residual = (p - q).clamp(min=0)
+    norm = residual.sum(-1, keepdim=True)
+    residual = torch.where(norm > 0, residual / norm.clamp(min=1e-30), p)   # p == q: never rejected anyway
+    resampled = torch.multinomial(residual.reshape(-1, p.shape[-1]), 1, generator=generator).reshape(pd.shape)
+    return accepted, torch.where(accepted, draft, resampled)
