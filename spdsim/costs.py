@@ -1,0 +1,140 @@
+"""The cost interface the engine and the partitioners use, and its roofline implementation.
+
+Everything the simulator charges time for comes from a `CostModel`:
+  stage_s      one stage's forward for one token at a context length (its layers, plus the embedding on
+               the first stage and the final norm + LM head on the last)
+  layer_s      one decoder layer (partitioners use it to weigh layers)
+  embed_s, lm_head_s, head_s   the embedding, final norm + LM head, the speculative module's draft
+  hop_s        one link hop: (time the link is held = bytes / bandwidth, latency after it)
+  tick_overhead_s  fixed host-side time per compute (the executor's Python per tick), not device-busy
+  msg_overhead_s   fixed host-side time per message sent, added to its delivery
+A calibrated model fitted from executor traces (the `calibration:` key, a later issue) implements the
+same methods. All times are seconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from spdsim.hardware import GPU, Topology
+from spdsim.models import ModelShape
+
+# Roofline defaults. HBM efficiency 0.75 and 20 µs per layer reproduce two reference points of
+# ../shared/REFERENCE.md: Vidur's 0.290 ms/layer for Llama-2-7B on A100 (we get 0.285) and gpt-fast's
+# 104.9 tok/s ≈ 9.5 ms/token for Llama-2-7B on one A100 (we get ≈ 9.4 ms). 20 µs per layer is within
+# REFERENCE.md's "5–20 µs per eager kernel", for a compiled / CUDA-graph layer of a few kernels.
+HBM_EFFICIENCY = 0.75
+FLOP_EFFICIENCY = 0.6
+LAYER_OVERHEAD_US = 20.0
+KERNEL_OVERHEAD_US = 5.0      # embedding lookup, one small kernel
+
+
+@dataclass(frozen=True)
+class CostOverrides:
+    """The scenario's `costs:` section (DESIGN §5): any value set replaces the roofline's."""
+    layer_ms: float | None = None
+    embed_ms: float | None = None
+    lm_head_ms: float | None = None
+    head_ms: float | None = None
+    tick_overhead_ms: float = 0.0
+    msg_overhead_ms: float = 0.0
+    hbm_efficiency: float = HBM_EFFICIENCY
+    layer_overhead_us: float = LAYER_OVERHEAD_US
+
+
+class CostModel(Protocol):
+    tick_overhead_s: float
+    msg_overhead_s: float
+
+    def layer_s(self, layer: int, ctx: int) -> float: ...
+    def embed_s(self) -> float: ...
+    def lm_head_s(self) -> float: ...
+    def head_s(self, ctx: int) -> float: ...
+    def stage_s(self, stage: int, first_layer: int, last_layer: int, ctx: int,
+                first: bool, last: bool) -> float: ...
+    def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]: ...
+
+
+@dataclass
+class RooflineCosts:
+    """max(bytes / (HBM bandwidth · efficiency), FLOPs / (peak · efficiency)) + a fixed launch overhead."""
+    model: ModelShape
+    gpu: GPU
+    topology: Topology
+    overrides: CostOverrides = CostOverrides()
+    head_layers: int = 1          # the speculative module: this many decoder layers + a vocab projection
+
+    def __post_init__(self) -> None:
+        o = self.overrides
+        self.tick_overhead_s = o.tick_overhead_ms * 1e-3
+        self.msg_overhead_s = o.msg_overhead_ms * 1e-3
+        self._bw = self.gpu.hbm_gbps * 1e9 * o.hbm_efficiency
+        self._flops = self.gpu.bf16_tflops * 1e12 * FLOP_EFFICIENCY
+        self._layer_overhead = o.layer_overhead_us * 1e-6
+        m = self.model
+        self._layer_bytes = m.layer_bytes
+        self._kv_bytes = m.kv_bytes_per_token_layer()
+        self._flops0 = m.layer_flops(0)
+        self._flops_per_ctx = m.layer_flops(1) - self._flops0
+
+    def _roof(self, nbytes: float, flops: float) -> float:
+        return max(nbytes / self._bw, flops / self._flops)
+
+    def layer_s(self, layer: int, ctx: int) -> float:
+        if self.overrides.layer_ms is not None:
+            return self.overrides.layer_ms * 1e-3
+        nbytes = self._layer_bytes + ctx * self._kv_bytes
+        return self._roof(nbytes, self._flops0 + ctx * self._flops_per_ctx) + self._layer_overhead
+
+    def embed_s(self) -> float:
+        if self.overrides.embed_ms is not None:
+            return self.overrides.embed_ms * 1e-3
+        return self.model.activation_bytes / self._bw + KERNEL_OVERHEAD_US * 1e-6
+
+    def lm_head_s(self) -> float:
+        if self.overrides.lm_head_ms is not None:
+            return self.overrides.lm_head_ms * 1e-3
+        return self._roof(self.model.lm_head_bytes, self.model.lm_head_flops) + self._layer_overhead
+
+    def head_s(self, ctx: int) -> float:
+        if self.overrides.head_ms is not None:
+            return self.overrides.head_ms * 1e-3
+        return self.head_layers * self.layer_s(-1, ctx) + self.lm_head_s()
+
+    def stage_s(self, stage: int, first_layer: int, last_layer: int, ctx: int,
+                first: bool, last: bool) -> float:
+        if self.overrides.layer_ms is not None:       # every layer alike: no per-layer loop
+            t = (last_layer - first_layer) * self.overrides.layer_ms * 1e-3
+        else:
+            t = (last_layer - first_layer) * self.layer_s(first_layer, ctx)
+        if first:
+            t += self.embed_s()
+        if last:
+            t += self.lm_head_s()
+        return t
+
+    def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]:
+        latency, bandwidth = self.topology.edge(u, v)
+        return nbytes / bandwidth, latency
+
+
+def stage_memory_bytes(model: ModelShape, n_layers: int, first: bool, last: bool, max_ctx: int,
+                       head_layers: int = 0) -> int:
+    """Weights + KV cache for max_ctx tokens on one stage's device; head_layers > 0 when the speculative
+    module (its layers and its own vocab projection) lives there too."""
+    b = n_layers * (model.layer_bytes + max_ctx * model.kv_bytes_per_token_layer())
+    if first:
+        b += model.embed_bytes
+    if last:
+        b += model.lm_head_bytes
+    if head_layers:
+        b += head_layers * (model.layer_bytes + max_ctx * model.kv_bytes_per_token_layer()) + model.lm_head_bytes
+    return b
+
+
+# A device keeps this fraction of its memory for the CUDA context, allocator slack and workspaces.
+MEMORY_RESERVE = 0.1
+
+
+def fits(nbytes: int, gpu: GPU) -> bool:
+    return nbytes <= gpu.mem_gb * 1e9 * (1.0 - MEMORY_RESERVE)

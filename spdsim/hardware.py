@@ -1,0 +1,181 @@
+"""GPUs and interconnects: a catalog with sourced figures, and topologies as networkx graphs.
+
+Every edge of a topology graph is one *directed* link with `latency_s` and `bandwidth` (bytes/s). A
+transfer follows the lowest-latency path and is store-and-forward: on each hop it holds that link for
+bytes / bandwidth (so concurrent transfers on one link queue), then pays the hop's latency. GPU nodes
+are named "gpu0", "gpu1", ...; switches, host bridges and NICs get their own node names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+import networkx as nx
+
+from spdsim.errors import UserError
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    mem_gb: float            # HBM capacity
+    hbm_gbps: float          # memory bandwidth, GB/s
+    bf16_tflops: float       # dense bf16 peak
+    nvlink_gbps: float = 0.0   # per direction, 0 = no NVLink
+    pcie_gbps: float = 32.0    # per direction, PCIe x16
+    link_latency_us: float = 10.0  # small-message GPU→GPU send latency on its usual fabric
+
+
+# Figures: ../shared/REFERENCE.md "GPUs" (NVIDIA datasheets via glennklockwood.com/garden/processors).
+# Latencies: REFERENCE.md "Point-to-point latency": Vidur's measured send/recv, A100 NVLink 8 µs,
+# H100 NVLink 5 µs (2 KiB messages). PCIe GPU→GPU small-message latency is not in REFERENCE.md: the
+# 10 µs used for L40S is an estimate (same order as NVLink kernel launch + PCIe P2P round trip).
+GPU_CATALOG: dict[str, GPU] = {
+    "a100-80gb-sxm": GPU("a100-80gb-sxm", mem_gb=80, hbm_gbps=2039, bf16_tflops=312,
+                         nvlink_gbps=300, pcie_gbps=32, link_latency_us=8.0),
+    "h100-sxm": GPU("h100-sxm", mem_gb=80, hbm_gbps=3350, bf16_tflops=989,
+                    nvlink_gbps=450, pcie_gbps=64, link_latency_us=5.0),
+    "h200": GPU("h200", mem_gb=141, hbm_gbps=4800, bf16_tflops=989,
+                nvlink_gbps=450, pcie_gbps=64, link_latency_us=5.0),
+    "l40s": GPU("l40s", mem_gb=48, hbm_gbps=864, bf16_tflops=362,
+                nvlink_gbps=0, pcie_gbps=32, link_latency_us=10.0),
+}
+
+TOPOLOGY_KINDS = ("full", "nvswitch", "pcie-tree", "ring", "multi-node")
+
+# Keys each topology kind accepts (besides `kind`); see `build_topology` for their meaning.
+TOPOLOGY_KEYS: dict[str, set[str]] = {
+    "full": {"latency_us", "gbps"},
+    "nvswitch": {"latency_us", "gbps"},
+    "ring": {"latency_us", "gbps"},
+    "pcie-tree": {"latency_us", "gbps", "gpus_per_switch", "switches_per_bridge",
+                  "bridge_latency_us", "bridge_gbps"},
+    "multi-node": {"latency_us", "gbps", "nodes", "inter_latency_us", "inter_gbps"},
+}
+
+
+@dataclass(frozen=True)
+class TopologySpec:
+    kind: str
+    params: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Topology:
+    """A directed graph of links; `path(a, b)` is the lowest-latency route (fewest hops on ties)."""
+    graph: nx.DiGraph
+    devices: list[str]
+    kind: str
+
+    @cached_property
+    def _paths(self) -> dict[str, dict[str, list[str]]]:
+        # A tiny per-hop epsilon breaks latency ties toward fewer hops (free links in the ideal scenario).
+        def weight(u: str, v: str, d: dict[str, Any]) -> float:
+            return d["latency_s"] + 1e-12
+        return {a: nx.single_source_dijkstra_path(self.graph, a, weight=weight) for a in self.devices}
+
+    def path(self, src: str, dst: str) -> list[tuple[str, str]]:
+        """The hops (directed edges) a message from src to dst crosses; [] when src == dst."""
+        if src == dst:
+            return []
+        try:
+            nodes = self._paths[src][dst]
+        except KeyError:
+            raise UserError(f"hardware.topology: no route from {src} to {dst}") from None
+        return list(zip(nodes[:-1], nodes[1:]))
+
+    def edge(self, u: str, v: str) -> tuple[float, float]:
+        d = self.graph.edges[u, v]
+        return d["latency_s"], d["bandwidth"]
+
+    def transfer_s(self, src: str, dst: str, nbytes: int) -> float:
+        """Unloaded transfer time: Σ over hops of latency + bytes / bandwidth."""
+        return sum(lat + nbytes / bw for lat, bw in (self.edge(u, v) for u, v in self.path(src, dst)))
+
+
+def _link(g: nx.DiGraph, a: str, b: str, latency_us: float, gbps: float) -> None:
+    for u, v in ((a, b), (b, a)):
+        g.add_edge(u, v, latency_s=latency_us * 1e-6, bandwidth=gbps * GB)
+
+
+def default_topology_params(kind: str, gpu: GPU) -> dict[str, float]:
+    """Catalog defaults, so that `topology: nvswitch` alone is enough."""
+    fast = gpu.nvlink_gbps or gpu.pcie_gbps
+    lat = gpu.link_latency_us
+    if kind in ("full", "ring"):
+        return {"latency_us": lat, "gbps": fast}
+    if kind == "nvswitch":
+        # GPU → switch → GPU: each hop gets half the end-to-end latency.
+        return {"latency_us": lat / 2, "gbps": gpu.nvlink_gbps or gpu.pcie_gbps}
+    if kind == "pcie-tree":
+        # PCIe switch hops, then the host bridge (root complex / socket interconnect) between switches.
+        return {"latency_us": lat / 2, "gbps": gpu.pcie_gbps, "gpus_per_switch": 4,
+                "switches_per_bridge": 2, "bridge_latency_us": lat, "bridge_gbps": gpu.pcie_gbps}
+    if kind == "multi-node":
+        # Inter-node: REFERENCE.md, Vidur A100 inter-node ≈ 24 µs small, ≈ 7.8 GB/s large (H100: 17 µs, 36 GB/s).
+        inter = (17.0, 36.0) if gpu.bf16_tflops > 500 else (24.0, 7.8)
+        return {"latency_us": lat / 2, "gbps": fast, "nodes": 2,
+                "inter_latency_us": inter[0], "inter_gbps": inter[1]}
+    raise UserError(f"hardware.topology.kind: unknown {kind!r} (expected one of {', '.join(TOPOLOGY_KINDS)})")
+
+
+def build_topology(spec: TopologySpec, count: int) -> Topology:
+    p = spec.params
+    g = nx.DiGraph()
+    devices = [f"gpu{i}" for i in range(count)]
+    g.add_nodes_from(devices)
+    lat, gbps = p["latency_us"], p["gbps"]
+    if spec.kind == "full":
+        for i in range(count):
+            for j in range(i + 1, count):
+                _link(g, devices[i], devices[j], lat, gbps)
+    elif spec.kind == "ring":
+        for i in range(count if count > 2 else count - 1):
+            _link(g, devices[i], devices[(i + 1) % count], lat, gbps)
+    elif spec.kind == "nvswitch":
+        for d in devices:
+            _link(g, d, "nvswitch", lat, gbps)
+    elif spec.kind == "pcie-tree":
+        per_sw, per_br = int(p["gpus_per_switch"]), int(p["switches_per_bridge"])
+        n_sw = -(-count // per_sw)
+        n_br = -(-n_sw // per_br)
+        for i, d in enumerate(devices):
+            _link(g, d, f"pcie-sw{i // per_sw}", lat, gbps)
+        for s in range(n_sw):
+            _link(g, f"pcie-sw{s}", f"bridge{s // per_br}", lat, gbps)
+        for b in range(1, n_br):   # sockets joined in a chain (UPI / Infinity Fabric)
+            _link(g, f"bridge{b - 1}", f"bridge{b}", p["bridge_latency_us"], p["bridge_gbps"])
+    elif spec.kind == "multi-node":
+        nodes = int(p["nodes"])
+        per_node = -(-count // nodes)
+        for i, d in enumerate(devices):
+            _link(g, d, f"node{i // per_node}-switch", lat, gbps)
+        for k in range(-(-count // per_node)):
+            _link(g, f"node{k}-switch", f"node{k}-nic", p["inter_latency_us"] / 2, p["inter_gbps"])
+            _link(g, f"node{k}-nic", "fabric", 0.0, p["inter_gbps"])
+    else:
+        raise UserError(f"hardware.topology.kind: unknown {spec.kind!r} (expected one of {', '.join(TOPOLOGY_KINDS)})")
+    return Topology(graph=g, devices=devices, kind=spec.kind)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpu: GPU
+    count: int
+    topology: TopologySpec
+
+    @cached_property
+    def graph(self) -> Topology:
+        return build_topology(self.topology, self.count)
+
+    @property
+    def devices(self) -> list[str]:
+        return [f"gpu{i}" for i in range(self.count)]
+
+
+def with_params(spec: TopologySpec, **params: float) -> TopologySpec:
+    """A copy of spec with some parameters changed (what-if analysis, tests)."""
+    return replace(spec, params={**spec.params, **params})

@@ -1,0 +1,256 @@
+"""Partitioners: cut L layers into n contiguous stages and place the stages (and a dedicated
+speculative module) on devices.
+
+  uniform           equal layer counts (the first L mod n stages get one more), stage s on gpu<s>
+  compute_balanced  minimise the slowest stage, counting the embedding on stage 1, the LM head on stage
+                    n and a co-located speculative module on stage 1's device: an exact DP over linear
+                    partitions; placement as uniform
+  comm_aware        compute_balanced's layers, and the placement (on the topology) that minimises the
+                    estimated time per token, counting activation sends, the RESULT back to stage 1 and
+                    the per-tick feature sends to the module's device (`estimate_token_s`)
+
+All stage times are taken at a reference context (prompt + half the new tokens).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from spdsim.costs import CostModel, fits, stage_memory_bytes
+from spdsim.errors import UserError
+from spdsim.hardware import GPU, Topology
+from spdsim.models import ModelShape
+
+RESULT_BYTES = 16          # a token id + epoch + position
+EXHAUSTIVE_LIMIT = 5040    # placements tried one by one up to this many (7!), local search beyond
+
+
+@dataclass(frozen=True)
+class Plan:
+    partition: str
+    layers: tuple[tuple[int, int], ...]      # [first, last) layer of each stage
+    placement: tuple[str, ...]               # device of each stage
+    head_device: str | None                  # the speculative module's device; None when nothing drafts
+
+    @property
+    def stages(self) -> int:
+        return len(self.layers)
+
+    @property
+    def head_colocated(self) -> bool:
+        return self.head_device is not None and self.head_device == self.placement[0]
+
+    def layers_str(self) -> str:
+        return "|".join(f"{a}-{b}" for a, b in self.layers)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a partitioner needs to know (a scenario, reduced)."""
+    model: ModelShape
+    costs: CostModel
+    topology: Topology
+    gpu: GPU
+    n: int
+    drafts: bool = False            # SPD is in the sweep: a speculative module exists
+    dedicated_head: bool = False
+    head_layers: int = 1
+    features: bool = True
+    checkpoints_per_stage: int = 1
+    alpha: float = 0.8              # comm_aware's reference acceptance
+    ctx: int = 512                  # reference context length for stage times
+    max_ctx: int = 768              # for memory
+
+    @property
+    def has_head(self) -> bool:
+        return self.drafts and self.n > 1
+
+
+def uniform_layers(L: int, n: int) -> tuple[tuple[int, int], ...]:
+    base, rem = divmod(L, n)
+    out, a = [], 0
+    for s in range(n):
+        b = a + base + (1 if s < rem else 0)
+        out.append((a, b))
+        a = b
+    return tuple(out)
+
+
+def stage_times(inp: PlanInputs, layers: Sequence[tuple[int, int]]) -> list[float]:
+    """Per-stage time on its device for one token: layers, embedding / LM head, a co-located module."""
+    n = len(layers)
+    out = []
+    for s, (a, b) in enumerate(layers):
+        t = inp.costs.stage_s(s, a, b, inp.ctx, s == 0, s == n - 1)
+        if s == 0 and inp.has_head and not inp.dedicated_head:
+            t += inp.costs.head_s(inp.ctx)
+        out.append(t)
+    return out
+
+
+def _fits(inp: PlanInputs, s: int, a: int, b: int) -> bool:
+    head = inp.head_layers if (s == 0 and inp.has_head and not inp.dedicated_head) else 0
+    return fits(stage_memory_bytes(inp.model, b - a, s == 0, s == inp.n - 1, inp.max_ctx, head), inp.gpu)
+
+
+def balanced_layers(inp: PlanInputs) -> tuple[tuple[int, int], ...]:
+    """Exact min-max linear partition by dynamic programming over (stage, layers covered)."""
+    L, n = inp.model.layers, inp.n
+    lt = [inp.costs.layer_s(i, inp.ctx) for i in range(L)]
+    prefix = [0.0]
+    for t in lt:
+        prefix.append(prefix[-1] + t)
+    first_extra = inp.costs.embed_s() + (inp.costs.head_s(inp.ctx) if inp.has_head and not inp.dedicated_head else 0.0)
+    last_extra = inp.costs.lm_head_s()
+
+    def cost(s: int, a: int, b: int) -> float:
+        if not _fits(inp, s, a, b):
+            return math.inf
+        t = prefix[b] - prefix[a]
+        if s == 0:
+            t += first_extra
+        if s == n - 1:
+            t += last_extra
+        return t
+
+    INF = math.inf
+    # best[s][j]: slowest stage when stages 0..s-1 cover layers [0, j)
+    best = [[INF] * (L + 1) for _ in range(n + 1)]
+    cut = [[0] * (L + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for s in range(1, n + 1):
+        for j in range(s, L - (n - s) + 1):
+            for i in range(s - 1, j):
+                if best[s - 1][i] == INF:
+                    continue
+                v = max(best[s - 1][i], cost(s - 1, i, j))
+                if v < best[s][j] - 1e-15:
+                    best[s][j], cut[s][j] = v, i
+    if best[n][L] == INF:
+        raise UserError(f"sweep.stages: no {n}-stage partition of {inp.model.name} fits {inp.gpu.name} memory")
+    bounds, j = [], L
+    for s in range(n, 0, -1):
+        i = cut[s][j]
+        bounds.append((i, j))
+        j = i
+    return tuple(reversed(bounds))
+
+
+# --- placement ----------------------------------------------------------------------------------
+
+def estimate_token_s(inp: PlanInputs, layers: Sequence[tuple[int, int]], placement: Sequence[str],
+                     head_device: str | None) -> float:
+    """Expected seconds per committed token under SPD at acceptance inp.alpha (PP when nothing drafts).
+
+    period: the steady-state tick, the slowest of each stage, the first device (stage 1 + a co-located
+    module, delayed by feature arrival) and the busiest link per tick; RT: one round trip through the
+    pipeline and back. Accepted drafts cost max(period, RT/n), rejected ones RT."""
+    n = len(layers)
+    topo = inp.topology
+    S = stage_times(inp, layers)
+    act = inp.model.activation_bytes
+    rt = sum(S) + sum(topo.transfer_s(placement[j], placement[j + 1], act) for j in range(n - 1))
+    rt += topo.transfer_s(placement[-1], placement[0], RESULT_BYTES)
+    rt += (2 * n - 1) * inp.costs.msg_overhead_s
+    if not inp.has_head:
+        return rt
+    busy: dict[tuple[str, str], float] = {}
+
+    def load(src: str, dst: str, nbytes: int) -> None:
+        for u, v in topo.path(src, dst):
+            busy[(u, v)] = busy.get((u, v), 0.0) + nbytes / topo.edge(u, v)[1]
+
+    for j in range(n - 1):
+        load(placement[j], placement[j + 1], act)
+    load(placement[-1], placement[0], RESULT_BYTES)
+    lag = 0.0
+    if inp.features:
+        fb = act * inp.checkpoints_per_stage
+        for j in range(n):
+            if placement[j] != head_device:
+                load(placement[j], head_device, fb)
+                lag = max(lag, topo.transfer_s(placement[j], head_device, fb))
+    h = inp.costs.head_s(inp.ctx)
+    s0 = inp.costs.stage_s(0, layers[0][0], layers[0][1], inp.ctx, True, n == 1)
+    first = max(s0, lag) + h if head_device == placement[0] else max(s0, lag + h)
+    period = max([first, *S[1:], *busy.values()])
+    a = inp.alpha
+    return a * max(period, rt / n) + (1 - a) * rt
+
+
+def _score(inp: PlanInputs, layers, devs: tuple[str, ...]) -> float:
+    placement = devs[:inp.n]
+    head = (devs[inp.n] if inp.dedicated_head else placement[0]) if inp.has_head else None
+    return estimate_token_s(inp, layers, placement, head)
+
+
+def best_placement(inp: PlanInputs, layers, exhaustive_limit: int = EXHAUSTIVE_LIMIT) -> tuple[str, ...]:
+    """Devices for the n stages (+ the dedicated module last) minimising estimate_token_s.
+
+    Exhaustive over ordered device choices when there are few; otherwise pairwise-swap local search
+    (swaps among chosen devices and with unused ones) from the identity placement. Ties keep the
+    earlier candidate, so symmetric topologies keep the identity placement."""
+    devices = inp.topology.devices
+    k = inp.n + (1 if inp.has_head and inp.dedicated_head else 0)
+    if k > len(devices):
+        raise UserError(f"sweep.stages: {inp.n} stages need {k} GPUs, hardware.count is {len(devices)}")
+    total = math.perm(len(devices), k)
+    identity = tuple(devices[:k])
+    if total <= exhaustive_limit:
+        best, best_v = identity, _score(inp, layers, identity)
+        for devs in itertools.permutations(devices, k):
+            v = _score(inp, layers, devs)
+            if v < best_v - 1e-15:
+                best, best_v = devs, v
+        return best
+    cur, cur_v = list(identity), _score(inp, layers, identity)
+    improved = True
+    while improved:
+        improved = False
+        unused = [d for d in devices if d not in cur]
+        for i in range(k):
+            for j in range(i + 1, k + len(unused)):
+                cand = list(cur)
+                if j < k:
+                    cand[i], cand[j] = cand[j], cand[i]
+                else:
+                    cand[i] = unused[j - k]
+                v = _score(inp, layers, tuple(cand))
+                if v < cur_v - 1e-15:
+                    cur, cur_v, improved = cand, v, True
+                    break
+            if improved:
+                break
+    return tuple(cur)
+
+
+def make_plan(kind: str, inp: PlanInputs) -> Plan:
+    n = inp.n
+    if n > inp.model.layers:
+        raise UserError(f"sweep.stages: {n} > model.layers {inp.model.layers}")
+    devices = inp.topology.devices
+    if kind == "uniform":
+        layers = uniform_layers(inp.model.layers, n)
+        devs = tuple(devices[: n + (1 if inp.has_head and inp.dedicated_head else 0)])
+    elif kind == "compute_balanced":
+        layers = balanced_layers(inp)
+        devs = tuple(devices[: n + (1 if inp.has_head and inp.dedicated_head else 0)])
+    elif kind == "comm_aware":
+        layers = balanced_layers(inp)
+        devs = best_placement(inp, layers)
+    else:
+        raise UserError(f"sweep.partition: unknown {kind!r}")
+    if len(devs) < n + (1 if inp.has_head and inp.dedicated_head else 0):
+        raise UserError(f"sweep.stages: {n} stages do not fit on {len(devices)} GPUs")
+    for s, (a, b) in enumerate(layers):
+        if not _fits(inp, s, a, b):
+            need = stage_memory_bytes(inp.model, b - a, s == 0, s == n - 1, inp.max_ctx)
+            raise UserError(f"sweep.partition: {kind} stage {s + 1} ({b - a} layers, {need / 1e9:.1f} GB) "
+                            f"does not fit {inp.gpu.name} memory")
+    placement = devs[:n]
+    head = None
+    if inp.has_head:
+        head = devs[n] if inp.dedicated_head else placement[0]
+    return Plan(kind, layers, placement, head)

@@ -1,0 +1,401 @@
+"""Scenario YAML (DESIGN §5) → typed dataclasses, with every problem reported as one `UserError` line
+that names the offending key.
+
+    name: a100x8
+    hardware: {gpu: a100-80gb-sxm, count: 8, topology: nvswitch}     # or inline numbers
+    model: {name: llama-3-8b}                                         # or an inline shape
+    workload: {prompt_tokens: 512, new_tokens: 256}
+    head: {placement: colocated, layers: 1, features: true}           # the speculative module
+    sweep: {stages: [1, 2, 4, 8], partition: [uniform], acceptance: [0.8, 0.9], schemes: [ar, pp, spd]}
+    costs: {layer_ms: 1.0}                                            # overrides of the roofline
+    calibration: null                                                 # a `spdsim calibrate` file (later)
+    seed: 0
+
+`sweep.acceptance` forms: a number or a list of numbers (i.i.d.); a list may also hold the mapping forms;
+`{kind: table, values: {2: 0.9, 4: 0.85}}` (one α per stage count); `{kind: markov, mean: 0.8 | [..],
+run_length: 3}`; `{kind: replay, file: seq.txt}` or `{kind: replay, sequence: [1, 0, 1]}`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spdsim import acceptance as acc
+from spdsim.acceptance import AcceptanceSpec
+from spdsim.costs import CostOverrides, RooflineCosts, fits, stage_memory_bytes
+from spdsim.errors import UserError
+from spdsim.hardware import (GPU, GPU_CATALOG, TOPOLOGY_KEYS, TOPOLOGY_KINDS, Hardware, TopologySpec,
+                             default_topology_params)
+from spdsim.models import MODEL_CATALOG, ModelShape
+
+SCHEMES = ("ar", "pp", "spd")
+PARTITIONERS = ("uniform", "compute_balanced", "comm_aware")
+HEAD_PLACEMENTS = ("colocated", "dedicated")
+TOP_KEYS = {"name", "description", "hardware", "model", "workload", "head", "sweep", "costs",
+            "calibration", "seed"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_tokens: int = 512
+    new_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The speculative module: where it runs, its size, whether it drafts from pipeline features."""
+    placement: str = "colocated"   # colocated with stage 1 (n devices) | dedicated (n + 1 devices)
+    layers: int = 1
+    features: bool = True          # each stage sends its checkpoint features to the module every tick
+    checkpoints_per_stage: int = 1
+
+
+@dataclass(frozen=True)
+class Point:
+    """One simulated configuration of the sweep."""
+    scheme: str
+    stages: int
+    partition: str
+    acceptance: AcceptanceSpec | None   # None for AR / PP
+
+    @property
+    def point_id(self) -> str:
+        pid = f"{self.scheme}-n{self.stages}-{self.partition}"
+        if self.acceptance is not None:
+            label = self.acceptance.label.replace(":", "_").replace("/", "_")
+            pid += f"-a{label}" if self.acceptance.kind != "markov" else f"-markov{label}"
+        return pid
+
+
+@dataclass
+class Sweep:
+    stages: list[int]
+    partitions: list[str]
+    schemes: list[str]
+    acceptance: list[AcceptanceSpec] = field(default_factory=list)
+    acceptance_table: dict[int, AcceptanceSpec] | None = None   # kind: table
+
+    def acceptance_for(self, n: int) -> list[AcceptanceSpec]:
+        if self.acceptance_table is not None:
+            return [self.acceptance_table[n]]
+        return self.acceptance
+
+
+@dataclass
+class Scenario:
+    name: str
+    hardware: Hardware
+    model: ModelShape
+    workload: Workload
+    head: HeadSpec
+    sweep: Sweep
+    costs: CostOverrides
+    calibration: str | None = None
+    seed: int = 0
+    text: str = ""                  # the YAML as given (copied next to results)
+    path: Path | None = None
+    notes: list[str] = field(default_factory=list)   # things skipped, said once on stderr
+
+    def cost_model(self) -> RooflineCosts:
+        return RooflineCosts(self.model, self.hardware.gpu, self.hardware.graph, self.costs,
+                             head_layers=self.head.layers)
+
+    @property
+    def max_ctx(self) -> int:
+        return self.workload.prompt_tokens + self.workload.new_tokens
+
+    def ar_fits(self) -> bool:
+        m = self.model
+        return fits(stage_memory_bytes(m, m.layers, True, True, self.max_ctx), self.hardware.gpu)
+
+    def points(self) -> list[Point]:
+        out: list[Point] = []
+        if "ar" in self.sweep.schemes and self.ar_fits():
+            out.append(Point("ar", 1, "uniform", None))
+        for n in self.sweep.stages:
+            for part in self.sweep.partitions:
+                if "pp" in self.sweep.schemes:
+                    out.append(Point("pp", n, part, None))
+                if "spd" in self.sweep.schemes:
+                    for a in self.sweep.acceptance_for(n):
+                        out.append(Point("spd", n, part, a))
+        return out
+
+
+# --- parsing helpers --------------------------------------------------------------------------------
+
+def _mapping(obj: Any, key: str) -> dict:
+    if not isinstance(obj, dict):
+        raise UserError(f"{key}: expected a mapping, got {type(obj).__name__}")
+    return obj
+
+
+def _only(d: dict, allowed: set[str], where: str) -> None:
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise UserError(f"{prefix}{unknown[0]}: unknown key (expected one of {', '.join(sorted(allowed))})")
+
+
+def _num(v: Any, key: str, *, positive: bool = False, nonneg: bool = False, integer: bool = False) -> Any:
+    if isinstance(v, str):          # YAML 1.1 reads 1.0e9 (no exponent sign) as a string
+        try:
+            v = float(v) if not v.strip().lstrip("+-").isdigit() else int(v)
+        except ValueError:
+            raise UserError(f"{key}: {v!r} is not a number") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise UserError(f"{key}: {v!r} is not a number")
+    if integer and (not isinstance(v, int) and not float(v).is_integer()):
+        raise UserError(f"{key}: {v!r} is not a whole number")
+    if positive and not v > 0:
+        raise UserError(f"{key}: must be > 0 (got {v})")
+    if nonneg and not v >= 0:
+        raise UserError(f"{key}: must be ≥ 0 (got {v})")
+    return int(v) if integer else float(v)
+
+
+def _list(v: Any) -> list:
+    return v if isinstance(v, list) else [v]
+
+
+def _gpu(obj: Any) -> GPU:
+    if isinstance(obj, str):
+        if obj not in GPU_CATALOG:
+            raise UserError(f"hardware.gpu: unknown GPU {obj!r} (catalog: {', '.join(GPU_CATALOG)})")
+        return GPU_CATALOG[obj]
+    d = _mapping(obj, "hardware.gpu")
+    allowed = {f.name for f in fields(GPU)}
+    _only(d, allowed, "hardware.gpu")
+    base = GPU_CATALOG.get(d.get("name", ""))
+    vals: dict[str, Any] = dict(base.__dict__) if base else {"name": str(d.get("name", "custom"))}
+    for k, v in d.items():
+        if k == "name":
+            vals[k] = str(v)
+        else:
+            vals[k] = _num(v, f"hardware.gpu.{k}", nonneg=True)
+    for k in ("mem_gb", "hbm_gbps", "bf16_tflops"):
+        if k not in vals:
+            raise UserError(f"hardware.gpu.{k}: missing (an inline GPU needs mem_gb, hbm_gbps, bf16_tflops)")
+        _num(vals[k], f"hardware.gpu.{k}", positive=True)
+    return GPU(**vals)
+
+
+def _topology(obj: Any, gpu: GPU) -> TopologySpec:
+    if obj is None:
+        obj = "nvswitch" if gpu.nvlink_gbps else "pcie-tree"
+    if isinstance(obj, str):
+        obj = {"kind": obj}
+    d = _mapping(obj, "hardware.topology")
+    kind = d.get("kind")
+    if kind not in TOPOLOGY_KINDS:
+        raise UserError(f"hardware.topology.kind: unknown {kind!r} (expected one of {', '.join(TOPOLOGY_KINDS)})")
+    _only(d, TOPOLOGY_KEYS[kind] | {"kind"}, "hardware.topology")
+    params = default_topology_params(kind, gpu)
+    for k, v in d.items():
+        if k == "kind":
+            continue
+        integer = k in ("gpus_per_switch", "switches_per_bridge", "nodes")
+        positive = integer or k.endswith("gbps")
+        params[k] = _num(v, f"hardware.topology.{k}", positive=positive, nonneg=True, integer=integer)
+    return TopologySpec(kind, params)
+
+
+def _hardware(obj: Any) -> Hardware:
+    d = _mapping(obj, "hardware")
+    _only(d, {"gpu", "count", "topology"}, "hardware")
+    if "gpu" not in d:
+        raise UserError("hardware.gpu: missing")
+    gpu = _gpu(d["gpu"])
+    count = _num(d.get("count", 1), "hardware.count", positive=True, integer=True)
+    return Hardware(gpu, count, _topology(d.get("topology"), gpu))
+
+
+def _model(obj: Any) -> ModelShape:
+    if isinstance(obj, str):
+        obj = {"name": obj}
+    d = _mapping(obj, "model")
+    allowed = {f.name for f in fields(ModelShape)}
+    _only(d, allowed, "model")
+    name = d.get("name")
+    base = MODEL_CATALOG.get(name) if isinstance(name, str) else None
+    if base is None and set(d) <= {"name"}:
+        raise UserError(f"model.name: unknown model {name!r} (catalog: {', '.join(MODEL_CATALOG)}; "
+                        "or give an inline shape)")
+    vals: dict[str, Any] = dict(base.__dict__) if base else {"name": str(name or "custom")}
+    for k, v in d.items():
+        if k != "name":
+            vals[k] = _num(v, f"model.{k}", integer=True)
+    for k in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab"):
+        if k not in vals:
+            raise UserError(f"model.{k}: missing (an inline model needs layers, hidden, ffn, heads, kv_heads, vocab)")
+        if vals[k] <= 0:
+            raise UserError(f"model.{k}: must be > 0")
+    vals.setdefault("dtype_bytes", 2)
+    if vals["dtype_bytes"] <= 0:
+        raise UserError("model.dtype_bytes: must be > 0")
+    if vals.get("head_dim", 0) < 0:
+        raise UserError("model.head_dim: must be ≥ 0")
+    if not vals.get("head_dim") and vals["hidden"] % vals["heads"]:
+        raise UserError(f"model.heads: {vals['heads']} does not divide model.hidden {vals['hidden']}")
+    if vals["heads"] % vals["kv_heads"]:
+        raise UserError(f"model.kv_heads: {vals['kv_heads']} does not divide model.heads {vals['heads']}")
+    return ModelShape(**vals)
+
+
+def _workload(obj: Any) -> Workload:
+    d = _mapping(obj or {}, "workload")
+    _only(d, {"prompt_tokens", "new_tokens"}, "workload")
+    w = Workload()
+    return Workload(
+        prompt_tokens=_num(d.get("prompt_tokens", w.prompt_tokens), "workload.prompt_tokens", positive=True, integer=True),
+        new_tokens=_num(d.get("new_tokens", w.new_tokens), "workload.new_tokens", positive=True, integer=True))
+
+
+def _head(obj: Any) -> HeadSpec:
+    d = _mapping(obj or {}, "head")
+    _only(d, {f.name for f in fields(HeadSpec)}, "head")
+    h = HeadSpec()
+    placement = d.get("placement", h.placement)
+    if placement not in HEAD_PLACEMENTS:
+        raise UserError(f"head.placement: {placement!r} (expected one of {', '.join(HEAD_PLACEMENTS)})")
+    features = d.get("features", h.features)
+    if not isinstance(features, bool):
+        raise UserError("head.features: expected true or false")
+    return HeadSpec(placement=placement,
+                    layers=_num(d.get("layers", h.layers), "head.layers", nonneg=True, integer=True),
+                    features=features,
+                    checkpoints_per_stage=_num(d.get("checkpoints_per_stage", h.checkpoints_per_stage),
+                                               "head.checkpoints_per_stage", positive=True, integer=True))
+
+
+def _acceptance(obj: Any, base: Path | None) -> tuple[list[AcceptanceSpec], dict[int, AcceptanceSpec] | None]:
+    key = "sweep.acceptance"
+    if isinstance(obj, dict) and obj.get("kind") == "table":
+        _only(obj, {"kind", "values"}, key)
+        values = _mapping(obj.get("values"), f"{key}.values")
+        table = {}
+        for n, a in values.items():
+            n = _num(n, f"{key}.values", positive=True, integer=True)
+            spec = acc.iid(acc._check_alpha(a, f"{key}.values.{n}"))
+            table[n] = AcceptanceSpec("table", spec.alpha, label=spec.label)
+        return [], table
+    out: list[AcceptanceSpec] = []
+    for item in _list(obj):
+        if isinstance(item, dict):
+            kind = item.get("kind")
+            if kind == "iid":
+                _only(item, {"kind", "values"}, key)
+                out += [acc.iid(acc._check_alpha(a, key)) for a in _list(item.get("values"))]
+            elif kind == "markov":
+                _only(item, {"kind", "mean", "run_length"}, key)
+                if "mean" not in item:
+                    raise UserError(f"{key}.mean: missing (markov needs mean and run_length)")
+                out += [acc.markov(m, item.get("run_length", 1.0), key) for m in _list(item["mean"])]
+            elif kind == "replay":
+                _only(item, {"kind", "file", "sequence"}, key)
+                out.append(acc.replay(item.get("sequence"), item.get("file"), key, base))
+            else:
+                raise UserError(f"{key}.kind: {kind!r} (expected iid, table, markov or replay)")
+        else:
+            out.append(acc.iid(acc._check_alpha(item, key)))
+    if not out:
+        raise UserError(f"{key}: empty")
+    return out, None
+
+
+def _sweep(obj: Any, base: Path | None) -> Sweep:
+    d = _mapping(obj or {}, "sweep")
+    _only(d, {"stages", "partition", "acceptance", "schemes"}, "sweep")
+    stages = [_num(s, "sweep.stages", positive=True, integer=True) for s in _list(d.get("stages", [1, 2, 4]))]
+    parts = [str(p) for p in _list(d.get("partition", ["uniform"]))]
+    for p in parts:
+        if p not in PARTITIONERS:
+            raise UserError(f"sweep.partition: unknown {p!r} (expected one of {', '.join(PARTITIONERS)})")
+    schemes = [str(s) for s in _list(d.get("schemes", list(SCHEMES)))]
+    for s in schemes:
+        if s not in SCHEMES:
+            raise UserError(f"sweep.schemes: unknown {s!r} (expected one of {', '.join(SCHEMES)})")
+    accs, table = _acceptance(d.get("acceptance", [0.8]), base)
+    if table is not None:
+        missing = [n for n in stages if n not in table]
+        if missing and "spd" in schemes:
+            raise UserError(f"sweep.acceptance.values: no α for {missing[0]} stages")
+    if not stages or not parts or not schemes:
+        raise UserError("sweep: stages, partition and schemes must not be empty")
+    return Sweep(sorted(dict.fromkeys(stages)), list(dict.fromkeys(parts)), list(dict.fromkeys(schemes)),
+                 accs, table)
+
+
+def _costs(obj: Any) -> CostOverrides:
+    d = _mapping(obj or {}, "costs")
+    allowed = {f.name for f in fields(CostOverrides)}
+    _only(d, allowed, "costs")
+    vals = {}
+    for k, v in d.items():
+        if v is None:
+            continue
+        vals[k] = _num(v, f"costs.{k}", nonneg=True)
+        if k == "hbm_efficiency" and not 0 < vals[k] <= 1:
+            raise UserError(f"costs.hbm_efficiency: must be in (0, 1] (got {v})")
+    return CostOverrides(**vals)
+
+
+def _check_fit(s: Scenario) -> None:
+    """n ≤ layers, n (+1 for a dedicated head) ≤ GPUs, and the uniform partition fits in memory."""
+    m, hw = s.model, s.hardware
+    extra = 1 if s.head.placement == "dedicated" and "spd" in s.sweep.schemes else 0
+    for n in s.sweep.stages:
+        if n > m.layers:
+            raise UserError(f"sweep.stages: {n} > model.layers {m.layers}")
+        if n + (extra if n > 1 else 0) > hw.count:
+            what = f"{n} stages + a dedicated head" if extra and n > 1 else f"{n}"
+            raise UserError(f"sweep.stages: {what} > {hw.count} GPUs (hardware.count)")
+        base, rem = divmod(m.layers, n)
+        for i in range(n):
+            nl = base + (1 if i < rem else 0)
+            head_here = s.head.layers if (i == 0 and n > 1 and extra == 0 and "spd" in s.sweep.schemes) else 0
+            need = stage_memory_bytes(m, nl, i == 0, i == n - 1, s.max_ctx, head_here)
+            if not fits(need, hw.gpu) and (n > 1 or "pp" in s.sweep.schemes or "spd" in s.sweep.schemes):
+                raise UserError(f"sweep.stages: {n} stage(s) of {m.name} need {need / 1e9:.1f} GB on one "
+                                f"device, more than {hw.gpu.name}'s {hw.gpu.mem_gb:g} GB allows")
+    if "ar" in s.sweep.schemes and not s.ar_fits():
+        if s.sweep.schemes == ["ar"]:
+            raise UserError(f"sweep.schemes: ar needs {m.name} on one {hw.gpu.name}, and it does not fit")
+        s.notes.append(f"{m.name} does not fit one {hw.gpu.name}: no AR point, speedup_vs_ar left empty")
+
+
+def parse_scenario(text: str, name: str = "scenario", path: Path | None = None) -> Scenario:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{path or name}: not valid YAML{where}") from None
+    d = _mapping(data if data is not None else {}, "scenario")
+    _only(d, TOP_KEYS, "")
+    for k in ("hardware", "model"):
+        if k not in d:
+            raise UserError(f"{k}: missing")
+    base = path.parent if path else None
+    calibration = d.get("calibration")
+    if calibration is not None and not isinstance(calibration, str):
+        raise UserError("calibration: expected a file name or null")
+    seed = _num(d.get("seed", 0), "seed", nonneg=True, integer=True)
+    s = Scenario(name=str(d.get("name", name)), hardware=_hardware(d["hardware"]), model=_model(d["model"]),
+                 workload=_workload(d.get("workload")), head=_head(d.get("head")),
+                 sweep=_sweep(d.get("sweep"), base), costs=_costs(d.get("costs")),
+                 calibration=calibration, seed=seed, text=text, path=path)
+    _check_fit(s)
+    return s
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read scenario ({e.strerror})") from None
+    return parse_scenario(text, name=path.stem, path=path)

@@ -1,0 +1,26 @@
+"""The decoding schemes of DESIGN §2. All three run the same protocol (`spdsim.protocol.SpdController`)
+through the same first-device process (`spdsim.schemes.spd`); they differ in the window and in drafting:
+
+  ar   one stage on one device, window 1: plain autoregressive decoding
+  pp   n stages, window 1: one token in flight, stage 1 waits a full round trip per token
+  spd  n stages, window n, the speculative module drafts each next token (n = 1 is AR)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    window: Callable[[int], int]     # W for n stages
+    drafts: bool
+    single_device: bool = False
+
+
+from spdsim.schemes.ar import AR  # noqa: E402
+from spdsim.schemes.pp import PP  # noqa: E402
+from spdsim.schemes.spd import SPD  # noqa: E402
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (AR, PP, SPD)}

@@ -1,0 +1,228 @@
+"""Sweeps: simulate every point of a scenario, in one or several processes, and `spdsim run`.
+
+Public API (used by `executor validate` and `spdsim plan` too):
+  run_sweep(scenario, jobs=1, progress=None) -> pandas.DataFrame   one row per point, DESIGN §4 columns first
+  sweep_results(scenario, jobs=1, progress=None) -> list[PointResult]
+  results_frame(scenario, results) -> pandas.DataFrame
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pandas as pd
+
+from spdsim.engine import PointResult, plan_point, simulate_point
+from spdsim.errors import UserError
+from spdsim.metrics import speedup
+from spdsim.partition import Plan
+from spdsim.scenario import Point, Scenario, load_scenario
+from spdsim.trace import Trace, write_chrome_trace, write_trace
+
+COLUMNS = ["scenario", "scheme", "stages", "partition", "acceptance", "tokens_per_s", "ms_per_token",
+           "speedup_vs_pp", "speedup_vs_ar", "bubble_ratio", "waste_ratio", "acceptance_rate"]
+EXTRA = ["accepted", "rejected", "new_tokens", "window_ns", "acceptance_kind", "placement", "layers",
+         "head_device", "point_id"]
+
+
+def plans_for(scenario: Scenario, points: Iterable[Point]) -> dict[tuple[int, str], Plan]:
+    """One plan per (stages, partition): PP and SPD rows share it, so speedup_vs_pp compares like with like."""
+    plans: dict[tuple[int, str], Plan] = {}
+    for p in points:
+        key = (p.stages, p.partition)
+        if key not in plans:
+            plans[key] = plan_point(scenario, p)
+    return plans
+
+
+_WORKER_SCENARIO: Scenario | None = None
+
+
+def _init_worker(scenario: Scenario) -> None:
+    global _WORKER_SCENARIO
+    _WORKER_SCENARIO = scenario
+
+
+def _simulate_in_worker(point: Point, plan: Plan) -> PointResult:
+    assert _WORKER_SCENARIO is not None
+    return simulate_point(_WORKER_SCENARIO, point, plan=plan)
+
+
+def sweep_results(scenario: Scenario, jobs: int = 1,
+                  progress: Callable[[int, int], None] | None = None) -> list[PointResult]:
+    """Every point of the sweep, in the order of `scenario.points()` (independent of `jobs`)."""
+    points = scenario.points()
+    plans = plans_for(scenario, points)
+    results: list[PointResult | None] = [None] * len(points)
+    if jobs <= 1 or len(points) <= 1:
+        for i, p in enumerate(points):
+            results[i] = simulate_point(scenario, p, plan=plans[(p.stages, p.partition)])
+            if progress:
+                progress(i + 1, len(points))
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(scenario,)) as pool:
+            futures = {pool.submit(_simulate_in_worker, p, plans[(p.stages, p.partition)]): i
+                       for i, p in enumerate(points)}
+            for done, fut in enumerate(as_completed(futures), 1):
+                results[futures[fut]] = fut.result()
+                if progress:
+                    progress(done, len(points))
+    return [r for r in results if r is not None]
+
+
+def results_frame(scenario: Scenario, results: list[PointResult]) -> pd.DataFrame:
+    pp = {(r.point.stages, r.point.partition): r.metrics.tokens_per_s for r in results if r.point.scheme == "pp"}
+    ar = next((r.metrics.tokens_per_s for r in results if r.point.scheme == "ar"), None)
+    rows = []
+    for r in results:
+        m, p = r.metrics, r.point
+        row = {
+            "scenario": scenario.name, "scheme": p.scheme, "stages": p.stages, "partition": p.partition,
+            "acceptance": p.acceptance.value if p.acceptance is not None else None,
+            "tokens_per_s": m.tokens_per_s, "ms_per_token": m.ms_per_token,
+            "speedup_vs_pp": speedup(m.tokens_per_s, pp.get((p.stages, p.partition))),
+            "speedup_vs_ar": speedup(m.tokens_per_s, ar),
+            "bubble_ratio": m.bubble_ratio, "waste_ratio": m.waste_ratio, "acceptance_rate": m.acceptance_rate,
+            "accepted": m.accepted, "rejected": m.rejected, "new_tokens": m.new_tokens, "window_ns": m.window_ns,
+            "acceptance_kind": p.acceptance.kind if p.acceptance is not None else None,
+            "placement": ",".join(r.plan.placement), "layers": r.plan.layers_str(),
+            "head_device": r.plan.head_device, "point_id": p.point_id,
+        }
+        for s, u in enumerate(m.utilization):
+            row[f"utilization_{s}"] = u
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    util = sorted((c for c in df.columns if c.startswith("utilization_")), key=lambda c: int(c.split("_")[1]))
+    return df[COLUMNS + EXTRA + util]
+
+
+def run_sweep(scenario: Scenario, jobs: int = 1, progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
+    return results_frame(scenario, sweep_results(scenario, jobs, progress))
+
+
+# --- --trace selection ----------------------------------------------------------------------------
+
+def select_points(df: pd.DataFrame, select: str) -> list[str]:
+    """point_ids for --trace: 'all', 'best' (fastest SPD point) or 'key=value,...' filters on columns."""
+    select = select.strip()
+    if select == "all":
+        return list(df["point_id"])
+    if select == "best":
+        spd = df[df["scheme"] == "spd"]
+        pool = spd if len(spd) else df
+        return [pool.loc[pool["tokens_per_s"].idxmax(), "point_id"]]
+    mask = pd.Series(True, index=df.index)
+    for part in select.split(","):
+        if "=" not in part:
+            raise UserError(f"--trace: {part!r} is not key=value (or use 'all' / 'best')")
+        key, value = (x.strip() for x in part.split("=", 1))
+        if key not in df.columns:
+            raise UserError(f"--trace: unknown column {key!r}")
+
+        def match(v, value=value) -> bool:
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                return value in ("", "none")
+            try:
+                return math.isclose(float(v), float(value))
+            except (TypeError, ValueError):
+                return str(v) == value
+        mask &= df[key].map(match)
+    ids = list(df.loc[mask, "point_id"])
+    if not ids:
+        raise UserError(f"--trace: no point matches {select!r}")
+    return ids
+
+
+def write_timelines(scenario: Scenario, out: Path, point_ids: list[str]) -> list[Path]:
+    by_id = {p.point_id: p for p in scenario.points()}
+    written = []
+    for pid in point_ids:
+        r = simulate_point(scenario, by_id[pid], keep_events=True)   # deterministic: same as the sweep's
+        jsonl = write_trace(out / "timelines" / f"{pid}.jsonl", r.header, r.events or [])
+        write_chrome_trace(out / f"timeline_{pid}.json", Trace(r.header, r.events or []))
+        written.append(jsonl)
+    return written
+
+
+# --- the table -----------------------------------------------------------------------------------------
+
+def format_table(df: pd.DataFrame) -> str:
+    def f(v, fmt):
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+    rows = [("scheme", "n", "partition", "α", "tok/s", "ms/tok", "×PP", "×AR", "bubble", "waste", "accept", "placement")]
+    for _, r in df.iterrows():
+        acc = r["acceptance"]
+        rows.append((r["scheme"], str(r["stages"]), r["partition"],
+                     acc if isinstance(acc, str) else f(acc, ".2f"),
+                     f(r["tokens_per_s"], ".1f"), f(r["ms_per_token"], ".2f"), f(r["speedup_vs_pp"], ".2f"),
+                     f(r["speedup_vs_ar"], ".2f"), f(r["bubble_ratio"], ".3f"), f(r["waste_ratio"], ".3f"),
+                     f(r["acceptance_rate"], ".3f"), r["placement"] if r["partition"] == "comm_aware" else ""))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).rjust(w) if i not in (0, 2, 11) else str(c).ljust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _progress_bar(quiet: bool) -> Callable[[int, int], None] | None:
+    if quiet:
+        return None
+    t0 = time.time()
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / total)
+        sys.stderr.write(f"\rsimulating [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                         f"({time.time() - t0:.1f} s)")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`spdsim run SCENARIO.yaml [--out DIR] [--jobs N] [--quiet] [--no-plots] [--trace SELECT]`"""
+    scenario = load_scenario(args.scenario)
+    if args.jobs < 1:
+        raise UserError("--jobs: must be ≥ 1")
+    out = Path(args.out) if args.out else Path("reports") / Path(args.scenario).stem
+    quiet = bool(args.quiet)
+    for note in scenario.notes:
+        if not quiet:
+            print(f"spdsim: note: {note}", file=sys.stderr)
+    if scenario.calibration and not quiet:
+        print(f"spdsim: note: calibration {scenario.calibration!r} is not loaded yet (roofline costs used)",
+              file=sys.stderr)
+    results = sweep_results(scenario, args.jobs, _progress_bar(quiet))
+    df = results_frame(scenario, results)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "results.csv", index=False)
+    src = Path(args.scenario)
+    try:
+        shutil.copyfile(src, out / "scenario.yaml")
+    except shutil.SameFileError:
+        pass
+    if getattr(args, "trace", None):
+        written = write_timelines(scenario, out, select_points(df, args.trace))
+        if not quiet:
+            print(f"spdsim: wrote {len(written)} timeline(s) under {out}/timelines/", file=sys.stderr)
+    if not quiet:
+        print(format_table(df))
+        print(f"\nwrote {out / 'results.csv'} ({len(df)} points)")
+    if not getattr(args, "no_plots", False):
+        try:
+            from spdsim.report import write_report
+        except ModuleNotFoundError as e:
+            if e.name != "spdsim.report":
+                raise
+            if not quiet:
+                print("spdsim: note: spdsim.report is not available; no plots written", file=sys.stderr)
+        else:
+            write_report(out)
+    return 0
