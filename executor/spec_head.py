@@ -133,9 +133,10 @@ class SpecHead(nn.Module):
         self.grad_checkpoint = False
 
     # --- input rows ----------------------------------------------------------------------------
-    def row(self, ckpts: Tensor, depth: int) -> Tensor:
+    def row(self, ckpts: Tensor, depth: int, normed: bool = False) -> Tensor:
         """ckpts [..., ≥ depth+1, dim] → the input row of a position at `depth`: [..., dim]."""
-        return self.proj[depth](_rms(ckpts[..., : depth + 1, :], self.cfg.norm_eps).flatten(-2))
+        x = ckpts[..., : depth + 1, :]
+        return self.proj[depth]((x if normed else _rms(x, self.cfg.norm_eps)).flatten(-2))
 
     # --- training: all positions in parallel ----------------------------------------------------
     def forward(self, ckpts: Tensor, tokens: Tensor | None = None) -> Tensor:
@@ -295,7 +296,7 @@ class HeadDrafter(Drafter):
         self.n = head.cfg.stages
         self.embed = target.tok_embeddings
         L = head.cfg.max_seq_len
-        self.feats = torch.zeros(L, self.n + 1, head.cfg.dim)
+        self.feats = torch.zeros(L, self.n + 1, head.cfg.dim)     # RMS-normed on arrival, as in training
         self.have = torch.zeros(L, self.n + 1, dtype=torch.bool)
         self.stable = 0           # the module's KV cache holds final (depth-n) rows for positions < stable
         self.last_logits: Tensor | None = None
@@ -309,17 +310,20 @@ class HeadDrafter(Drafter):
         self.head.setup_cache()
         for depth, h in (features or {}).items():
             h = h.reshape(-1, self.head.cfg.dim)
-            self.feats[: len(h), depth] = h
+            self.feats[: len(h), depth] = self._norm(h)
             self.have[: len(h), depth] = True
         toks = torch.tensor(prompt_tokens, dtype=torch.long)
-        self.feats[: len(toks), 0] = self.embed.weight[toks]
+        self.feats[: len(toks), 0] = self._norm(self.embed.weight[toks])
         self.have[: len(toks), 0] = True
 
     def add_features(self, depth: int, position: int, hidden: Tensor) -> None:
         """`position`'s hidden state at `depth` (0: embedding, s: stage s's output, n: the final hidden
         state before the norm)."""
-        self.feats[position, depth] = hidden.reshape(-1)
+        self.feats[position, depth] = self._norm(hidden.reshape(-1))
         self.have[position, depth] = True
+
+    def _norm(self, h: Tensor) -> Tensor:
+        return _rms(h.detach().float(), self.head.cfg.norm_eps)
 
     def rollback(self, position: int) -> None:
         """Positions ≥ `position` are void (a rejection)."""
@@ -330,21 +334,20 @@ class HeadDrafter(Drafter):
     def logits(self, position: int, token: int) -> Tensor:
         """The module's logits for the token at position+1, drafted as `position` enters stage 1."""
         q, n = position, self.n
-        self.feats[q, 0] = self.embed.weight[token]
+        self.feats[q, 0] = self._norm(self.embed.weight[token])
         self.have[q, 0] = True
         spd = self.head.cfg.kind == "spd"
         # spd: recompute from the first position not yet final in the cache; window: the n + 1 newest.
         first = max(0, min(self.stable, q - n) if spd else q - n)
-        js = torch.arange(first, q + 1)
-        depth = (q - js).clamp(max=n)
-        if not bool(self.have[js, depth].all()):
-            missing = [(int(j), int(d)) for j, d in zip(js, depth) if not self.have[j, d]]
-            raise RuntimeError(f"drafting at position {q}: features (position, depth) {missing[:4]} not delivered")
-        rows = torch.empty(len(js), self.head.cfg.dim)
-        for d in range(n + 1):
-            sel = depth == d
-            if sel.any():
-                rows[sel] = self.head.row(self.feats[js[sel]], d)
+        # rows in position order: depth n for first..q-n (final), then one row each at depth n-1..0
+        stable_end = max(first, q - n + 1)
+        if not (bool(self.have[first:stable_end, n].all())
+                and all(bool(self.have[q - d, d]) for d in range(min(n, q - first + 1)))):
+            raise RuntimeError(f"drafting at position {q}: the features at depth min({q} - j, {n}) of some "
+                               f"position j in [{first}, {q}] were not delivered")
+        parts = [self.head.row(self.feats[first:stable_end], n, normed=True)] if stable_end > first else []
+        parts += [self.head.row(self.feats[q - d], d, normed=True)[None] for d in range(min(n, q - first + 1) - 1, -1, -1)]
+        rows = torch.cat(parts)
         out = self.head.step(rows[None], first)
         if spd:   # positions ≤ q - n were written at depth n; later ones are transient
             self.stable = max(0, q - n + 1)
