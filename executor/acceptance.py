@@ -22,7 +22,7 @@ from executor.data import load_corpus
 from executor.model import Stage, Transformer, uniform_partition
 from executor.spec_head import (HeadConfig, HeadDrafter, SpecHead, build_drafter, load_drafter, save_drafter,
                                 target_checkpoints)
-from executor.train_head import TrainHeadConfig, resolve_target, train_drafters
+from executor.train_head import TrainHeadConfig, resolve_target, target_id, train_drafters
 
 DRAFTERS = ("spd", "k-ahead", "window", "early-exit", "early-exit-raw")
 WEIGHTS = Path(__file__).parent / "weights"
@@ -71,6 +71,7 @@ def obtain_drafters(target: Transformer, target_path: Path, stages: list[int], o
     """Loads each drafter from its file when it was trained against this target with the same budget;
     trains the missing ones in lockstep (same batches, same steps) and saves them."""
     found, missing = {}, []
+    tid = target_id(target_path)
     for n in stages:
         for kind in DRAFTERS:
             hc = HeadConfig.for_target(target.cfg, n, kind=kind, n_layers=tc.n_layers)
@@ -80,7 +81,7 @@ def obtain_drafters(target: Transformer, target_path: Path, stages: list[int], o
             path = _drafter_path(kind, n, out, heads)
             meta = json.loads(Path(str(path) + ".json").read_text()) if Path(str(path) + ".json").exists() else {}
             same = (meta.get("steps"), meta.get("seed"), meta.get("batch"), meta.get("seq")) == (tc.steps, tc.seed, tc.batch, tc.seq)
-            if same and Path(meta.get("target", "")).name == target_path.name:
+            if same and meta.get("target_id") == tid:
                 found[(kind, n)] = load_drafter(path)
                 log(f"{kind} n={n}: {path}")
             else:
@@ -90,7 +91,7 @@ def obtain_drafters(target: Transformer, target_path: Path, stages: list[int], o
         for run in train_drafters(target, missing, tc, log):
             path = _drafter_path(run.cfg.kind, run.cfg.stages, out, heads)
             save_drafter(run.module, path, {
-                "target": str(target_path), "seed": tc.seed, "steps": tc.steps, "batch": tc.batch, "seq": tc.seq,
+                "target": str(target_path), "target_id": tid, "seed": tc.seed, "steps": tc.steps, "batch": tc.batch, "seq": tc.seq,
                 "lr": tc.lr, "train_minutes": round(run.seconds / 60, 2),
                 "final_train_kl": round(float(np.mean(run.losses[-25:])), 4),
                 "command": f"executor train-head --stages {run.cfg.stages} --kind {run.cfg.kind} --model {target_path} "

@@ -357,6 +357,13 @@ class HeadDrafter(Drafter):
     def draft(self, position: int, token: int) -> int:
         return int(self.logits(position, token).argmax())
 
+    def sample(self, position: int, token: int, temperature: float,
+               generator: torch.Generator | None = None) -> tuple[int, Tensor]:
+        """For temperature > 0: (a draft sampled from the module's distribution q, q itself); the verifier
+        then applies `speculative_accept` with the target's distribution p at the same temperature."""
+        q = torch.softmax(self.logits(position, token).float() / temperature, -1)
+        return int(torch.multinomial(q, 1, generator=generator)), q
+
 
 def load_head_drafter(path: str | Path, model: Transformer, stages: int) -> HeadDrafter:
     """`executor run --draft head:PATH`: the module must have been trained for this target and n."""

@@ -28,8 +28,8 @@ DEFAULT_TINY = Path(__file__).parent / "weights" / "tiny.safetensors"
 class TrainHeadConfig:
     stages: int
     kind: str = "spd"
-    steps: int = 300
-    batch: int = 8
+    steps: int = 200
+    batch: int = 4
     seq: int = 256
     lr: float = 2e-3
     warmup: int = 20
@@ -44,6 +44,17 @@ def resolve_target(model: str | Path) -> tuple[Transformer, Path]:
     """`tiny` → the committed checkpoint; anything else is a checkpoint path."""
     path = DEFAULT_TINY if str(model) == "tiny" else Path(model)
     return load_checkpoint(path).eval(), path
+
+
+def target_id(path: Path) -> str:
+    """A fingerprint of the target's weights: a drafter is only valid for the exact target it learned."""
+    import hashlib
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def first_valid(cfg: HeadConfig) -> int:
@@ -119,7 +130,7 @@ def train_head(model: str | Path, out: Path, tc: TrainHeadConfig, log=print) -> 
     target, tpath = resolve_target(model)
     hc = HeadConfig.for_target(target.cfg, tc.stages, kind=tc.kind, n_layers=tc.n_layers)
     (run,) = train_drafters(target, [hc], tc, log)
-    meta = {"target": str(tpath), "seed": tc.seed, "steps": tc.steps, "batch": tc.batch, "seq": tc.seq, "lr": tc.lr,
+    meta = {"target": str(tpath), "target_id": target_id(tpath), "seed": tc.seed, "steps": tc.steps, "batch": tc.batch, "seq": tc.seq, "lr": tc.lr,
             "train_minutes": round(run.seconds / 60, 2),
             "final_train_kl": round(float(np.mean(run.losses[-25:])), 4) if run.losses else None,
             "final_train_greedy_acc": round(float(np.mean(run.accs[-25:])), 4) if run.accs else None,
