@@ -107,8 +107,7 @@ def plot_speedup_vs_n(df: pd.DataFrame, path: Path) -> Path | None:
     colors, markers = alpha_colors(alphas), scheme_markers(spec["scheme"].unique())
     base = baselines(df)
     has_ar = df["speedup_vs_ar"].notna().any()
-    n_max = int(df["stages"].max())
-    n_grid = np.arange(1, n_max + 1)
+    n_grid = np.linspace(1, int(df["stages"].max()), 200)   # the closed form, drawn as a smooth curve
 
     cols = len(partitions)
     fig = Figure(figsize=(4.2 * cols + 2.2, 7.5), layout="constrained")
@@ -124,7 +123,7 @@ def plot_speedup_vs_n(df: pd.DataFrame, path: Path) -> Path | None:
                         ha="center", va="center", transform=ax.transAxes, color="gray")
             for a in alphas:
                 # The closed form of DESIGN §2 (free links and head, equal stages): the ceiling to compare to.
-                ax.plot(n_grid, [ideal_spd_speedup(int(n), a) for n in n_grid], ls="--", lw=1,
+                ax.plot(n_grid, [ideal_spd_speedup(n, a) for n in n_grid], ls="--", lw=1,
                         color=colors[a], alpha=0.7)
                 for scheme, m in markers.items():
                     pts = best(sub[(sub["acceptance"] == a) & (sub["scheme"] == scheme)].dropna(subset=[col]),
@@ -161,7 +160,7 @@ def plot_bubble_vs_n(df: pd.DataFrame, path: Path) -> Path | None:
     spec, base = speculative(df), baselines(df)
     alphas = sorted(spec["acceptance"].unique())
     colors, markers = alpha_colors(alphas), scheme_markers(spec["scheme"].unique())
-    n_grid = np.arange(1, int(df["stages"].max()) + 1)
+    n_grid = np.linspace(1, int(df["stages"].max()), 200)
 
     fig = Figure(figsize=(12, 5), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)

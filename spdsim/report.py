@@ -26,6 +26,8 @@ REQUIRED_COLUMNS = ("scenario", "scheme", "stages", "partition", "acceptance", "
                     "speedup_vs_pp", "speedup_vs_ar", "bubble_ratio", "waste_ratio", "acceptance_rate")
 NUMERIC_COLUMNS = ("stages", "acceptance", "tokens_per_s", "ms_per_token", "speedup_vs_pp", "speedup_vs_ar",
                    "bubble_ratio", "waste_ratio", "acceptance_rate", "accepted", "rejected")
+TEXT_COLUMNS = ("scenario", "scheme", "partition", "placement", "point_id")
+INTEGER_COLUMNS = ("stages", "accepted", "rejected", "new_tokens", "window_ns", "prompt_tokens")
 GANTT_TICKS = 36
 
 
@@ -45,15 +47,16 @@ def load_results(path: Path) -> pd.DataFrame:
     if raw.empty:
         raise UserError(f"{path}: no rows")
     df = raw.copy()
-    numeric = [c for c in df.columns if c in NUMERIC_COLUMNS or c.startswith("utilization_")]
-    for col in numeric:
+    for col in [c for c in df.columns if c not in TEXT_COLUMNS]:
         text = raw[col].str.strip()
         values = pd.to_numeric(text.where(text != ""), errors="coerce")
         bad = values.isna() & (text != "") & ~text.str.lower().isin(("nan", "none", "null"))
-        if bad.any():
+        if not bad.any():
+            if values.notna().any() or col in NUMERIC_COLUMNS or col.startswith("utilization_"):
+                df[col] = values.astype(float)   # an extra column is numeric when all its values are
+        elif col in NUMERIC_COLUMNS or col.startswith("utilization_"):
             row = int(bad.idxmax())
             raise UserError(f"{path}: column {col}, row {row + 2}: {raw[col][row]!r} is not a number")
-        df[col] = values.astype(float)
     for col in ("stages", "tokens_per_s"):
         if df[col].isna().any():
             raise UserError(f"{path}: column {col}, row {int(df[col].isna().idxmax()) + 2}: empty")
@@ -168,7 +171,7 @@ def _fmt(value, col: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):
-        if col == "stages" or (value.is_integer() and col in ("accepted", "rejected")):
+        if col in INTEGER_COLUMNS and value.is_integer():
             return str(int(value))
         if abs(value) >= 100:
             return f"{value:,.1f}"
@@ -224,7 +227,7 @@ def render_html(df: pd.DataFrame, report: Report, scenario_text: str | None) -> 
 
     if alphas:
         best = best_per_alpha(df)
-        cols = ["α"] + [c for c in ("scheme", "stages", "partition", "placement", "tokens_per_s", "ms_per_token",
+        cols = ["α"] + [c for c in ("scheme", "stages", "partition", "placement", "head_device", "tokens_per_s", "ms_per_token",
                                     "speedup_vs_pp", "speedup_vs_ar", "bubble_ratio", "waste_ratio")
                         if c in best.columns]
         parts += ["<h2>Best configuration per acceptance rate α</h2>",
@@ -242,7 +245,8 @@ def render_html(df: pd.DataFrame, report: Report, scenario_text: str | None) -> 
         parts += ["<h2>Timelines</h2>",
                   "<p class='note'>Gantt charts of the first ticks. The full timelines are Chrome trace JSON: "
                   "open them in Perfetto (ui.perfetto.dev → Open trace file) or chrome://tracing; one process "
-                  "per device, one track per stage, link and speculative module.</p>"]
+                  "per device (a track per stage and the speculative module) and an interconnect process "
+                  "with a track per link.</p>"]
         for tl in report.timelines:
             if tl.error:
                 parts.append(f"<p class='err'>{html.escape(tl.point)}: {html.escape(tl.error)}</p>")

@@ -156,8 +156,13 @@ def read_trace(path: str | Path) -> Trace:
 
 
 # --- Chrome / Perfetto export ------------------------------------------------------------------
-# One process per device, one thread (track) per stage / link / the speculative module.
+# One process per device, one thread (track) per stage / the speculative module on it; named links
+# (the topology's hops) get one track each in an "interconnect" process, so every message that shares a
+# link, whichever stage sent it, lands on the same track and contention shows.
 # Useful and discarded compute get different names and colours; flush and verify are instant events.
+
+INTERCONNECT = "interconnect"
+
 
 def _track(ev: TraceEvent) -> tuple[str, int]:
     """(track name, sort index): stages in pipeline order, then the module, links, control."""
@@ -183,7 +188,7 @@ def to_chrome_trace(trace: Trace) -> dict[str, Any]:
             out.append({"ph": "M", "name": "process_name", "pid": pids[device], "tid": 0,
                         "args": {"name": device}})
             out.append({"ph": "M", "name": "process_sort_index", "pid": pids[device], "tid": 0,
-                        "args": {"sort_index": pids[device]}})
+                        "args": {"sort_index": 10_000 if device == INTERCONNECT else pids[device]}})
         pid, (name, order) = pids[device], track
         if (pid, name) not in tids:
             tids[(pid, name)] = len(tids) + 1
@@ -194,7 +199,7 @@ def to_chrome_trace(trace: Trace) -> dict[str, Any]:
         return pid, tids[(pid, name)]
 
     for ev in trace.events:
-        pid, tid = ids(ev.device, _track(ev))
+        pid, tid = ids(INTERCONNECT if ev.kind == "send" and ev.name else ev.device, _track(ev))
         args: dict[str, Any] = {"position": ev.position, "stage": ev.stage, "phase": ev.phase}
         if ev.bytes:
             args["bytes"] = ev.bytes

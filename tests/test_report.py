@@ -179,10 +179,14 @@ def test_perfetto_json_has_one_complete_event_per_compute(reported: Path):
     assert all("discarded" in e["name"] for e in discarded)
     assert all("discarded" not in e["name"] for e in complete if e not in discarded)
     # one process per device, named after it; one track per stage / link / module
-    processes = {e["args"]["name"] for e in evs if e["ph"] == "M" and e["name"] == "process_name"}
-    assert {f"gpu{s}" for s in range(4)} <= processes
-    tracks = {e["args"]["name"] for e in evs if e["ph"] == "M" and e["name"] == "thread_name"}
-    assert {f"stage {s}" for s in range(4)} | {"speculative module", "link 0->1"} <= tracks
+    processes = {e["pid"]: e["args"]["name"] for e in evs if e["ph"] == "M" and e["name"] == "process_name"}
+    assert {f"gpu{s}" for s in range(4)} | {"interconnect"} <= set(processes.values())
+    tracks = {(processes[e["pid"]], e["args"]["name"]) for e in evs if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {(f"gpu{s}", f"stage {s}") for s in range(4)} <= tracks
+    assert ("gpu0", "speculative module") in tracks
+    assert {("interconnect", f"link {s}->{s + 1}") for s in range(3)} <= tracks
+    sends = [e for e in evs if e["ph"] == "X" and e["cat"] == "send"]
+    assert len(sends) == sum(e.kind == "send" for e in trace.events)
     instants = [e for e in evs if e["ph"] == "i"]
     assert any(e["name"] == "flush" for e in instants)
     assert any(e["name"] == "verify reject" for e in instants)
