@@ -74,7 +74,8 @@ def _rows(trace: Trace, events: list[TraceEvent]) -> list[tuple[str, str]]:
         # One row for every transfer: a topology with a switch has 2n hops, and a row per hop would
         # drown the stages. The Perfetto timeline keeps one track per link.
         rows.append(("links", "link transfers"))
-    rows.append(("control", "verify"))
+    if any(e.kind in ("verify", "flush") for e in trace.events):
+        rows.append(("control", "verify"))
     return rows
 
 
@@ -89,7 +90,7 @@ def _row_of(ev: TraceEvent) -> str:
 
 
 def draw_gantt(trace: Trace, path: str | Path, ticks: int = 36, label: str = "") -> Path:
-    """Draw the first `ticks` ticks of stage 0 (and everything that overlaps them) to a PNG."""
+    """Draw the first `ticks` ticks (see `first_ticks`) and everything that overlaps them to a PNG."""
     from matplotlib import colormaps
 
     path = Path(path)
@@ -137,15 +138,16 @@ def draw_gantt(trace: Trace, path: str | Path, ticks: int = 36, label: str = "")
     ax.set_xlabel(f"time since the first decode tick ({unit})")
     ax.grid(True, axis="x", alpha=0.3)
     h = trace.header
-    ax.set_title(f"{label + ': ' if label else ''}{h.scheme}, {h.stages} stages — first {ticks} ticks of "
-                 f"stage 0 (cells: token position)", fontsize=10)
+    ax.set_title(f"{label + ': ' if label else ''}{h.scheme}, {h.stages} stages — the first {ticks} ticks "
+                 f"(cells: token position)", fontsize=10)
     legend = [Patch(facecolor=palette(0.025), edgecolor="black", label="useful compute (colour = position)"),
               Patch(facecolor=DISCARD_FACE, edgecolor=DISCARD_EDGE, hatch="////", label="discarded compute"),
-              Patch(facecolor="#b0b0b0", edgecolor="#707070", label="link transfer"),
-              Line2D([], [], marker="^", color="tab:green", ls="none", label="draft accepted"),
-              Line2D([], [], marker="x", color="tab:red", ls="none", mew=2, label="draft rejected"),
-              Line2D([], [], color=DISCARD_EDGE, ls="--", label="flush")]
-    fig.legend(handles=legend, loc="outside lower center", ncols=6, fontsize=8)
+              Patch(facecolor="#b0b0b0", edgecolor="#707070", label="link transfer")]
+    if "control" in y_of:
+        legend += [Line2D([], [], marker="^", color="tab:green", ls="none", label="draft accepted"),
+                   Line2D([], [], marker="x", color="tab:red", ls="none", mew=2, label="draft rejected"),
+                   Line2D([], [], color=DISCARD_EDGE, ls="--", label="flush")]
+    fig.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     return path

@@ -266,6 +266,16 @@ def test_gantt_window_under_pp_counts_ticks_not_tokens():
     assert win.end_ns - win.start_ns == 10 * 1_000_000
 
 
+def test_gantt_rows_follow_the_trace(tmp_path: Path):
+    from spdsim.trace import Trace
+    spd_h, spd = synthetic_spd_trace(n=4)
+    pp_h, pp = synthetic_spd_trace(n=4, window=1)
+    spd_png = gantt.draw_gantt(Trace(spd_h, spd), tmp_path / "spd.png")
+    pp_png = gantt.draw_gantt(Trace(pp_h, pp), tmp_path / "pp.png")
+    # PP has neither the speculative module's row nor the verify row: two rows shorter
+    assert png_size(spd_png)[1] - png_size(pp_png)[1] == round(2 * 0.55 * gantt.DPI)
+
+
 def test_cli_report_missing_dir_exits_2(tmp_path: Path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
