@@ -118,23 +118,63 @@ class RooflineCosts:
         return nbytes / bandwidth, latency
 
 
+@dataclass(frozen=True)
+class StageMemory:
+    """One device's memory, by what it holds (bytes)."""
+    weights: int          # the stage's layers, plus the embedding / final norm + LM head where it has them
+    kv_cache: int         # its layers' K and V for max_ctx tokens
+    activations: int      # transient buffers of one layer's forward over the prefill chunk (+ logits)
+    draft: int            # the speculative module's layers, its KV cache and its vocab projection
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.draft
+
+
+def activation_bytes(model: ModelShape, tokens: int, last: bool) -> int:
+    """Peak transient memory of one layer's forward over `tokens` positions at once (the prefill chunk):
+    residual, q / k / v / attention output, the MLP's gate / up / product, and eager attention scores
+    (heads × tokens², fp32); the last stage adds fp32 logits for one position. Layers run one after
+    another, so this does not grow with the stage's layer count."""
+    if tokens <= 0:
+        return 0
+    m = model
+    per_token = 2 * m.hidden + 2 * m.heads * m.hd + 2 * m.kv_heads * m.hd + 3 * m.ffn
+    b = tokens * per_token * m.dtype_bytes + 4 * m.heads * tokens * tokens
+    if last:
+        b += 4 * m.vocab
+    return b
+
+
+def stage_memory(model: ModelShape, n_layers: int, first: bool, last: bool, max_ctx: int,
+                 head_layers: int = 0, prefill_tokens: int = 0) -> StageMemory:
+    """Weights + KV cache for max_ctx tokens on one stage's device (+ activations for a prefill of
+    prefill_tokens; 0 leaves them out); head_layers > 0 when the speculative module (its layers and its
+    own vocab projection) lives there too."""
+    kv_layer = max_ctx * model.kv_bytes_per_token_layer()
+    weights = n_layers * model.layer_bytes
+    if first:
+        weights += model.embed_bytes
+    if last:
+        weights += model.lm_head_bytes
+    draft = head_layers * (model.layer_bytes + kv_layer) + model.lm_head_bytes if head_layers else 0
+    return StageMemory(weights, n_layers * kv_layer, activation_bytes(model, prefill_tokens, last), draft)
+
+
 def stage_memory_bytes(model: ModelShape, n_layers: int, first: bool, last: bool, max_ctx: int,
                        head_layers: int = 0) -> int:
-    """Weights + KV cache for max_ctx tokens on one stage's device; head_layers > 0 when the speculative
-    module (its layers and its own vocab projection) lives there too."""
-    b = n_layers * (model.layer_bytes + max_ctx * model.kv_bytes_per_token_layer())
-    if first:
-        b += model.embed_bytes
-    if last:
-        b += model.lm_head_bytes
-    if head_layers:
-        b += head_layers * (model.layer_bytes + max_ctx * model.kv_bytes_per_token_layer()) + model.lm_head_bytes
-    return b
+    """Weights + KV cache (+ a co-located speculative module): `stage_memory(...).total` without activations."""
+    return stage_memory(model, n_layers, first, last, max_ctx, head_layers).total
 
 
 # A device keeps this fraction of its memory for the CUDA context, allocator slack and workspaces.
 MEMORY_RESERVE = 0.1
 
 
-def fits(nbytes: int, gpu: GPU) -> bool:
-    return nbytes <= gpu.mem_gb * 1e9 * (1.0 - MEMORY_RESERVE)
+def usable_bytes(gpu: GPU, reserve: float = MEMORY_RESERVE) -> float:
+    """What a device can give to weights, caches and activations after the headroom `reserve`."""
+    return gpu.mem_gb * 1e9 * (1.0 - reserve)
+
+
+def fits(nbytes: int, gpu: GPU, reserve: float = MEMORY_RESERVE) -> bool:
+    return nbytes <= usable_bytes(gpu, reserve)

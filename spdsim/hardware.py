@@ -44,6 +44,17 @@ GPU_CATALOG: dict[str, GPU] = {
                 nvlink_gbps=0, pcie_gbps=32, link_latency_us=10.0),
 }
 
+# Hourly on-demand price per GPU (USD), for `spdsim plan`'s cost ranking; `--price GPU=USD` overrides.
+# ASSUMED figures, not quotes: the middle of the "specialty cloud" on-demand ranges of a May-2026 survey
+# (mercatus-ai.com/blog/cloud-gpu-pricing: A100 80GB $1.10–1.50, H100 SXM $2.50–3.50, H200 $3.50–4.50).
+# L40S is not in that survey: $1.00 is a guess (below A100, as rental guides place it). Prices move weekly.
+GPU_HOURLY_USD: dict[str, float] = {
+    "a100-80gb-sxm": 1.30,
+    "h100-sxm": 3.00,
+    "h200": 4.00,
+    "l40s": 1.00,
+}
+
 TOPOLOGY_KINDS = ("full", "nvswitch", "pcie-tree", "ring", "multi-node")
 
 # Keys each topology kind accepts (besides `kind`); see `build_topology` for their meaning.
