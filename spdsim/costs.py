@@ -40,6 +40,11 @@ class CostOverrides:
     msg_overhead_ms: float = 0.0
     hbm_efficiency: float = HBM_EFFICIENCY
     layer_overhead_us: float = LAYER_OVERHEAD_US
+    # Per-cycle phases of the synchronous-cycle layout (scheme spd_dedicated); verify_ms also per SD step.
+    verify_ms: float | None = None     # final norm + LM head + compare on rank 0 (default: lm_head_s)
+    control_ms: float = 0.0            # build + broadcast the control message (links' latency on top)
+    sync_ms: float = 0.0               # wait for outstanding point-to-point operations
+    draft_ms: float | None = None      # one draft of the speculative module (default: head_s)
 
 
 class CostModel(Protocol):
@@ -100,6 +105,16 @@ class RooflineCosts:
         if self.overrides.head_ms is not None:
             return self.overrides.head_ms * 1e-3
         return self.head_layers * self.layer_s(-1, ctx) + self.lm_head_s()
+
+    def verify_s(self) -> float:
+        if self.overrides.verify_ms is not None:
+            return self.overrides.verify_ms * 1e-3
+        return self.lm_head_s()
+
+    def draft_s(self, ctx: int) -> float:
+        if self.overrides.draft_ms is not None:
+            return self.overrides.draft_ms * 1e-3
+        return self.head_s(ctx)
 
     def stage_s(self, stage: int, first_layer: int, last_layer: int, ctx: int,
                 first: bool, last: bool) -> float:
