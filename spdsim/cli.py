@@ -42,13 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("scenario", type=Path, metavar="SCENARIO.yaml")
     r.add_argument("--out", type=Path, default=None, help="output directory (default: reports/<scenario name>/)")
     r.add_argument("--jobs", type=int, default=1, help="simulate sweep points in N processes (default 1)")
+    r.add_argument("--dask", default=None, metavar="ADDRESS",
+                   help="simulate on a Dask distributed cluster (scheduler address; needs the dask extra)")
     r.add_argument("--quiet", action="store_true", help="print no table and no progress")
     r.add_argument("--no-plots", action="store_true", help="write results.csv only, no plots or HTML")
     r.add_argument("--trace", default=None, metavar="SELECT",
                    help="keep timelines for selected points: 'all', 'best', or 'scheme=spd,stages=4,...'")
     r.set_defaults(func=_cmd_run)
 
-    rep = sub.add_parser("report", help="(re)draw plots and the HTML summary from DIR/results.csv")
+    rep = sub.add_parser("report", help="(re)draw plots and the HTML summary from DIR/results.csv",
+                         description="(Re)draw DIR's report from DIR/results.csv: speedup_vs_n.png, "
+                                     "bubble_vs_n.png, tokens_per_s.png, utilization.png; for every "
+                                     "DIR/timelines/<point>.jsonl a Perfetto timeline_<point>.json and a "
+                                     "gantt_<point>.png; and DIR/index.html, which links them all.")
     rep.add_argument("dir", type=Path, metavar="DIR")
     rep.set_defaults(func=_cmd_report)
 
