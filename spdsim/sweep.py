@@ -1,8 +1,8 @@
 """Sweeps: simulate every point of a scenario, in one or several processes, and `spdsim run`.
 
 Public API (used by `executor validate` and `spdsim plan` too):
-  run_sweep(scenario, jobs=1, progress=None) -> pandas.DataFrame   one row per point, DESIGN §4 columns first
-  sweep_results(scenario, jobs=1, progress=None) -> list[PointResult]
+  run_sweep(scenario, jobs=1, progress=None, dask=None) -> pandas.DataFrame   one row per point, DESIGN §4 columns first
+  sweep_results(scenario, jobs=1, progress=None, dask=None) -> list[PointResult]
   results_frame(scenario, results) -> pandas.DataFrame
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ import math
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -21,6 +20,7 @@ import pandas as pd
 from spdsim.engine import PointResult, plan_point, simulate_point
 from spdsim.errors import UserError
 from spdsim.metrics import speedup
+from spdsim.parallel import run_tasks
 from spdsim.partition import Plan
 from spdsim.scenario import Point, Scenario, load_scenario
 from spdsim.trace import Trace, write_chrome_trace, write_trace
@@ -41,39 +41,19 @@ def plans_for(scenario: Scenario, points: Iterable[Point]) -> dict[tuple[int, st
     return plans
 
 
-_WORKER_SCENARIO: Scenario | None = None
-
-
-def _init_worker(scenario: Scenario) -> None:
-    global _WORKER_SCENARIO
-    _WORKER_SCENARIO = scenario
-
-
-def _simulate_in_worker(point: Point, plan: Plan) -> PointResult:
-    assert _WORKER_SCENARIO is not None
-    return simulate_point(_WORKER_SCENARIO, point, plan=plan)
+def _simulate_task(scenario: Scenario, point: Point, plan: Plan) -> PointResult:
+    return simulate_point(scenario, point, plan=plan)
 
 
 def sweep_results(scenario: Scenario, jobs: int = 1,
-                  progress: Callable[[int, int], None] | None = None) -> list[PointResult]:
-    """Every point of the sweep, in the order of `scenario.points()` (independent of `jobs`)."""
+                  progress: Callable[[int, int], None] | None = None,
+                  dask: str | None = None) -> list[PointResult]:
+    """Every point of the sweep, in the order of `scenario.points()` (independent of `jobs` and of
+    where the points ran: in this process, in `jobs` local processes or on a Dask cluster)."""
     points = scenario.points()
     plans = plans_for(scenario, points)
-    results: list[PointResult | None] = [None] * len(points)
-    if jobs <= 1 or len(points) <= 1:
-        for i, p in enumerate(points):
-            results[i] = simulate_point(scenario, p, plan=plans[(p.stages, p.partition)])
-            if progress:
-                progress(i + 1, len(points))
-    else:
-        with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(scenario,)) as pool:
-            futures = {pool.submit(_simulate_in_worker, p, plans[(p.stages, p.partition)]): i
-                       for i, p in enumerate(points)}
-            for done, fut in enumerate(as_completed(futures), 1):
-                results[futures[fut]] = fut.result()
-                if progress:
-                    progress(done, len(points))
-    return [r for r in results if r is not None]
+    tasks = [(scenario, p, plans[(p.stages, p.partition)]) for p in points]
+    return run_tasks(_simulate_task, tasks, jobs=jobs, dask=dask, progress=progress)
 
 
 def results_frame(scenario: Scenario, results: list[PointResult]) -> pd.DataFrame:
@@ -102,8 +82,9 @@ def results_frame(scenario: Scenario, results: list[PointResult]) -> pd.DataFram
     return df[COLUMNS + EXTRA + util]
 
 
-def run_sweep(scenario: Scenario, jobs: int = 1, progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
-    return results_frame(scenario, sweep_results(scenario, jobs, progress))
+def run_sweep(scenario: Scenario, jobs: int = 1, progress: Callable[[int, int], None] | None = None,
+              dask: str | None = None) -> pd.DataFrame:
+    return results_frame(scenario, sweep_results(scenario, jobs, progress, dask))
 
 
 # --- --trace selection ----------------------------------------------------------------------------
@@ -199,7 +180,7 @@ def run_command(args: argparse.Namespace) -> int:
     if scenario.calibration and not quiet:
         print(f"spdsim: note: calibration {scenario.calibration!r} is not loaded yet (roofline costs used)",
               file=sys.stderr)
-    results = sweep_results(scenario, args.jobs, _progress_bar(quiet))
+    results = sweep_results(scenario, args.jobs, _progress_bar(quiet), getattr(args, "dask", None))
     df = results_frame(scenario, results)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "results.csv", index=False)
