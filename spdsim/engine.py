@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import zlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -231,6 +231,7 @@ class PointResult:
     metrics: RunMetrics
     header: TraceHeader
     events: list[TraceEvent] | None = None
+    extra: dict = field(default_factory=dict)   # scheme-specific columns (per-cycle breakdown, ...)
 
 
 def point_rng(seed: int, point) -> np.random.Generator:
@@ -276,10 +277,14 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
                     activation_bytes=m.activation_bytes,
                     feature_bytes=m.activation_bytes * scenario.head.checkpoints_per_stage,
                     accept=accept)
-    if not drafts:
-        plan = Plan(plan.partition, plan.layers, plan.placement, None)
-    sim = run(plan, cfg, env, log_sends=keep_events)
-    events = sim.trace_events(sends=keep_events)
+    extra: dict = {}
+    if scheme.simulate is not None:      # schemes with their own process (spd_dedicated, sd, chain)
+        events, plan, extra = scheme.simulate(scenario, point, plan, cfg, env, keep_events)
+    else:
+        if not drafts:
+            plan = Plan(plan.partition, plan.layers, plan.placement, None)
+        sim = run(plan, cfg, env, log_sends=keep_events)
+        events = sim.trace_events(sends=keep_events)
     metrics = run_metrics(events, point.scheme, n, scenario.workload.new_tokens, list(plan.placement))
     header = TraceHeader(
         scheme=point.scheme, stages=n, new_tokens=scenario.workload.new_tokens, source="simulator",
@@ -288,4 +293,4 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
         extra={"scenario": scenario.name, "point_id": point.point_id, "partition_kind": plan.partition,
                "acceptance": None if point.acceptance is None else point.acceptance.value,
                "head_device": plan.head_device, "seed": scenario.seed})
-    return PointResult(point, plan, metrics, header, events if keep_events else None)
+    return PointResult(point, plan, metrics, header, events if keep_events else None, extra)

@@ -8,6 +8,13 @@ speculative module) on devices.
   comm_aware        compute_balanced's layers, and the placement (on the topology) that minimises the
                     estimated time per token, counting activation sends, the RESULT back to stage 1 and
                     the per-tick feature sends to the module's device (`estimate_token_s`)
+  draft_colocated   the reference layout on n GPUs: the speculative module (and rank 0's embedding, LM
+                    head and verification) shares stage 1's device. Min-max DP with the draft time
+                    counted on stage 1 and the LM head on no stage (rank 0 applies it after the last
+                    stage, in every cycle, whatever the cut), so stage 1 gets fewer layers and the
+                    cycle — the slowest of (embed + stage 1 + draft) and the other stages — is as short
+                    as it can be; placement as uniform. Under scheme spd the last stage does hold the LM
+                    head, so there this cut is close to, not exactly, the best.
 
 All stage times are taken at a reference context (prompt + half the new tokens).
 """
@@ -15,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from spdsim.costs import CostModel, fits, stage_memory_bytes
@@ -95,15 +102,18 @@ def _fits(inp: PlanInputs, s: int, a: int, b: int) -> bool:
     return fits(stage_memory_bytes(inp.model, b - a, s == 0, s == inp.n - 1, inp.max_ctx, head), inp.gpu)
 
 
-def balanced_layers(inp: PlanInputs) -> tuple[tuple[int, int], ...]:
-    """Exact min-max linear partition by dynamic programming over (stage, layers covered)."""
+def balanced_layers(inp: PlanInputs, lm_head_last: bool = True) -> tuple[tuple[int, int], ...]:
+    """Exact min-max linear partition by dynamic programming over (stage, layers covered).
+
+    lm_head_last=False: the LM head is not on the last stage (the reference layout's rank 0 holds it)."""
     L, n = inp.model.layers, inp.n
     lt = [inp.costs.layer_s(i, inp.ctx) for i in range(L)]
     prefix = [0.0]
     for t in lt:
         prefix.append(prefix[-1] + t)
-    first_extra = inp.costs.embed_s() + (inp.costs.head_s(inp.ctx) if inp.has_head and not inp.dedicated_head else 0.0)
-    last_extra = inp.costs.lm_head_s()
+    draft = getattr(inp.costs, "draft_s", inp.costs.head_s)(inp.ctx)
+    first_extra = inp.costs.embed_s() + (draft if inp.has_head and not inp.dedicated_head else 0.0)
+    last_extra = inp.costs.lm_head_s() if lm_head_last else 0.0
 
     def cost(s: int, a: int, b: int) -> float:
         if not _fits(inp, s, a, b):
@@ -240,6 +250,10 @@ def make_plan(kind: str, inp: PlanInputs) -> Plan:
     elif kind == "comm_aware":
         layers = balanced_layers(inp)
         devs = best_placement(inp, layers)
+    elif kind == "draft_colocated":
+        inp = replace(inp, drafts=True, dedicated_head=False)
+        layers = balanced_layers(inp, lm_head_last=False)
+        devs = tuple(devices[:n])
     else:
         raise UserError(f"sweep.partition: unknown {kind!r}")
     if len(devs) < n + (1 if inp.has_head and inp.dedicated_head else 0):

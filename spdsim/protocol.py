@@ -103,3 +103,77 @@ class SpdController:
                 self.epoch += 1
                 self.next_position = position + 1
         return Verdict(position, stale=False, accepted=accepted, committed=self.committed)
+
+
+# --- the reference implementation's variant: synchronous cycles and a slot table -------------------
+#
+# The authors' implementation (REFERENCE.md, "The authors' reference implementation") runs n + 1 ranks:
+# rank 0 holds the speculative module, the embedding, the final norm + LM head and the verification;
+# ranks 1..n one stage each. It moves in lockstep *cycles* driven by rank 0:
+#   1. control: rank 0 builds and broadcasts a control message, the slot table — which (position,
+#      epoch) each stage processes in this cycle, or none — and posts its receives;
+#   2. rank 0 embeds the token entering stage 1 and sends it; every stage with a slot forwards it (stage
+#      s > 1 received its input in the previous cycle) and sends the result on; meanwhile rank 0 drafts
+#      the token that will enter in the next cycle (the draft overlaps the stage forwards);
+#   3. rank 0 waits for the last stage's hidden state, applies the norm + LM head and verifies;
+#   4. it updates the slot table: accepted (or nothing to verify) → every slot moves one stage deeper and
+#      the next position enters stage 1; rejected → every slot is cleared, and the pipeline refills from
+#      the corrected token alone;
+#   5. sync: it waits for its outstanding point-to-point operations before the next cycle.
+# The differences from the protocol above: a flush is carried by the slot table (a cleared slot is
+# simply not computed, so there is no stale work downstream, and no epochs on the wire), and a cycle
+# lasts as long as its slowest participant plus rank 0's fixed phases. Issue order, windows and verdicts
+# are the same, so `CycleController` keeps them in an `SpdController` with window n.
+
+@dataclass(frozen=True)
+class Control:
+    """One cycle's control message: the (position, epoch) each stage processes, None for an empty slot."""
+    cycle: int
+    slots: tuple[Issue | None, ...]
+    draft_for: int | None       # position whose token rank 0 drafts this cycle (entering next cycle)
+
+
+class CycleController:
+    """Rank 0's bookkeeping for the synchronous-cycle layout: `begin()` gives the control message of a
+    cycle, `end(accept)` verifies what left the last stage and updates the slot table."""
+
+    def __init__(self, prompt_len: int, new_tokens: int, stages: int) -> None:
+        if stages < 1:
+            raise ValueError("stages must be ≥ 1")
+        self.ctl = SpdController(prompt_len, new_tokens, window=stages)
+        self.stages = stages
+        self.slots: list[Issue | None] = [None] * stages
+        self.cycle = 0
+
+    @property
+    def done(self) -> bool:
+        return self.ctl.done
+
+    @property
+    def committed(self) -> int:
+        return self.ctl.committed
+
+    def begin(self) -> Control:
+        if self.done:
+            raise RuntimeError("begin() after the last commit")
+        if self.slots[0] is not None:
+            raise RuntimeError("begin() twice without end()")
+        new = self.ctl.issue() if self.ctl.can_issue() else None
+        self.slots[0] = new
+        draft_for = None
+        if new is not None and self.stages > 1 and new.position + 1 <= self.ctl.last_useful:
+            draft_for = new.position + 1
+        return Control(self.cycle, tuple(self.slots), draft_for)
+
+    def end(self, accept: Callable[[], bool]) -> Verdict | None:
+        """The cycle's last-stage output (if any) is verified; slots advance, or clear on a rejection."""
+        out = self.slots[-1]
+        verdict = None
+        if out is not None:
+            verdict = self.ctl.on_result(out.position, out.epoch, accept)
+        if verdict is not None and verdict.accepted is False:
+            self.slots = [None] * self.stages
+        else:
+            self.slots = [None] + self.slots[:-1]
+        self.cycle += 1
+        return verdict

@@ -31,11 +31,13 @@ from spdsim.hardware import (GPU, GPU_CATALOG, TOPOLOGY_KEYS, TOPOLOGY_KINDS, Ha
                              default_topology_params)
 from spdsim.models import MODEL_CATALOG, ModelShape
 
-SCHEMES = ("ar", "pp", "spd")
-PARTITIONERS = ("uniform", "compute_balanced", "comm_aware")
+SCHEMES = ("ar", "pp", "spd", "spd_dedicated", "sd", "chain")
+PARTITIONERS = ("uniform", "compute_balanced", "comm_aware", "draft_colocated")
 HEAD_PLACEMENTS = ("colocated", "dedicated")
 TOP_KEYS = {"name", "description", "hardware", "model", "workload", "head", "sweep", "costs",
-            "calibration", "seed"}
+            "calibration", "seed", "baselines"}
+# An EAGLE head trained by a user, acceptance by position (REFERENCE.md: SafeAILab/EAGLE #191).
+EAGLE_TABLE = (0.701, 0.370, 0.206, 0.125, 0.081)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,33 @@ class HeadSpec:
     layers: int = 1
     features: bool = True          # each stage sends its checkpoint features to the module every tick
     checkpoints_per_stage: int = 1
+
+
+@dataclass(frozen=True)
+class SdSpec:
+    """Classic draft-model speculative decoding (scheme sd): γ drafts per step, draft cost ratio c."""
+    gamma: int = 4
+    cost_ratio: float = 0.05          # one drafted token = c × one full target forward
+    draft_ms: float | None = None     # or a fixed time per drafted token
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """EAGLE-style chain drafting (scheme chain): per-position acceptance table, γ = its length."""
+    acceptance: tuple[float, ...] = EAGLE_TABLE
+    head_layers: int = 1
+    draft_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """The `baselines:` section: parameters of the sd and chain schemes."""
+    sd: SdSpec = SdSpec()
+    chain: ChainSpec = ChainSpec()
+
+    def chain_point_acceptance(self) -> AcceptanceSpec:
+        t = self.chain.acceptance
+        return AcceptanceSpec("chain", t[0], label="chain:" + "/".join(f"{a:g}" for a in t))
 
 
 @dataclass(frozen=True)
@@ -98,6 +127,7 @@ class Scenario:
     text: str = ""                  # the YAML as given (copied next to results)
     path: Path | None = None
     notes: list[str] = field(default_factory=list)   # things skipped, said once on stderr
+    baselines: Baselines = Baselines()
 
     def cost_model(self) -> RooflineCosts:
         return RooflineCosts(self.model, self.hardware.gpu, self.hardware.graph, self.costs,
@@ -113,15 +143,22 @@ class Scenario:
 
     def points(self) -> list[Point]:
         out: list[Point] = []
-        if "ar" in self.sweep.schemes and self.ar_fits():
+        schemes = self.sweep.schemes
+        if "ar" in schemes and self.ar_fits():
             out.append(Point("ar", 1, "uniform", None))
+        if self.ar_fits():          # the one-device baselines
+            if "chain" in schemes:
+                out.append(Point("chain", 1, "uniform", self.baselines.chain_point_acceptance()))
+            if "sd" in schemes and (self.sweep.acceptance_table is None or 1 in self.sweep.acceptance_table):
+                out += [Point("sd", 1, "uniform", a) for a in self.sweep.acceptance_for(1)]
         for n in self.sweep.stages:
             for part in self.sweep.partitions:
-                if "pp" in self.sweep.schemes:
+                if "pp" in schemes:
                     out.append(Point("pp", n, part, None))
-                if "spd" in self.sweep.schemes:
-                    for a in self.sweep.acceptance_for(n):
-                        out.append(Point("spd", n, part, a))
+                for scheme in ("spd", "spd_dedicated", "sd"):
+                    if scheme not in schemes or (scheme != "spd" and n == 1):
+                        continue
+                    out += [Point(scheme, n, part, a) for a in self.sweep.acceptance_for(n)]
         return out
 
 
@@ -320,8 +357,8 @@ def _sweep(obj: Any, base: Path | None) -> Sweep:
             raise UserError(f"sweep.schemes: unknown {s!r} (expected one of {', '.join(SCHEMES)})")
     accs, table = _acceptance(d.get("acceptance", [0.8]), base)
     if table is not None:
-        missing = [n for n in stages if n not in table]
-        if missing and "spd" in schemes:
+        missing = [n for n in stages if n not in table and (n > 1 or "spd" in schemes)]
+        if missing and {"spd", "spd_dedicated", "sd"} & set(schemes):
             raise UserError(f"sweep.acceptance.values: no α for {missing[0]} stages")
     if not stages or not parts or not schemes:
         raise UserError("sweep: stages, partition and schemes must not be empty")
@@ -343,10 +380,37 @@ def _costs(obj: Any) -> CostOverrides:
     return CostOverrides(**vals)
 
 
+def _baselines(obj: Any) -> Baselines:
+    d = _mapping(obj or {}, "baselines")
+    _only(d, {"sd", "chain"}, "baselines")
+    sd = _mapping(d.get("sd") or {}, "baselines.sd")
+    _only(sd, {"gamma", "cost_ratio", "draft_ms"}, "baselines.sd")
+    ch = _mapping(d.get("chain") or {}, "baselines.chain")
+    _only(ch, {"acceptance", "head_layers", "draft_ms"}, "baselines.chain")
+    s0, c0 = SdSpec(), ChainSpec()
+    table = tuple(acc._check_alpha(a, "baselines.chain.acceptance") for a in _list(ch.get("acceptance", list(c0.acceptance))))
+    if not table:
+        raise UserError("baselines.chain.acceptance: empty")
+    if any(b > a for a, b in zip(table, table[1:])):
+        raise UserError("baselines.chain.acceptance: must not increase with position (draft k is accepted "
+                        "only when drafts 1..k-1 were)")
+    opt = lambda v, key: None if v is None else _num(v, key, nonneg=True)   # noqa: E731
+    return Baselines(
+        sd=SdSpec(gamma=_num(sd.get("gamma", s0.gamma), "baselines.sd.gamma", positive=True, integer=True),
+                  cost_ratio=_num(sd.get("cost_ratio", s0.cost_ratio), "baselines.sd.cost_ratio", nonneg=True),
+                  draft_ms=opt(sd.get("draft_ms"), "baselines.sd.draft_ms")),
+        chain=ChainSpec(acceptance=table,
+                        head_layers=_num(ch.get("head_layers", c0.head_layers), "baselines.chain.head_layers",
+                                         nonneg=True, integer=True),
+                        draft_ms=opt(ch.get("draft_ms"), "baselines.chain.draft_ms")))
+
+
 def _check_fit(s: Scenario) -> None:
     """n ≤ layers, n (+1 for a dedicated head) ≤ GPUs, and the uniform partition fits in memory."""
     m, hw = s.model, s.hardware
     extra = 1 if s.head.placement == "dedicated" and "spd" in s.sweep.schemes else 0
+    if "spd_dedicated" in s.sweep.schemes and any(p != "draft_colocated" for p in s.sweep.partitions):
+        extra = 1       # rank 0 of the reference layout on a device of its own
     for n in s.sweep.stages:
         if n > m.layers:
             raise UserError(f"sweep.stages: {n} > model.layers {m.layers}")
@@ -387,7 +451,8 @@ def parse_scenario(text: str, name: str = "scenario", path: Path | None = None) 
     s = Scenario(name=str(d.get("name", name)), hardware=_hardware(d["hardware"]), model=_model(d["model"]),
                  workload=_workload(d.get("workload")), head=_head(d.get("head")),
                  sweep=_sweep(d.get("sweep"), base), costs=_costs(d.get("costs")),
-                 calibration=calibration, seed=seed, text=text, path=path)
+                 calibration=calibration, seed=seed, text=text, path=path,
+                 baselines=_baselines(d.get("baselines")))
     _check_fit(s)
     return s
 

@@ -29,6 +29,10 @@ COLUMNS = ["scenario", "scheme", "stages", "partition", "acceptance", "tokens_pe
            "speedup_vs_pp", "speedup_vs_ar", "bubble_ratio", "waste_ratio", "acceptance_rate"]
 EXTRA = ["accepted", "rejected", "new_tokens", "window_ns", "acceptance_kind", "placement", "layers",
          "head_device", "point_id"]
+# Per-cycle breakdown (spd_dedicated: a synchronous cycle; sd / chain: a draft-and-verify step); empty for
+# the other schemes. theoretical_speedup = n × committed tokens per cycle (spd_dedicated only).
+BREAKDOWN = ["cycle_ms", "draft_ms", "slowest_stage_ms", "fixed_ms", "tokens_per_cycle", "theoretical_speedup",
+             "acceptance_by_depth"]
 
 
 def plans_for(scenario: Scenario, points: Iterable[Point]) -> dict[tuple[int, str], Plan]:
@@ -74,12 +78,13 @@ def results_frame(scenario: Scenario, results: list[PointResult]) -> pd.DataFram
             "placement": ",".join(r.plan.placement), "layers": r.plan.layers_str(),
             "head_device": r.plan.head_device, "point_id": p.point_id,
         }
+        row.update({k: r.extra.get(k) for k in BREAKDOWN})
         for s, u in enumerate(m.utilization):
             row[f"utilization_{s}"] = u
         rows.append(row)
     df = pd.DataFrame(rows)
     util = sorted((c for c in df.columns if c.startswith("utilization_")), key=lambda c: int(c.split("_")[1]))
-    return df[COLUMNS + EXTRA + util]
+    return df[COLUMNS + EXTRA + BREAKDOWN + util]
 
 
 def run_sweep(scenario: Scenario, jobs: int = 1, progress: Callable[[int, int], None] | None = None,

@@ -4,11 +4,16 @@ through the same first-device process (`spdsim.schemes.spd`); they differ in the
   ar   one stage on one device, window 1: plain autoregressive decoding
   pp   n stages, window 1: one token in flight, stage 1 waits a full round trip per token
   spd  n stages, window n, the speculative module drafts each next token (n = 1 is AR)
+
+Schemes with their own process (`simulate` set) run outside that first-device process:
+  spd_dedicated  the authors' layout: n + 1 ranks in synchronous cycles (`spdsim.protocol.CycleController`)
+  sd             classic draft-model speculative decoding, on one device or on the pipeline
+  chain          EAGLE-style chain drafting on one device, per-position acceptance table
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -17,10 +22,15 @@ class Scheme:
     window: Callable[[int], int]     # W for n stages
     drafts: bool
     single_device: bool = False
+    # (scenario, point, plan, cfg, env, keep_events) -> (events, plan, extra columns); None = first_device
+    simulate: Callable[..., Any] | None = None
 
 
 from spdsim.schemes.ar import AR  # noqa: E402
 from spdsim.schemes.pp import PP  # noqa: E402
 from spdsim.schemes.spd import SPD  # noqa: E402
+from spdsim.schemes.spd_dedicated import SPD_DEDICATED  # noqa: E402
+from spdsim.schemes.sd import SD  # noqa: E402
+from spdsim.schemes.chain import CHAIN  # noqa: E402
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (AR, PP, SPD)}
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (AR, PP, SPD, SPD_DEDICATED, SD, CHAIN)}

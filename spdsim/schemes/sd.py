@@ -1,0 +1,129 @@
+"""sd: classic draft-model speculative decoding (Leviathan et al. 2023), on one device or on the pipeline.
+
+One *step*: a draft model (cost ratio c: each drafted token costs c × one full target forward at that
+context) drafts γ tokens one after another on stage 1's device; the target then verifies the last known
+token and the γ drafts in one pass through its n stages (n = 1: one device); drafts are checked in
+order, the first rejection ends the step, and the target's own token at the first mismatch (or after
+the last accepted draft) is committed too. Expected tokens per step `(1-α^(γ+1))/(1-α)` with i.i.d. α.
+
+Assumptions, said once: a verification pass of γ + 1 tokens costs what one token's pass costs (batch-1
+decode is memory-bound: the weights are read once; a few tokens add FLOPs far below the roofline ridge),
+and its activations are γ + 1 times one token's on the links. Only one chunk is ever in flight (the next
+step needs this one's verdicts), so nothing queues and a plain clock schedules the step exactly; the
+events go through `spdsim.metrics.run_metrics` like every other scheme's. `costs.verify_ms` (when set)
+is charged once per step for the acceptance test; `costs.tick_overhead_ms` / `msg_overhead_ms` as for
+the other schemes.
+
+`chain` (EAGLE-style chain drafting, `spdsim.schemes.chain`) is the same step with a light head drafting
+from the target's features and a per-position acceptance table.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from spdsim.acceptance import sampler
+from spdsim.engine import NS, RunConfig, point_rng
+from spdsim.partition import RESULT_BYTES, Plan
+from spdsim.schemes import Scheme
+from spdsim.trace import TraceEvent
+
+
+def _one(n: int) -> int:
+    return 1
+
+
+def draft_verify(plan: Plan, cfg: RunConfig, gamma: int, draft_ns: Callable[[int], float],
+                 accept: Callable[[int], bool], keep_sends: bool = False) -> tuple[list[TraceEvent], dict]:
+    """Run steps until N tokens are committed. draft_ns(ctx) is one drafted token's time; accept(k) the
+    verdict on the k-th draft of a step (1-based), asked only while the drafts before it held."""
+    costs, topo, n = cfg.costs, cfg.topology, plan.stages
+    dev0 = plan.placement[0]
+    tick, msg = costs.tick_overhead_s * NS, costs.msg_overhead_s * NS
+    verify = (costs.overrides.verify_ms or 0.0) * 1e-3 * NS if hasattr(costs, "overrides") else 0.0
+    ev: list[TraceEvent] = []
+    t = 0.0
+    known, committed, N = cfg.prompt_tokens, 0, cfg.new_tokens
+    steps = drafted_ns = pass_ns = 0.0
+    by_depth = [0] * (gamma + 1)        # steps in which draft k was accepted
+
+    def E(kind, t0, t1, stage, device, position, nbytes=0, discarded=False, accepted=None, name=""):
+        ev.append(TraceEvent(kind=kind, start_ns=int(round(t0)), end_ns=int(round(t1)), stage=stage,
+                             device=device, position=position, bytes=nbytes, discarded=discarded,
+                             accepted=accepted, name=name))
+
+    def transfer(src: str, dst: str, nbytes: int, stage: int, position: int) -> None:
+        nonlocal t
+        if src == dst:
+            return
+        t += msg
+        for u, v in topo.path(src, dst):
+            ser, lat = costs.hop_s(u, v, nbytes)
+            if keep_sends:
+                E("send", t, t + ser * NS, stage, src, position, nbytes, name=f"{u}->{v}")
+            t += (ser + lat) * NS
+
+    while committed < N:
+        g = min(gamma, N - committed - 1)          # no drafts past the last token asked for
+        last = known - 1                            # the last known token: the pass's first input
+        t_step = t
+        heads = []
+        for k in range(1, g + 1):                   # drafts one after another on stage 1's device
+            d = draft_ns(last + k)
+            heads.append((t, t + d, last + k))
+            t += d
+        drafted_ns += t - t_step
+        slowest = 0.0
+        for s, (a, b) in enumerate(plan.layers):    # one verification pass of g + 1 tokens
+            t += tick
+            t0 = t
+            t += costs.stage_s(s, a, b, last + g + 1, s == 0, s == n - 1) * NS
+            slowest = max(slowest, t - t0)
+            E("compute", t0, t, s, plan.placement[s], last)
+            nxt = plan.placement[s + 1] if s < n - 1 else dev0
+            transfer(plan.placement[s], nxt, (cfg.activation_bytes if s < n - 1 else RESULT_BYTES) * (g + 1),
+                     s, last)
+        pass_ns += slowest
+        t += verify
+        accepted = 0
+        verdicts = []
+        for k in range(1, g + 1):
+            ok = bool(accept(k))
+            verdicts.append((last + k, ok))
+            if not ok:
+                break
+            accepted += 1
+            by_depth[k] += 1
+        for i, (t0, t1, q) in enumerate(heads):
+            E("head", t0, t1, -1, dev0, q, discarded=i >= accepted)
+        for q, ok in verdicts:
+            E("verify", t, t, -1, dev0, q, accepted=ok)
+        for j in range(min(accepted + 1, N - committed)):
+            E("commit", t, t, -1, dev0, known + j)
+        known += accepted + 1
+        committed += accepted + 1
+        steps += 1
+    ev.sort(key=lambda e: (e.start_ns, e.end_ns))
+    extra = {"cycle_ms": t / steps / 1e6, "draft_ms": drafted_ns / steps / 1e6,
+             "slowest_stage_ms": pass_ns / steps / 1e6, "fixed_ms": verify / 1e6,
+             "tokens_per_cycle": N / steps,
+             "acceptance_by_depth": "/".join(f"{by_depth[k] / steps:.3f}" for k in range(1, gamma + 1))}
+    return ev, extra
+
+
+def simulate(scenario, point, plan: Plan, cfg: RunConfig, env, keep_events: bool):
+    sd = scenario.baselines.sd
+    plan = Plan(plan.partition, plan.layers, plan.placement, plan.placement[0])
+    L = scenario.model.layers
+    costs = cfg.costs
+
+    def draft_ns(q: int) -> float:
+        if sd.draft_ms is not None:
+            return sd.draft_ms * 1e-3 * NS
+        return sd.cost_ratio * costs.stage_s(0, 0, L, q + 1, True, True) * NS
+
+    verdict = sampler(point.acceptance, point_rng(scenario.seed, point))
+    events, extra = draft_verify(plan, cfg, sd.gamma, draft_ns, lambda k: verdict(), keep_events)
+    return events, plan, extra
+
+
+SD = Scheme("sd", window=_one, drafts=True, simulate=simulate)
