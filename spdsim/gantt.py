@@ -7,6 +7,7 @@ red dashed line across every row.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from statistics import median
 from pathlib import Path
@@ -108,29 +109,39 @@ def draw_gantt(trace: Trace, path: str | Path, ticks: int = 36, label: str = "")
     def x(t_ns: int) -> float:
         return (min(max(t_ns, win.start_ns), win.end_ns) - win.start_ns) / scale
 
+    # Bars are gathered per (row, style) and drawn as one collection each: one artist per bar is slow.
+    bars: dict[tuple[int, str], tuple[list, list]] = defaultdict(lambda: ([], []))
+    accepts, rejects = [], []
     for ev in events:
         y = y_of.get(_row_of(ev))
         if y is None:
             continue
         x0, x1 = x(ev.start_ns), x(ev.end_ns)
         if ev.kind in ("compute", "head", "send") and x1 > x0:
-            if ev.discarded:
-                style = dict(facecolor=DISCARD_FACE, edgecolor=DISCARD_EDGE, hatch="////", lw=0.6)
-            elif ev.kind == "send":
-                style = dict(facecolor="#b0b0b0", edgecolor="#707070", lw=0.4)
+            cls = "discarded" if ev.discarded else ("send" if ev.kind == "send" else ev.kind)
+            if cls in ("compute", "head"):
+                color = palette((ev.position % 20) / 20 + 0.025) if ev.position >= 0 else (0.3, 0.45, 0.69, 1.0)
+                color = color[:3] + ((0.6,) if cls == "head" else (1.0,))
             else:
-                color = palette((ev.position % 20) / 20 + 0.025) if ev.position >= 0 else "#4c72b0"
-                style = dict(facecolor=color, edgecolor="black", lw=0.4, alpha=0.6 if ev.kind == "head" else 1.0)
-            h = 0.7 if ev.kind != "send" else 0.4
-            ax.broken_barh([(x0, x1 - x0)], (y - h / 2, h), **style)
+                color = DISCARD_FACE if cls == "discarded" else "#b0b0b0"
+            spans, colors = bars[(y, cls)]
+            spans.append((x0, x1 - x0))
+            colors.append(color)
             if ev.position >= 0 and ev.kind != "send" and (x1 - x0) > span / 60:
                 ax.text((x0 + x1) / 2, y, str(ev.position), ha="center", va="center", fontsize=6.5, clip_on=True)
         elif ev.kind == "verify":
-            ok = bool(ev.accepted)
-            ax.plot([x1], [y], marker="^" if ok else "x", color="tab:green" if ok else "tab:red",
-                    ms=6 if ok else 8, mew=2, ls="none")
+            (accepts if ev.accepted else rejects).append((x1, y))
         elif ev.kind == "flush":
             ax.axvline(x1, color=DISCARD_EDGE, ls="--", lw=1.0, alpha=0.8)
+    for (y, cls), (spans, colors) in bars.items():
+        h = 0.4 if cls == "send" else 0.7
+        style = {"discarded": dict(edgecolor=DISCARD_EDGE, hatch="////", lw=0.6),
+                 "send": dict(edgecolor="#707070", lw=0.4)}.get(cls, dict(edgecolor="black", lw=0.4))
+        ax.broken_barh(spans, (y - h / 2, h), facecolors=colors, **style)
+    for points, style in ((accepts, dict(marker="^", color="tab:green", ms=6)),
+                          (rejects, dict(marker="x", color="tab:red", ms=8, mew=2))):
+        if points:
+            ax.plot(*zip(*points), ls="none", **style)
 
     ax.set_yticks(range(len(rows)), [text for _, text in rows], fontsize=8)
     ax.set_ylim(len(rows) - 0.4, -0.6)   # stage 0 on top

@@ -308,3 +308,22 @@ def test_load_results_keeps_empty_as_nan(out_dir: Path):
     ar = df[df["scheme"] == "ar"].iloc[0]
     assert math.isnan(ar["acceptance"]) and ar["partition"] == "-"
     assert df["stages"].dtype.kind == "i"
+
+
+def test_spdsim_run_end_to_end_draws_the_report(tmp_path: Path):
+    """`spdsim run` on the ideal scenario ends with a full report, timelines included."""
+    pytest.importorskip("spdsim.sweep")
+    scenario = Path(__file__).resolve().parents[1] / "scenarios" / "ideal.yaml"
+    if not scenario.is_file():
+        pytest.skip("scenarios/ideal.yaml not present")
+    out = tmp_path / "ideal"
+    assert main(["run", str(scenario), "--out", str(out), "--trace", "best", "--quiet"]) == 0
+    jsonl = sorted((out / "timelines").glob("*.jsonl"))
+    assert len(jsonl) == 1
+    point = jsonl[0].stem
+    page = (out / "index.html").read_text()
+    for name in ("speedup_vs_n.png", "bubble_vs_n.png", "tokens_per_s.png", "utilization.png", f"gantt_{point}.png"):
+        assert png_size(out / name)[0] > 0 and f'src="{name}"' in page, name
+    doc = json.loads((out / f"timeline_{point}.json").read_text())
+    computes = sum(e.kind == "compute" for e in read_trace(jsonl[0]).events)
+    assert sum(e["ph"] == "X" and e["cat"] == "compute" for e in doc["traceEvents"]) == computes > 0
