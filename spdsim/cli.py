@@ -29,6 +29,33 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return plan_command(args)
 
 
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    """`spdsim plan`'s options (spdsim/plan.py checks their values)."""
+    p.add_argument("--model", required=True, help="catalog model, e.g. llama-2-70b")
+    p.add_argument("--gpu", required=True, metavar="G[,G2...]",
+                   help="GPU types to consider: catalog names or unique prefixes (a100, h100, h200, l40s)")
+    p.add_argument("--max-gpus", type=int, required=True, metavar="K", help="at most this many GPUs")
+    p.add_argument("--target-tokens-per-s", type=float, required=True, metavar="T",
+                   help="decode speed to reach (batch 1, tokens/s)")
+    p.add_argument("--acceptance", default="0.8", metavar="ALPHA|N:ALPHA,...",
+                   help="SPD draft acceptance: one α, or a table per stage count, e.g. 2:0.9,4:0.85 (default 0.8)")
+    p.add_argument("--topology", default=None, metavar="KIND",
+                   help="interconnect (default: nvswitch up to 8 NVLink GPUs, multi-node beyond; pcie-tree without NVLink)")
+    p.add_argument("--schemes", default="ar,pp,spd", help="schemes to consider (default ar,pp,spd)")
+    p.add_argument("--partition", default="uniform,compute_balanced,comm_aware", help="partitioners to consider (default all)")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--price", default=None, metavar="GPU=USD,...",
+                   help="hourly price per GPU, overriding the catalog's assumed figures")
+    p.add_argument("--headroom", type=float, default=0.1,
+                   help="fraction of each GPU's memory kept free (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="output directory (default reports/plan-<model>/)")
+    p.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--dask", default=None, metavar="ADDRESS", help="run on a Dask distributed cluster")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="spdsim",
@@ -63,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True, metavar="CALIB.yaml")
     c.set_defaults(func=_cmd_calibrate)
 
-    pl = sub.add_parser("plan", help="capacity planning: which GPUs, how many, which partition")
+    pl = sub.add_parser("plan", help="capacity planning: which GPUs, how many, which partition",
+                        description="Enumerate GPU types, counts, stage counts, partitioners and schemes; "
+                                    "reject what does not fit memory; simulate; rank by cost. Writes "
+                                    "OUT/plan.csv and OUT/pareto.png. Exit 0: target met, 1: not met.")
+    _plan_arguments(pl)
     pl.set_defaults(func=_cmd_plan)
     return p
 

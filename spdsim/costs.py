@@ -178,8 +178,17 @@ def stage_memory(model: ModelShape, n_layers: int, first: bool, last: bool, max_
 
 def stage_memory_bytes(model: ModelShape, n_layers: int, first: bool, last: bool, max_ctx: int,
                        head_layers: int = 0) -> int:
-    """Weights + KV cache (+ a co-located speculative module): `stage_memory(...).total` without activations."""
-    return stage_memory(model, n_layers, first, last, max_ctx, head_layers).total
+    """Weights + KV cache (+ a co-located speculative module): `stage_memory(...).total` without
+    activations, in plain arithmetic (the partitioners' DP calls it tens of thousands of times)."""
+    per_layer = model.layer_bytes + max_ctx * model.kv_bytes_per_token_layer()
+    b = n_layers * per_layer
+    if first:
+        b += model.embed_bytes
+    if last:
+        b += model.lm_head_bytes
+    if head_layers:
+        b += head_layers * per_layer + model.lm_head_bytes
+    return b
 
 
 # A device keeps this fraction of its memory for the CUDA context, allocator slack and workspaces.

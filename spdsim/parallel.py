@@ -78,3 +78,22 @@ def run_tasks(fn: Callable, tasks: Sequence[tuple], jobs: int = 1, dask: str | N
         if progress:
             progress(done, len(tasks))
     return results
+
+
+def progress_bar(label: str, quiet: bool = False) -> Callable[[int, int], None] | None:
+    """A one-line stderr bar for run_tasks' progress callback (None when quiet)."""
+    if quiet:
+        return None
+    import sys
+    import time
+    t0 = time.time()
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / total)
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                         f"({time.time() - t0:.1f} s)")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
