@@ -42,7 +42,7 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", default=None, metavar="KIND",
                    help="interconnect (default: nvswitch up to 8 NVLink GPUs, multi-node beyond; pcie-tree without NVLink)")
     p.add_argument("--schemes", default="ar,pp,spd", help="schemes to consider (default ar,pp,spd)")
-    p.add_argument("--partition", default="uniform,compute_balanced,comm_aware", help="partitioners to consider (default all)")
+    p.add_argument("--partition", default="uniform,compute_balanced,comm_aware", help="partitioners to consider (default uniform,compute_balanced,comm_aware)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--price", default=None, metavar="GPU=USD,...",

@@ -223,8 +223,8 @@ def evaluate(req: PlanRequest, jobs: int = 1, dask: str | None = None, quiet: bo
         metrics: dict[tuple, RunMetrics] = {}
         must = [k for k in order if assessed[groups[k][0]].bound >= req.target]
         bar = progress_bar("simulating", quiet)
-        batch = must
         batch_size = max(2 * jobs, 4)
+        batch = must or order[:batch_size]     # nothing can reach the target: start from the best bounds
         while batch:
             tasks = [(req, configs[groups[k][0]], assessed[groups[k][0]].plan) for k in batch]
             for k, m in zip(batch, run_tasks(_simulate_task, tasks, progress=bar, executor=ex)):
