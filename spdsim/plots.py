@@ -52,11 +52,39 @@ def best(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     return fastest.drop_duplicates(list(keys)).sort_values(list(keys), kind="stable")
 
 
-def alpha_colors(alphas: Sequence[float]) -> dict[float, tuple]:
+def with_series(spec: pd.DataFrame) -> pd.DataFrame:
+    """Add `series`, the acceptance setting a line stands for: "α = 0.8", "markov α = 0.8", or "α table"
+    (a per-stage-count table: its α changes with n, so it is one line, not one point per α)."""
+    kinds = spec["acceptance_kind"] if "acceptance_kind" in spec.columns else pd.Series("", index=spec.index)
+    labels = []
+    for kind, a in zip(kinds.fillna("").astype(str), spec["acceptance"]):
+        if kind == "table":
+            labels.append("α table")
+        else:
+            labels.append(("" if kind in ("", "iid") else f"{kind} ") + f"α = {a:g}")
+    return spec.assign(series=labels)
+
+
+def series_order(spec: pd.DataFrame) -> list[str]:
+    """Series labels by mean α, then label."""
+    means = spec.groupby("series")["acceptance"].mean()
+    return sorted(means.index, key=lambda lab: (means[lab], lab))
+
+
+def series_colors(series: Sequence[str]) -> dict[str, tuple]:
     from matplotlib import colormaps
     cmap = colormaps["viridis"]
-    k = len(alphas)
-    return {a: cmap(0.85 * i / max(k - 1, 1)) for i, a in enumerate(sorted(alphas))}
+    k = len(series)
+    return {lab: cmap(0.85 * i / max(k - 1, 1)) for i, lab in enumerate(series)}
+
+
+def ideal_curve(spec_series: pd.DataFrame, n_max: int) -> tuple[np.ndarray, list[float]]:
+    """The closed form of DESIGN §2 for one series: a smooth curve for one α, points for a table."""
+    alphas = spec_series.groupby("stages")["acceptance"].first()
+    if alphas.nunique() == 1:
+        n = np.linspace(1, n_max, 200)
+        return n, [ideal_spd_speedup(float(x), float(alphas.iloc[0])) for x in n]
+    return alphas.index.to_numpy(dtype=float), [ideal_spd_speedup(int(n), float(a)) for n, a in alphas.items()]
 
 
 def scheme_markers(schemes: Sequence[str]) -> dict[str, str]:
@@ -85,8 +113,8 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _legend_handles(alphas, colors, markers, extra: list) -> list:
-    handles = [Line2D([], [], color=colors[a], lw=2, label=f"α = {a:g}") for a in alphas]
+def _legend_handles(series, colors, markers, extra: list) -> list:
+    handles = [Line2D([], [], color=colors[lab], lw=2, label=lab) for lab in series]
     if len(markers) > 1:
         handles += [Line2D([], [], color="gray", marker=m, ls="none", label=s) for s, m in markers.items()]
     return handles + extra
@@ -99,15 +127,16 @@ def plot_speedup_vs_n(df: pd.DataFrame, path: Path) -> Path | None:
     spec = speculative(df)
     if spec.empty:
         return None
+    spec = with_series(spec)
     partitions = sorted(spec["partition"].unique())
     collapse = len(partitions) > MAX_PANELS
     if collapse:
         partitions = ["best partition"]
-    alphas = sorted(spec["acceptance"].unique())
-    colors, markers = alpha_colors(alphas), scheme_markers(spec["scheme"].unique())
+    series = series_order(spec)
+    colors, markers = series_colors(series), scheme_markers(spec["scheme"].unique())
     base = baselines(df)
     has_ar = df["speedup_vs_ar"].notna().any()
-    n_grid = np.linspace(1, int(df["stages"].max()), 200)   # the closed form, drawn as a smooth curve
+    n_max = int(df["stages"].max())
 
     cols = len(partitions)
     fig = Figure(figsize=(4.2 * cols + 2.2, 7.5), layout="constrained")
@@ -121,15 +150,14 @@ def plot_speedup_vs_n(df: pd.DataFrame, path: Path) -> Path | None:
             if col == "speedup_vs_ar" and not has_ar:
                 ax.text(0.5, 0.5, "no AR baseline\n(the model does not fit one device)",
                         ha="center", va="center", transform=ax.transAxes, color="gray")
-            for a in alphas:
+            for lab in series:
                 # The closed form of DESIGN §2 (free links and head, equal stages): the ceiling to compare to.
-                ax.plot(n_grid, [ideal_spd_speedup(n, a) for n in n_grid], ls="--", lw=1,
-                        color=colors[a], alpha=0.7)
+                ax.plot(*ideal_curve(spec[spec["series"] == lab], n_max), ls="--", lw=1, color=colors[lab], alpha=0.7)
                 for scheme, m in markers.items():
-                    pts = best(sub[(sub["acceptance"] == a) & (sub["scheme"] == scheme)].dropna(subset=[col]),
+                    pts = best(sub[(sub["series"] == lab) & (sub["scheme"] == scheme)].dropna(subset=[col]),
                                ["stages"])
                     if not pts.empty:
-                        ax.plot(pts["stages"], pts[col], marker=m, color=colors[a], lw=1.8, ms=5)
+                        ax.plot(pts["stages"], pts[col], marker=m, color=colors[lab], lw=1.8, ms=5)
             # Baselines: PP's own speedup over PP is 1 by definition; over AR it shows the link overhead.
             for scheme in sorted(sub_base["scheme"].unique()):
                 pts = best(sub_base[sub_base["scheme"] == scheme].dropna(subset=[col]), ["stages"])
@@ -146,7 +174,7 @@ def plot_speedup_vs_n(df: pd.DataFrame, path: Path) -> Path | None:
                 ax.set_ylabel(ylabel)
     extra = [Line2D([], [], color="gray", ls="--", lw=1, label="ideal n/(1+(1−α)(n−1))")]
     extra += [Line2D([], [], lw=1.2, label=s.upper(), **_baseline_style(s)) for s in sorted(base["scheme"].unique())]
-    fig.legend(handles=_legend_handles(alphas, colors, markers, extra), loc="outside right center")
+    fig.legend(handles=_legend_handles(series, colors, markers, extra), loc="outside right center")
     fig.suptitle(_title(df, "Speedup vs pipeline stages (fastest placement per point)"))
     return _save(fig, path)
 
@@ -157,9 +185,9 @@ def plot_bubble_vs_n(df: pd.DataFrame, path: Path) -> Path | None:
     """Bubble ratio and waste ratio against n, for the fastest partition of each (scheme, n, α)."""
     if df.empty:
         return None
-    spec, base = speculative(df), baselines(df)
-    alphas = sorted(spec["acceptance"].unique())
-    colors, markers = alpha_colors(alphas), scheme_markers(spec["scheme"].unique())
+    spec, base = with_series(speculative(df)), baselines(df)
+    series = series_order(spec)
+    colors, markers = series_colors(series), scheme_markers(spec["scheme"].unique())
     n_grid = np.linspace(1, int(df["stages"].max()), 200)
 
     fig = Figure(figsize=(12, 5), layout="constrained")
@@ -168,12 +196,12 @@ def plot_bubble_vs_n(df: pd.DataFrame, path: Path) -> Path | None:
                            (axes[1], "waste_ratio", "waste ratio (discarded share of stage-time)")):
         if col == "bubble_ratio":
             ax.plot(n_grid, (n_grid - 1) / n_grid, ls=":", color="black", lw=1)
-        for a in alphas:
+        for lab in series:
             for scheme, m in markers.items():
-                pts = best(spec[(spec["acceptance"] == a) & (spec["scheme"] == scheme)].dropna(subset=[col]),
+                pts = best(spec[(spec["series"] == lab) & (spec["scheme"] == scheme)].dropna(subset=[col]),
                            ["stages"])
                 if not pts.empty:
-                    ax.plot(pts["stages"], pts[col], marker=m, color=colors[a], lw=1.8, ms=5)
+                    ax.plot(pts["stages"], pts[col], marker=m, color=colors[lab], lw=1.8, ms=5)
         for scheme in sorted(base["scheme"].unique()):
             pts = best(base[base["scheme"] == scheme].dropna(subset=[col]), ["stages"])
             if not pts.empty:
@@ -186,7 +214,7 @@ def plot_bubble_vs_n(df: pd.DataFrame, path: Path) -> Path | None:
         _stage_ticks(ax, df["stages"])
     extra = [Line2D([], [], color="black", ls=":", lw=1, label="PP ideal bubble (n−1)/n")]
     extra += [Line2D([], [], lw=1.2, label=s.upper(), **_baseline_style(s)) for s in sorted(base["scheme"].unique())]
-    fig.legend(handles=_legend_handles(alphas, colors, markers, extra), loc="outside right center")
+    fig.legend(handles=_legend_handles(series, colors, markers, extra), loc="outside right center")
     fig.suptitle(_title(df, "Bubble and waste vs pipeline stages (fastest partition per point)"))
     return _save(fig, path)
 
@@ -197,16 +225,16 @@ def plot_tokens_per_s(df: pd.DataFrame, path: Path) -> Path | None:
     """Absolute decode speed per scheme against n (fastest partition per point)."""
     if df.empty:
         return None
-    spec, base = speculative(df), baselines(df)
-    alphas = sorted(spec["acceptance"].unique())
-    colors, markers = alpha_colors(alphas), scheme_markers(spec["scheme"].unique())
+    spec, base = with_series(speculative(df)), baselines(df)
+    series = series_order(spec)
+    colors, markers = series_colors(series), scheme_markers(spec["scheme"].unique())
 
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.subplots()
-    for a in alphas:
+    for lab in series:
         for scheme, m in markers.items():
-            pts = best(spec[(spec["acceptance"] == a) & (spec["scheme"] == scheme)], ["stages"])
-            ax.plot(pts["stages"], pts["tokens_per_s"], marker=m, color=colors[a], lw=1.8, ms=5)
+            pts = best(spec[(spec["series"] == lab) & (spec["scheme"] == scheme)], ["stages"])
+            ax.plot(pts["stages"], pts["tokens_per_s"], marker=m, color=colors[lab], lw=1.8, ms=5)
     for scheme in sorted(base["scheme"].unique()):
         pts = best(base[base["scheme"] == scheme], ["stages"])
         style = _baseline_style(scheme)
@@ -219,7 +247,7 @@ def plot_tokens_per_s(df: pd.DataFrame, path: Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     _stage_ticks(ax, df["stages"])
     extra = [Line2D([], [], lw=1.2, label=s.upper(), **_baseline_style(s)) for s in sorted(base["scheme"].unique())]
-    fig.legend(handles=_legend_handles(alphas, colors, markers, extra), loc="outside right center")
+    fig.legend(handles=_legend_handles(series, colors, markers, extra), loc="outside right center")
     ax.set_title(_title(df, "Decode speed per scheme (fastest partition per point)"))
     return _save(fig, path)
 
@@ -233,7 +261,8 @@ def utilization_columns(df: pd.DataFrame) -> list[str]:
 
 def chosen_configurations(df: pd.DataFrame) -> pd.DataFrame:
     """The rows the heatmap shows: the fastest per (scheme, n) for baselines, per (scheme, n, α) otherwise."""
-    parts = [best(baselines(df), ["scheme", "stages"]), best(speculative(df), ["scheme", "stages", "acceptance"])]
+    parts = [best(baselines(df), ["scheme", "stages"]),
+             best(with_series(speculative(df)), ["scheme", "stages", "series"])]
     return pd.concat([p for p in parts if not p.empty]) if any(not p.empty for p in parts) else df.iloc[:0]
 
 
@@ -247,8 +276,9 @@ def plot_utilization(df: pd.DataFrame, path: Path) -> Path | None:
     if rows.empty:
         return None
     data = rows[cols].to_numpy(dtype=float)
-    labels = [f"{r.scheme} n={int(r.stages)}" + (f" α={r.acceptance:g}" if pd.notna(r.acceptance) else "")
-              + f" ({r.partition})" for r in rows.itertuples()]
+    series = rows["series"] if "series" in rows.columns else pd.Series(np.nan, index=rows.index)
+    labels = [f"{r.scheme} n={int(r.stages)}" + (f" {lab}" if isinstance(lab, str) else "") + f" ({r.partition})"
+              for r, lab in zip(rows.itertuples(), series)]
 
     height = 1.6 + 0.32 * len(rows)
     fig = Figure(figsize=(2.8 + 0.9 * len(cols) + 1.5, height), layout="constrained")

@@ -227,7 +227,7 @@ def render_html(df: pd.DataFrame, report: Report, scenario_text: str | None) -> 
 
     if alphas:
         best = best_per_alpha(df)
-        cols = ["α"] + [c for c in ("scheme", "stages", "partition", "placement", "head_device", "tokens_per_s", "ms_per_token",
+        cols = ["α"] + [c for c in ("acceptance_kind", "scheme", "stages", "partition", "placement", "head_device", "tokens_per_s", "ms_per_token",
                                     "speedup_vs_pp", "speedup_vs_ar", "bubble_ratio", "waste_ratio")
                         if c in best.columns]
         parts += ["<h2>Best configuration per acceptance rate α</h2>",

@@ -241,6 +241,30 @@ def test_pp_rows_with_an_acceptance_are_still_baselines(tmp_path: Path):
     assert list(best_per_alpha(df)["α"]) == list(ALPHAS)   # 0.8 once, not twice
 
 
+def test_acceptance_kinds_are_separate_series(tmp_path: Path):
+    """iid and markov at the same α are two lines; a per-n table is one line whose α moves with n."""
+    rows = []
+    for r in synthetic_rows():
+        rows.append(dict(r, acceptance_kind="iid" if r["acceptance"] != "" else ""))
+        if r["scheme"] == "spd" and r["acceptance"] == 0.8:
+            rows.append(dict(r, acceptance_kind="markov", tokens_per_s=r["tokens_per_s"] * 0.9))
+        if r["scheme"] == "spd" and r["partition"] == "uniform" and r["acceptance"] == ALPHAS[STAGES.index(r["stages"]) % 3]:
+            rows.append(dict(r, acceptance_kind="table", tokens_per_s=r["tokens_per_s"] * 0.95))
+    write_csv(tmp_path / "results.csv", rows)
+    df = load_results(tmp_path / "results.csv")
+    spec = plots.with_series(plots.speculative(df))
+    order = plots.series_order(spec)
+    assert set(order) == {f"α = {a:g}" for a in ALPHAS} | {"markov α = 0.8", "α table"}
+    assert order.index("α = 0.6") < order.index("α = 0.8") < order.index("α = 0.95")
+    n, ideal = plots.ideal_curve(spec[spec["series"] == "α table"], max(STAGES))
+    assert list(n) == list(STAGES)   # one point per n, each at its own α
+    assert ideal[1] == pytest.approx(ideal_spd_speedup(2, ALPHAS[1]))
+    chosen = plots.chosen_configurations(df)
+    assert len(chosen[chosen["scheme"] == "spd"]) == len(STAGES) * (len(ALPHAS) + 2)
+    write_report(tmp_path)
+    assert png_size(tmp_path / "speedup_vs_n.png")[0] > 0
+
+
 def test_without_utilization_columns_there_is_no_heatmap(tmp_path: Path):
     rows = [{k: v for k, v in r.items() if not k.startswith("utilization_")} for r in synthetic_rows()]
     write_csv(tmp_path / "results.csv", rows)
