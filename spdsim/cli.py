@@ -19,6 +19,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return report_command(args)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from spdsim.compare import compare_command
+    return compare_command(args)
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from spdsim.calibrate import calibrate_command
     return calibrate_command(args)
@@ -84,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      "gantt_<point>.png; and DIR/index.html, which links them all.")
     rep.add_argument("dir", type=Path, metavar="DIR")
     rep.set_defaults(func=_cmd_report)
+
+    cmp = sub.add_parser("compare", help="SPD vs traditional speculative decoding on one scenario",
+                         description="Simulate SCENARIO and print, per (n, α), the fastest partition of each "
+                                     "scheme: GPUs, parallelism, acceptance by depth, bubbles, speedups "
+                                     "(SPD, spd_dedicated vs sd, chain). Writes OUT/compare.csv.")
+    cmp.add_argument("scenario", type=Path, metavar="SCENARIO.yaml")
+    cmp.add_argument("--out", type=Path, default=None, help="output directory (default: reports/<scenario name>/)")
+    cmp.add_argument("--jobs", type=int, default=1, help="simulate sweep points in N processes (default 1)")
+    cmp.set_defaults(func=_cmd_compare)
 
     c = sub.add_parser("calibrate", help="fit cost models from executor traces")
     c.add_argument("trace_dir", type=Path, metavar="TRACE_DIR")
