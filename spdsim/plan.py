@@ -405,7 +405,9 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
     schemes = tuple(s.strip() for s in args.schemes.split(",") if s.strip())
     for s in schemes:
         if s not in SCHEMES:
-            raise UserError(f"--schemes: unknown {s!r} (expected some of {', '.join(SCHEMES)})")
+            raise UserError(f"--schemes: unknown {s!r} (expected some of {', '.join(DEFAULT_SCHEMES)})")
+        if s not in DEFAULT_SCHEMES:   # their device counts and bounds are not modelled here yet
+            raise UserError(f"--schemes: {s!r} is not planned yet (plan knows {', '.join(DEFAULT_SCHEMES)})")
     parts = tuple(p.strip() for p in args.partition.split(",") if p.strip())
     for p in parts:
         if p not in PARTITIONERS:
