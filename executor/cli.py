@@ -24,6 +24,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_command(args)
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from executor.profile import profile_command
+    return profile_command(args)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from executor.validate import validate_command
+    return validate_command(args)
+
+
 def _cmd_train_head(args: argparse.Namespace) -> int:
     from executor.spec_head import KINDS
     from executor.train_head import TrainHeadConfig, train_head
@@ -32,7 +42,8 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
     if args.kind not in KINDS or args.kind == "early-exit-raw":
         raise UserError(f"--kind {args.kind!r}: expected one of spd, window, k-ahead, early-exit")
     tc = TrainHeadConfig(stages=args.stages, kind=args.kind, steps=args.steps, batch=args.batch, seed=args.seed,
-                         threads=args.threads, n_layers=args.layers, grad_checkpoint=args.grad_checkpoint)
+                         threads=args.threads, n_layers=args.layers, grad_checkpoint=args.grad_checkpoint,
+                         query_window=args.query_window)
     try:
         train_head(args.model, args.out, tc)
     except (FileNotFoundError, ValueError) as e:
@@ -46,7 +57,7 @@ def _cmd_acceptance(args: argparse.Namespace) -> int:
     if not args.stages or min(args.stages) < 1 or args.steps < 1 or args.windows < 1:
         raise UserError("--stages, --steps and --windows must be ≥ 1")
     tc = TrainHeadConfig(stages=max(args.stages), steps=args.steps, batch=args.batch, seed=args.seed,
-                         threads=args.threads)
+                         threads=args.threads, query_window=args.query_window)
     try:
         acceptance_study(args.model, sorted(set(args.stages)), args.out, args.heads, args.table, tc,
                          n_windows=args.windows, timing=not args.no_timing)
@@ -94,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trace", type=Path, default=None, metavar="DIR",
                    help="write DIR/rank<k>.jsonl traces and DIR/timeline.json (Chrome / Perfetto)")
     r.add_argument("--json", action="store_true", help="print one JSON object with every figure, last")
+    r.add_argument("--verbose", action="store_true", help="each rank says on stderr when it is ready")
     r.set_defaults(func=_cmd_run)
 
     h = sub.add_parser("train-head", help="train a speculative module (or a baseline drafter) by self-distillation",
@@ -110,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--threads", type=int, default=1)
     h.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (memory)")
+    h.add_argument("--query-window", action="store_true",
+                   help="spd/window: add a linear path from the window's rows to the query row")
     h.set_defaults(func=_cmd_train_head)
 
     a = sub.add_parser("acceptance", help="acceptance of each drafter vs pipeline depth on held-out files",
@@ -129,7 +143,48 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--threads", type=int, default=1)
     a.add_argument("--windows", type=int, default=48, help="held-out windows of 512 bytes (default 48)")
     a.add_argument("--no-timing", action="store_true", help="skip the per-call timing of the module")
+    a.add_argument("--query-window", action="store_true",
+                   help="spd/window modules with the query-window path (see train-head)")
     a.set_defaults(func=_cmd_acceptance)
+
+    pr = sub.add_parser("profile", help="layer, head and link microbenchmarks plus AR / PP / SPD run traces",
+                        description="Measure what `spdsim calibrate` fits: per-layer decode time against context "
+                                    "length, embedding, final norm + LM head, message time against size between "
+                                    "ranks, and full AR / PP / SPD run traces (medians over repeats, warm-up "
+                                    "excluded). Writes TRACE_DIR/profile.json and TRACE_DIR/runs/<run>/.")
+    pr.add_argument("--model", default="tiny", help="'tiny' (the shipped checkpoint) or a checkpoint path")
+    pr.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    pr.add_argument("--stages", type=int, default=2, help="profile runs on 1..N ranks (default 2)")
+    pr.add_argument("--out", type=Path, required=True, metavar="TRACE_DIR")
+    pr.add_argument("--repeats", type=int, default=7, help="timed calls per microbenchmark (default 7)")
+    pr.add_argument("--contexts", default=None, metavar="C1,C2,...", help="context lengths of the layer sweep "
+                                                                        "(default: 1, 16, 64, 256, half and full limit)")
+    pr.add_argument("--new-tokens", type=int, default=32, help="tokens per run trace (default 32)")
+    pr.add_argument("--alphas", default="0.5,0.8", help="oracle acceptance of the SPD run traces (default 0.5,0.8)")
+    pr.add_argument("--head", default=None, metavar="PATH", help="also trace an SPD run with this trained module")
+    pr.add_argument("--threads", type=int, default=1)
+    pr.set_defaults(func=_cmd_profile)
+
+    v = sub.add_parser("validate", help="measure a scenario's points here, predict them, compare",
+                       description="For every point of SCENARIO this hardware can run: measure it with the "
+                                   "executor (median of repeats), predict it with the simulator from a "
+                                   "calibration fitted on separate runs (another prompt), replaying the "
+                                   "measured accept/reject sequence; write OUT/validation.csv, a parity plot "
+                                   "and a table. Exit 1 when an error exceeds the tolerance.")
+    v.add_argument("scenario", type=Path, metavar="SCENARIO.yaml")
+    v.add_argument("--tolerance", type=float, default=0.05,
+                   help="largest relative error allowed on tokens_per_s / speedup_vs_pp, and absolute on "
+                        "bubble_ratio (default 0.05)")
+    v.add_argument("--out", type=Path, default=Path("reports/validation"), help="default reports/validation/")
+    v.add_argument("--model", default=None, help="checkpoint to run (default: the scenario's model name, 'tiny')")
+    v.add_argument("--calibration", type=Path, default=None, metavar="CALIB.yaml",
+                   help="use this calibration (default: the scenario's, else profile + calibrate now)")
+    v.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    v.add_argument("--repeats", type=int, default=3, help="measured decodes per point (default 3)")
+    v.add_argument("--new-tokens", type=int, default=None, help="override the scenario's workload.new_tokens")
+    v.add_argument("--head", default=None, metavar="PATH", help="also validate SPD with this trained module")
+    v.add_argument("--threads", type=int, default=1)
+    v.set_defaults(func=_cmd_validate)
     return p
 
 

@@ -168,7 +168,8 @@ class Worker:
     # --- rank 0 ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def lead(self, job: Job, idle_timeout: float) -> JobResult:
+    def lead(self, job: Job, idle_timeout: float, drafter: Drafter | None = None) -> JobResult:
+        """Run one job as rank 0. `drafter` overrides the one `job.draft` names (tests use it)."""
         n, P, N = self.n, len(job.prompt), job.new_tokens
         parsed = parse_draft(job.draft)
         spd = job.scheme == "spd" and n > 1
@@ -176,7 +177,12 @@ class Worker:
         if parsed and parsed[0] == "oracle":
             reference = greedy_decode(self.model, job.prompt, N)   # before timing; clobbers the caches
             self.stage.setup_cache()
-        drafter: Drafter | None = make_drafter(parsed, reference, job.seed, self.model, n) if spd and parsed else None
+        if not spd:
+            drafter = None
+        elif drafter is None:
+            if parsed is None:
+                raise ValueError("spd needs a drafter")
+            drafter = make_drafter(parsed, reference, job.seed, self.model, n)
         feats = bool(drafter and drafter.needs_features)
         seq: list[int | None] = list(job.prompt) + [None] * N
         ctl = SpdController(P, N, window=n if spd else 1)

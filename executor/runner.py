@@ -43,6 +43,7 @@ class RunSpec:
     idle_timeout: float = 600.0
     trace_dir: str | None = None
     model_label: str = ""
+    verbose: bool = False
 
 
 # --- validation (in the launching process, before any rank starts) -------------------------------
@@ -131,11 +132,16 @@ def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
     model = load_checkpoint(spec.model).to(device)
     parts = uniform_partition(model.cfg.n_layers, world)
     stage = Stage(model, *parts[rank])
-    tr = connect(transport_kind, rank, world, device, timeout=max(spec.timeout, 60)) if world > 1 else None
+    tr = connect(transport_kind, rank, world, device, timeout=max(spec.timeout, 25)) if world > 1 else None
     worker = Worker(rank, world, model, stage, tr, spec.timeout, device)
+    if spec.verbose:
+        print(f"executor: [rank {rank}] ready (stage {rank}, layers {parts[rank]}, transport "
+              f"{tr.name if tr else 'none'})", file=sys.stderr, flush=True)
+    failed = True
     try:
         if rank > 0:
             worker.serve(spec.idle_timeout)
+            failed = False
             return None
         results = []
         for i, jd in enumerate(spec.jobs):
@@ -144,6 +150,7 @@ def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
             results.append(summarise(res, job, spec, parts, tr.name if tr else "none",
                                      trace_dir=spec.trace_dir if i == len(spec.jobs) - 1 else None))
         worker.shutdown()
+        failed = False
         return results
     except PeerLost as e:
         if tr is not None:
@@ -151,7 +158,7 @@ def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
         raise
     finally:
         if tr is not None:
-            tr.close()
+            tr.close(failed)
 
 
 def pick_transport(spec: RunSpec, world: int) -> str:
@@ -204,6 +211,7 @@ def launch(spec: RunSpec, grace_s: float = 30.0) -> list[dict]:
     validate(spec)
     if spec.stages == 1:
         return rank_main(spec, 0, 1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C works even where SIGINT was ignored
     tmp = Path(tempfile.mkdtemp(prefix="spd-run."))
     spec_file, result_file = tmp / "spec.json", tmp / "result.json"
     spec_file.write_text(json.dumps(asdict(spec)))
@@ -269,6 +277,7 @@ def _stop(procs: list[subprocess.Popen], sig: int) -> None:
 
 def _child_main(spec_file: str, result_file: str) -> int:
     """A spawned rank (also what torchrun's environment looks like)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     spec = RunSpec(**json.loads(Path(spec_file).read_text()))
     try:
@@ -307,7 +316,7 @@ def spec_from_args(args) -> RunSpec:
     jobs = [dict(job, seed=args.seed + i) for i in range(args.repeat)]
     return RunSpec(model=str(model), stages=args.stages, jobs=jobs, device=args.device, transport=args.transport,
                    threads=args.threads, timeout=args.timeout, trace_dir=str(args.trace) if args.trace else None,
-                   model_label=args.model)
+                   model_label=args.model, verbose=args.verbose)
 
 
 def run_command(args) -> int:

@@ -61,6 +61,10 @@ class PeerLost(RuntimeError):
         self.rank = rank
 
 
+class PeerClosed(PeerLost):
+    """A peer's connection closed: fatal only if we wait on that peer (they close at the end, too)."""
+
+
 class Transport(ABC):
     name = "?"
     rank: int
@@ -76,7 +80,7 @@ class Transport(ABC):
     def abort(self, dead: int) -> None:
         """Best effort: tell every other live rank that `dead` is gone, so they exit naming it."""
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 def _header(msg: Message) -> tuple[bytes, bytes]:
@@ -133,6 +137,7 @@ class SocketTransport(Transport):
             s.settimeout(timeout)                  # bounds a read once a message has started arriving
             self.selector.register(s, selectors.EVENT_READ, j)
         self.inbox: dict[int, deque[Message]] = {j: deque() for j in self.peers}
+        self.closed: set[int] = set()
 
     def _exact(self, s: socket.socket, n: int, peer: int) -> bytearray:
         buf = bytearray(n)
@@ -143,7 +148,7 @@ class SocketTransport(Transport):
             except (ConnectionError, socket.timeout, OSError) as e:
                 raise PeerLost(peer, f"connection failed ({e.__class__.__name__})") from None
             if k == 0:
-                raise PeerLost(peer, "died (connection closed)")
+                raise PeerClosed(peer, "died (connection closed)")
             got += k
         return buf
 
@@ -169,13 +174,19 @@ class SocketTransport(Transport):
             for j in sources:
                 if self.inbox[j]:
                     return j, self.inbox[j].popleft()
+                if j in self.closed:
+                    raise PeerClosed(j, "died (connection closed)")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerLost(sources[0] if len(sources) == 1 else sources[-1],
                                f"sent nothing for {timeout:.0f} s (hung or dead)")
             # Watch every peer, not just `sources`: an ABORT or a closed connection can come from anyone.
             for key, _ in self.selector.select(left):
-                self.inbox[key.data].append(self._read(key.data))
+                try:
+                    self.inbox[key.data].append(self._read(key.data))
+                except PeerClosed:
+                    self.selector.unregister(key.fileobj)
+                    self.closed.add(key.data)
 
     def abort(self, dead: int) -> None:
         for j in self.peers:
@@ -185,7 +196,7 @@ class SocketTransport(Transport):
                 except PeerLost:
                     pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.selector.close()
         for s in self.peers.values():
             s.close()
@@ -199,9 +210,10 @@ class DistTransport(Transport):
     def __init__(self, rank: int, world: int, device: torch.device, timeout: float = 60.0) -> None:
         import torch.distributed as dist
         self.dist, self.rank, self.world, self.device = dist, rank, world, device
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = self.backend = "nccl" if device.type == "cuda" else "gloo"
         self.name = f"dist-{backend}"
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=max(timeout, 60)))
+        self.inbox: dict[int, deque[Message]] = {}
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
         self._sends: deque = deque()                               # (work, tensors kept alive)
         self._pending: dict[int, tuple] = {}                       # src → (work, header buffer)
 
@@ -221,7 +233,28 @@ class DistTransport(Transport):
             self._sends.append((self.dist.isend(body, dst), [body]))
         self._reap()
 
+    def _finish(self, j: int, buf: Tensor) -> Message:
+        """The header from j has arrived: receive the payload (j sends it right after), build the message."""
+        head = tuple(int(v) for v in buf.tolist())
+        payload = b""
+        if head[-1]:
+            body = torch.empty(head[-1], dtype=torch.uint8, device=self.device)
+            try:
+                self.dist.recv(body, j)
+            except RuntimeError as e:
+                raise PeerLost(j, f"died ({str(e).splitlines()[0][:80]})") from None
+            payload = body.cpu().numpy().tobytes()
+        msg = _message(head, payload)
+        if msg.tensor is not None:
+            msg.tensor = msg.tensor.to(self.device)
+        if msg.kind == ABORT:
+            raise PeerLost(msg.aux, f"died (reported by rank {j})")
+        return msg
+
     def recv(self, sources: list[int], timeout: float) -> tuple[int, Message]:
+        if self.backend == "gloo":
+            return self._recv_any(sources, timeout)
+        # NCCL has no any-source receive: one posted header receive per source, polled.
         deadline = time.monotonic() + timeout
         for j in sources:
             if j not in self._pending:
@@ -231,41 +264,53 @@ class DistTransport(Transport):
             for j in sources:
                 work, buf = self._pending[j]
                 try:
-                    done = len(sources) == 1 and work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
-                    done = done or work.is_completed()
+                    if len(sources) == 1:
+                        work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+                    elif not work.is_completed():
+                        continue
                 except RuntimeError as e:
                     raise PeerLost(j, f"died or hung ({str(e).splitlines()[0][:80]})") from None
-                if not done:
-                    continue
                 del self._pending[j]
-                head = tuple(int(v) for v in buf.tolist())
-                payload = b""
-                if head[-1]:
-                    body = torch.empty(head[-1], dtype=torch.uint8, device=self.device)
-                    try:
-                        self.dist.recv(body, j)
-                    except RuntimeError as e:
-                        raise PeerLost(j, f"died ({str(e).splitlines()[0][:80]})") from None
-                    payload = body.cpu().numpy().tobytes()
-                msg = _message(head, payload)
-                if msg.tensor is not None:
-                    msg.tensor = msg.tensor.to(self.device)
-                if msg.kind == ABORT:
-                    raise PeerLost(msg.aux, f"died (reported by rank {j})")
-                return j, msg
+                return j, self._finish(j, buf)
             if time.monotonic() > deadline:
                 raise PeerLost(sources[-1], f"sent nothing for {timeout:.0f} s (hung or dead)")
             time.sleep(20e-6)
 
-    def abort(self, dead: int) -> None:
-        pass        # a rank blocked on another peer learns of the failure from that peer's exit
+    def _recv_any(self, sources: list[int], timeout: float) -> tuple[int, Message]:
+        # gloo: every message comes through one any-source header receive (gloo's is_completed() does
+        # not progress a receive, so several posted receives cannot be polled); others wait in an inbox.
+        deadline = time.monotonic() + timeout
+        while True:
+            for j in sources:
+                if self.inbox.get(j):
+                    return j, self.inbox[j].popleft()
+            buf = torch.empty(9, dtype=torch.int64)
+            work = self.dist.irecv(buf)
+            try:
+                work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+            except RuntimeError:
+                who = sources[0] if len(sources) == 1 else sources[-1]
+                raise PeerLost(who, f"sent nothing for {timeout:.0f} s (hung or dead)") from None
+            j = work._source_rank()
+            self.inbox.setdefault(j, deque()).append(self._finish(j, buf))
 
-    def close(self) -> None:
+    def abort(self, dead: int) -> None:
+        if self.backend != "gloo":
+            return      # NCCL ranks learn of a failure from the failing peer's exit (or torchrun)
+        for j in range(self.world):
+            if j not in (dead, self.rank):
+                h = torch.tensor(_HEADER.unpack(_header(Message(ABORT, aux=dead))[0]), dtype=torch.int64)
+                self._sends.append((self.dist.isend(h, j), [h]))
+        time.sleep(0.2)  # let gloo's threads put them on the wire; never wait on a dead peer
+
+    def close(self, failed: bool = False) -> None:
+        if failed:          # a peer is gone: waiting for sends or a collective teardown could hang
+            return
         try:
             self._reap(block=True)
+            self.dist.destroy_process_group()
         except RuntimeError:
             pass
-        self.dist.destroy_process_group()
 
 
 def make_store(rank: int, world: int, timeout: float = 60.0):
