@@ -74,14 +74,15 @@ def obtain_drafters(target: Transformer, target_path: Path, stages: list[int], o
     tid = target_id(target_path)
     for n in stages:
         for kind in DRAFTERS:
-            hc = HeadConfig.for_target(target.cfg, n, kind=kind, n_layers=tc.n_layers)
+            qw = tc.query_window and kind in ("spd", "window")
+            hc = HeadConfig.for_target(target.cfg, n, kind=kind, n_layers=tc.n_layers, query_window=qw)
             if kind == "early-exit-raw":                         # nothing to train
                 found[(kind, n)] = build_drafter(hc, target).eval()
                 continue
             path = _drafter_path(kind, n, out, heads)
             meta = json.loads(Path(str(path) + ".json").read_text()) if Path(str(path) + ".json").exists() else {}
             same = (meta.get("steps"), meta.get("seed"), meta.get("batch"), meta.get("seq")) == (tc.steps, tc.seed, tc.batch, tc.seq)
-            if same and meta.get("target_id") == tid:
+            if same and meta.get("target_id") == tid and meta.get("head", {}).get("query_window", False) == qw:
                 found[(kind, n)] = load_drafter(path)
                 log(f"{kind} n={n}: {path}")
             else:
@@ -95,7 +96,8 @@ def obtain_drafters(target: Transformer, target_path: Path, stages: list[int], o
                 "lr": tc.lr, "train_minutes": round(run.seconds / 60, 2),
                 "final_train_kl": round(float(np.mean(run.losses[-25:])), 4),
                 "command": f"executor train-head --stages {run.cfg.stages} --kind {run.cfg.kind} --model {target_path} "
-                           f"--out {path} --steps {tc.steps} --batch {tc.batch} --seed {tc.seed}"})
+                           f"--out {path} --steps {tc.steps} --batch {tc.batch} --seed {tc.seed}"
+                           + (" --query-window" if run.cfg.query_window else "")})
             found[(run.cfg.kind, run.cfg.stages)] = load_drafter(path)     # evaluate what was saved (fp16)
     return found
 
@@ -197,7 +199,8 @@ def acceptance_study(model: str, stages: list[int], out: Path, heads: Path, tabl
                           "head_over_stage": round(head_ms / stage_ms, 3)})
             log(f"n={n}: module {head_ms:.3f} ms/call, one stage ({target.cfg.n_layers // n} layers) {stage_ms:.3f} ms")
     label = "tiny" if model == "tiny" else Path(model).stem
-    command = f"executor acceptance --model {model} --stages {' '.join(map(str, stages))} --steps {tc.steps}"
+    command = (f"executor acceptance --model {model} --stages {' '.join(map(str, stages))} --steps {tc.steps} "
+               f"--batch {tc.batch}" + (" --query-window" if tc.query_window else ""))
     table_path = None if table == "none" else Path(table or f"scenarios/acceptance/{label}_head.yaml")
     write_outputs(rows, times, out, table_path, label, command)
     log(f"{'drafter':<16}{'n':>3}{'acceptance':>12}{'top5':>8}{'tokens':>8}")

@@ -54,6 +54,7 @@ class HeadConfig:
     dim: int                       # target hidden size (the module works at the same width)
     vocab_size: int
     n_layers: int = 1
+    query_window: bool = False     # the query row also gets a linear summary of the window's newest rows
     n_heads: int = 4
     ffn_dim: int = 688
     max_seq_len: int = 1024
@@ -120,6 +121,11 @@ class SpecHead(nn.Module):
         for d, p in enumerate(self.proj):
             with torch.no_grad():
                 p.weight.copy_(torch.eye(dim).repeat(1, d + 1) / (d + 1) + 0.01 * torch.randn(p.weight.shape, generator=g))
+        # Optional direct path from the window to the query (position q-d at depth d, d = 1..n), zero at
+        # init; attention alone must otherwise learn to find those few keys among the whole sequence.
+        self.qwin = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(n if cfg.query_window else 0))
+        for w in self.qwin:
+            nn.init.zeros_(w.weight)
         bc = cfg.block_config()
         self.layers = nn.ModuleList(Block(bc) for _ in range(cfg.n_layers))
         for name, p in self.layers.named_parameters():
@@ -146,6 +152,8 @@ class SpecHead(nn.Module):
         # Lists, not stacked tensors: indexing a stack costs a full-size zero tensor in backward.
         r = [_rms(c, self.cfg.norm_eps) for c in ckpts.unbind(2)]
         h = [self.proj[d](torch.cat(r[: d + 1], -1)) for d in range(n + 1)]     # variant o = depth o
+        for d, w in enumerate(self.qwin, start=1):     # variant 0 is read only by its own query
+            h[0] = h[0] + w(F.pad(h[d][:, : T - d], (0, 0, d, 0)))
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for i, layer in enumerate(self.layers):
             keep = [0] if i == len(self.layers) - 1 else list(range(n + 1))
@@ -348,6 +356,9 @@ class HeadDrafter(Drafter):
         parts = [self.head.row(self.feats[first:stable_end], n, normed=True)] if stable_end > first else []
         parts += [self.head.row(self.feats[q - d], d, normed=True)[None] for d in range(min(n, q - first + 1) - 1, -1, -1)]
         rows = torch.cat(parts)
+        for d, w in enumerate(self.head.qwin, start=1):    # rows[-1 - d] is position q - d at depth d
+            if q - d >= first:
+                rows[-1] = rows[-1] + w(rows[-1 - d])
         out = self.head.step(rows[None], first)
         if spd:   # positions ≤ q - n were written at depth n; later ones are transient
             self.stable = max(0, q - n + 1)

@@ -37,6 +37,7 @@ class TrainHeadConfig:
     seed: int = 0
     threads: int = 1
     n_layers: int = 1
+    query_window: bool = False        # spd/window modules: the query row also sums the window's rows
     grad_checkpoint: bool = False     # recompute the variant attention in backward (multi-layer, long seq)
 
 
@@ -128,14 +129,16 @@ def train_drafters(target: Transformer, heads: list[HeadConfig], tc: TrainHeadCo
 def train_head(model: str | Path, out: Path, tc: TrainHeadConfig, log=print) -> dict:
     """`executor train-head`: one drafter, saved to `out` (+ .json with the command that made it)."""
     target, tpath = resolve_target(model)
-    hc = HeadConfig.for_target(target.cfg, tc.stages, kind=tc.kind, n_layers=tc.n_layers)
+    qw = tc.query_window and tc.kind in ("spd", "window")
+    hc = HeadConfig.for_target(target.cfg, tc.stages, kind=tc.kind, n_layers=tc.n_layers, query_window=qw)
     (run,) = train_drafters(target, [hc], tc, log)
     meta = {"target": str(tpath), "target_id": target_id(tpath), "seed": tc.seed, "steps": tc.steps, "batch": tc.batch, "seq": tc.seq, "lr": tc.lr,
             "train_minutes": round(run.seconds / 60, 2),
             "final_train_kl": round(float(np.mean(run.losses[-25:])), 4) if run.losses else None,
             "final_train_greedy_acc": round(float(np.mean(run.accs[-25:])), 4) if run.accs else None,
             "command": f"executor train-head --stages {tc.stages} --kind {tc.kind} --model {model} --out {out} "
-                       f"--steps {tc.steps} --seed {tc.seed} --layers {tc.n_layers}"}
+                       f"--steps {tc.steps} --batch {tc.batch} --seed {tc.seed} --layers {tc.n_layers}"
+                       + (" --query-window" if qw else "")}
     save_drafter(run.module, out, meta)
     log(f"saved {out}: {meta}")
     return meta

@@ -29,8 +29,8 @@ def _features(target: Transformer, cfg: HeadConfig, T: int, seed: int):
     return toks, hidden, target_checkpoints(hidden, cfg)
 
 
-def _head(target, n, kind="spd", layers=1, seed=1):
-    cfg = HeadConfig.for_target(TCFG, n, kind=kind, n_layers=layers, ffn_dim=96)
+def _head(target, n, kind="spd", layers=1, seed=1, query_window=False):
+    cfg = HeadConfig.for_target(TCFG, n, kind=kind, n_layers=layers, ffn_dim=96, query_window=query_window)
     head = SpecHead(cfg, target, seed=seed).eval()
     with torch.no_grad():      # move every weight off its init so nothing is accidentally symmetric
         for p in head.parameters():
@@ -38,10 +38,10 @@ def _head(target, n, kind="spd", layers=1, seed=1):
     return head
 
 
-@pytest.mark.parametrize("kind", ["spd", "window"])
+@pytest.mark.parametrize("kind,query_window", [("spd", False), ("window", False), ("spd", True), ("window", True)])
 @pytest.mark.parametrize("n,layers", [(1, 1), (2, 1), (2, 2), (4, 1), (4, 3)])
-def test_parallel_forward_equals_step_by_step_drafter(target, kind, n, layers):
-    head = _head(target, n, kind, layers)
+def test_parallel_forward_equals_step_by_step_drafter(target, kind, query_window, n, layers):
+    head = _head(target, n, kind, layers, query_window=query_window)
     T, P = 26, 6
     toks, hidden, ck = _features(target, head.cfg, T, seed=n + 10 * layers)
     with torch.no_grad():
@@ -67,9 +67,10 @@ def test_parallel_forward_equals_step_by_step_drafter(target, kind, n, layers):
     assert worst < 1e-4
 
 
-def test_training_mask_shows_each_position_at_its_depth(target):
+@pytest.mark.parametrize("query_window", [False, True])
+def test_training_mask_shows_each_position_at_its_depth(target, query_window):
     n, q = 3, 12
-    head = _head(target, n, layers=2)
+    head = _head(target, n, layers=2, query_window=query_window)
     toks, hidden, ck = _features(target, head.cfg, 16, seed=3)
     with torch.no_grad():
         base = head(ck)[0, q]
