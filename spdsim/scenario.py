@@ -130,6 +130,12 @@ class Scenario:
     baselines: Baselines = Baselines()
 
     def cost_model(self) -> RooflineCosts:
+        if self.calibration:        # a `spdsim calibrate` file replaces the roofline (spdsim/calibrate.py)
+            from spdsim.calibrate import load_calibration
+            path = Path(self.calibration)
+            if not path.is_absolute() and self.path is not None and not path.exists():
+                path = self.path.parent / path
+            return load_calibration(path, head_kind="head" if self.head.features else "oracle")
         return RooflineCosts(self.model, self.hardware.gpu, self.hardware.graph, self.costs,
                              head_layers=self.head.layers)
 

@@ -1,0 +1,358 @@
+"""`spdsim calibrate TRACE_DIR --out CALIB.yaml`: fit the simulator's cost model to executor traces, and
+`CalibratedCosts`, the `CostModel` a scenario gets when it names `calibration: CALIB.yaml`.
+
+TRACE_DIR is what `executor profile` writes: profile.json (microbenchmarks) and runs/<run>/rank<k>.jsonl
+(full AR / PP / SPD decode traces, spdsim.trace schema). What is fitted, and from what:
+
+  layer      a + b·ctx per decoder layer: least squares over the per-layer microbenchmark medians
+  embed, lm_head   their microbenchmark medians
+  contention κ     one factor on all compute: Σ measured ÷ Σ microbenchmark-predicted stage time over every
+                   decode compute event of the run traces (ranks share cores and caches while the pipeline
+                   runs; a lone microbenchmark does not see that)
+  In-run components (κ, tick, message, head) are means, not medians: a prediction of tokens/s needs the
+  total time, and on a shared CPU the per-tick times are heavy-tailed (preemption), so a median would
+  systematically under-predict.
+  link       latency + bytes / bandwidth: least squares over the ping-pong one-way times against size
+  tick_overhead    the host-side time a rank spends per tick outside its forward (receive and unpack,
+                   send, Python bookkeeping): gaps between consecutive decode computes of a rank whose
+                   next input was already waiting (stages ≥ 2, and AR's single rank, which never waits)
+  msg_overhead     delivery cost beyond the link fit: for messages that reached an idle rank, (send start →
+                   the receiver's compute start) − tick_overhead − link(bytes), median, ≥ 0
+  head       the speculative module's draft time, median of `head` events, per drafter kind (oracle / head)
+
+Every component's fit error is printed (relative RMS of the fit against the samples it was fitted to).
+This module must not import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from spdsim.errors import UserError
+from spdsim.trace import Trace, TraceEvent, read_trace
+
+CALIBRATION_KIND = "spdsim-calibration"
+VERSION = 1
+
+
+# --- the calibrated cost model ------------------------------------------------------------------------
+
+@dataclass
+class CalibratedCosts:
+    """`spdsim.costs.CostModel` from a calibration file. Times in seconds."""
+    layer_a_s: float
+    layer_b_s: float                      # per token of context
+    embed_s_: float
+    lm_head_s_: float
+    head_s_by_kind: dict[str, float]
+    link_latency_s: float
+    link_bandwidth: float                 # bytes / s
+    tick_overhead_s: float = 0.0
+    msg_overhead_s: float = 0.0
+    contention: float = 1.0               # κ, already folded into the figures above
+    head_kind: str = "oracle"             # which drafter head_s stands for
+    source: dict = field(default_factory=dict)
+
+    def layer_s(self, layer: int, ctx: int) -> float:
+        return self.layer_a_s + self.layer_b_s * ctx
+
+    def embed_s(self) -> float:
+        return self.embed_s_
+
+    def lm_head_s(self) -> float:
+        return self.lm_head_s_
+
+    def head_s(self, ctx: int) -> float:
+        by = self.head_s_by_kind
+        return by.get(self.head_kind, by.get("oracle", 0.0))
+
+    def verify_s(self) -> float:
+        return self.lm_head_s_
+
+    def draft_s(self, ctx: int) -> float:
+        return self.head_s(ctx)
+
+    def stage_s(self, stage: int, first_layer: int, last_layer: int, ctx: int, first: bool, last: bool) -> float:
+        t = (last_layer - first_layer) * (self.layer_a_s + self.layer_b_s * ctx)
+        if first:
+            t += self.embed_s_
+        if last:
+            t += self.lm_head_s_
+        return t
+
+    def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]:
+        return nbytes / self.link_bandwidth, self.link_latency_s
+
+    def with_head(self, kind: str) -> "CalibratedCosts":
+        from dataclasses import replace
+        return replace(self, head_kind=kind)
+
+    # --- file form ---
+    def to_yaml_dict(self, fit_error: dict | None = None) -> dict:
+        return {"kind": CALIBRATION_KIND, "version": VERSION,
+                "layer": {"a_ms": self.layer_a_s * 1e3, "b_us_per_ctx": self.layer_b_s * 1e6},
+                "embed_ms": self.embed_s_ * 1e3, "lm_head_ms": self.lm_head_s_ * 1e3,
+                "head_ms": {k: v * 1e3 for k, v in self.head_s_by_kind.items()},
+                "link": {"latency_us": self.link_latency_s * 1e6, "gbps": self.link_bandwidth / 1e9},
+                "tick_overhead_ms": self.tick_overhead_s * 1e3, "msg_overhead_ms": self.msg_overhead_s * 1e3,
+                "contention": self.contention, "fit_error_pct": fit_error or {}, "source": self.source}
+
+    @classmethod
+    def from_yaml_dict(cls, d: dict, where: str = "calibration") -> "CalibratedCosts":
+        if not isinstance(d, dict) or d.get("kind") != CALIBRATION_KIND:
+            raise UserError(f"{where}: not a `spdsim calibrate` file (kind: {CALIBRATION_KIND} missing)")
+        try:
+            link = d["link"]
+            costs = cls(layer_a_s=float(d["layer"]["a_ms"]) * 1e-3,
+                        layer_b_s=float(d["layer"].get("b_us_per_ctx", 0.0)) * 1e-6,
+                        embed_s_=float(d.get("embed_ms", 0.0)) * 1e-3,
+                        lm_head_s_=float(d.get("lm_head_ms", 0.0)) * 1e-3,
+                        head_s_by_kind={str(k): float(v) * 1e-3 for k, v in (d.get("head_ms") or {}).items()},
+                        link_latency_s=float(link["latency_us"]) * 1e-6,
+                        link_bandwidth=float(link["gbps"]) * 1e9,
+                        tick_overhead_s=float(d.get("tick_overhead_ms", 0.0)) * 1e-3,
+                        msg_overhead_s=float(d.get("msg_overhead_ms", 0.0)) * 1e-3,
+                        contention=float(d.get("contention", 1.0)),
+                        source=dict(d.get("source") or {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where}: malformed calibration ({e.__class__.__name__}: {e})") from None
+        if costs.link_bandwidth <= 0 or min(costs.layer_a_s, costs.tick_overhead_s, costs.msg_overhead_s,
+                                            costs.link_latency_s) < 0:
+            raise UserError(f"{where}: negative time or non-positive bandwidth")
+        return costs
+
+
+def load_calibration(path: str | Path, head_kind: str = "oracle") -> CalibratedCosts:
+    """The file's cost model, head_s standing for the `head_kind` drafter (oracle | head). Cached per
+    file version: a sweep asks for the cost model once per point."""
+    path = Path(path)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError as e:
+        raise UserError(f"calibration: cannot read {path} ({e.strerror})") from None
+    return _load(str(path.resolve()), mtime).with_head(head_kind)
+
+
+@functools.lru_cache(maxsize=16)
+def _load(path_str: str, mtime: int) -> CalibratedCosts:
+    path = Path(path_str)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"calibration: cannot read {path} ({e.strerror})") from None
+    except yaml.YAMLError:
+        raise UserError(f"calibration: {path} is not valid YAML") from None
+    return CalibratedCosts.from_yaml_dict(d, f"calibration {path}")
+
+
+# --- fitting ----------------------------------------------------------------------------------------
+
+def _rel_rms(pred: list[float], meas: list[float]) -> float:
+    """Relative RMS error of a fit, in %."""
+    r = [(p - m) / m for p, m in zip(pred, meas) if m > 0]
+    return 100.0 * math.sqrt(sum(x * x for x in r) / len(r)) if r else float("nan")
+
+
+def fit_layer(layers: list[dict]) -> tuple[float, float, float]:
+    """(a, b, error %) of median_s ≈ a + b·ctx over every (layer, ctx) microbenchmark."""
+    ctx = np.array([r["ctx"] for r in layers], float)
+    y = np.array([r["median_s"] for r in layers], float)
+    if len(set(ctx)) < 2:
+        a, b = float(np.median(y)), 0.0
+    else:
+        (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(ctx), ctx], 1), y, rcond=None)
+        if b < 0:                   # noise on a flat curve: no growth with context
+            a, b = float(np.mean(y)), 0.0
+    return float(a), float(b), _rel_rms(list(a + b * ctx), list(y))
+
+
+def fit_link(link: list[dict]) -> tuple[float, float, float]:
+    """(latency s, bandwidth B/s, error %) of one_way_s ≈ latency + bytes / bandwidth."""
+    x = np.array([r["bytes"] for r in link], float)
+    y = np.array([r["one_way_s"] for r in link], float)
+    (lat, inv_bw), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
+    if inv_bw <= 0:
+        inv_bw = 1e-12
+    lat = max(float(lat), 0.0)
+    return lat, 1.0 / float(inv_bw), _rel_rms(list(lat + x * inv_bw), list(y))
+
+
+def _decode(events: list[TraceEvent], kind: str, device: str | None = None, name_prefix: str | None = None):
+    out = [e for e in events if e.kind == kind and e.phase == "decode" and (device is None or e.device == device)
+           and (name_prefix is None or e.name.startswith(name_prefix))]
+    return sorted(out, key=lambda e: e.start_ns)
+
+
+def run_gaps(trace: Trace) -> dict[str, list[float]]:
+    """Host-side overhead samples of one run (seconds): 'tick' gaps of a rank whose next input was waiting,
+    'latency' from a message's send start to the compute it fed on an idle rank (with its bytes)."""
+    h, ev = trace.header, trace.events
+    n = h.stages
+    ticks, lat, lat_bytes = [], [], []
+    if n == 1:
+        comp = _decode(ev, "compute", "rank0")
+        ticks += [(b.start_ns - a.end_ns) * 1e-9 for a, b in zip(comp, comp[1:])]
+        return {"tick": ticks, "latency": [], "latency_bytes": []}
+    for r in range(1, n):
+        comp = _decode(ev, "compute", f"rank{r}")
+        sends_in = _decode(ev, "send", f"rank{r - 1}", f"act {r - 1}->{r}")
+        own_sends = _decode(ev, "send", f"rank{r}")
+        if len(comp) != len(sends_in):
+            continue                                   # an unexpected trace: skip rather than mis-pair
+        own_end = {}
+        for s in own_sends:                            # the rank's own send after each compute
+            own_end.setdefault(s.position, []).append(s.end_ns)
+        for k in range(len(comp)):
+            msg, c = sends_in[k], comp[k]
+            if k == 0:
+                busy_until = 0
+            else:
+                prev = comp[k - 1]
+                after = [t for t in own_end.get(prev.position, []) if t >= prev.end_ns]
+                busy_until = min(after) if after else prev.end_ns
+            if k > 0 and msg.end_ns <= comp[k - 1].end_ns:
+                ticks.append((c.start_ns - comp[k - 1].end_ns) * 1e-9)      # input was waiting
+            elif msg.start_ns >= busy_until:
+                lat.append((c.start_ns - msg.start_ns) * 1e-9)               # rank was idle
+                lat_bytes.append(msg.bytes)
+    if h.scheme == "pp":                               # rank 0 waits idle for every RESULT under PP
+        comp0 = _decode(ev, "compute", "rank0")
+        results = _decode(ev, "send", f"rank{n - 1}", f"result {n - 1}->0")
+        for res, nxt in zip(results, comp0[1:]):
+            if nxt.start_ns >= res.start_ns:
+                lat.append((nxt.start_ns - res.start_ns) * 1e-9)
+                lat_bytes.append(res.bytes)
+    return {"tick": ticks, "latency": lat, "latency_bytes": lat_bytes}
+
+
+def _micro_stage_s(a: float, b: float, embed: float, lm_head: float, layers: tuple[int, int], ctx: int,
+                   first: bool, last: bool) -> float:
+    return (layers[1] - layers[0]) * (a + b * ctx) + (embed if first else 0.0) + (lm_head if last else 0.0)
+
+
+def load_runs(trace_dir: Path) -> list[Trace]:
+    runs_dir = trace_dir / "runs"
+    if not runs_dir.is_dir():
+        return []
+    out = []
+    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        try:
+            out.append(read_trace(d))
+        except ValueError as e:
+            raise UserError(f"{d}: {e}") from None
+    return out
+
+
+def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
+    """Fit everything; returns (costs, fit error % per component, printable report lines)."""
+    prof_path = trace_dir / "profile.json"
+    try:
+        prof = json.loads(prof_path.read_text())
+    except OSError:
+        raise UserError(f"{trace_dir}: no profile.json (run `executor profile --out {trace_dir}` first)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{prof_path}: not JSON ({e.msg})") from None
+    if not prof.get("layers"):
+        raise UserError(f"{prof_path}: no layer measurements")
+    lines, err = [], {}
+    a, b, err["layer"] = fit_layer(prof["layers"])
+    embed, lm_head = float(prof["embed_s"]), float(prof["lm_head_s"])
+    lines.append(f"layer     a = {a * 1e3:.4f} ms + b = {b * 1e6:.4f} µs/ctx   fit error {err['layer']:.1f}% "
+                 f"({len(prof['layers'])} medians, contexts {prof.get('contexts')})")
+    lines.append(f"embed     {embed * 1e3:.4f} ms;  lm_head {lm_head * 1e3:.4f} ms (microbenchmark medians)")
+    if prof.get("link"):
+        lat, bw, err["link"] = fit_link(prof["link"])
+        lines.append(f"link      latency {lat * 1e6:.1f} µs + bytes / {bw / 1e9:.3f} GB/s   fit error {err['link']:.1f}% "
+                     f"({len(prof['link'])} sizes)")
+    else:
+        lat, bw = 0.0, 1e12
+        lines.append("link      no link measurements: free links")
+    runs = load_runs(trace_dir)
+    kappa = 1.0
+    tick = msg = 0.0
+    heads: dict[str, list[float]] = {}
+    if runs:
+        ratios, per_run = [], {}
+        ticks: list[float] = []
+        lats: list[tuple[float, int]] = []
+        for tr in runs:
+            h = tr.header
+            n = h.stages
+            rr = []
+            for e in _decode(tr.events, "compute"):
+                layers = tuple(h.partition[e.stage])
+                micro = _micro_stage_s(a, b, embed, lm_head, layers, e.position + 1, e.stage == 0, e.stage == n - 1)
+                rr.append((e.duration_ns * 1e-9, micro))
+            ratios += rr
+            per_run[f"{h.scheme}-n{n}:{h.extra.get('draft') or ''}"] = (
+                sum(m for m, _ in rr) / sum(p for _, p in rr) if rr else float("nan"))
+            g = run_gaps(tr)
+            ticks += g["tick"]
+            lats += list(zip(g["latency"], g["latency_bytes"]))
+            kind = str(h.extra.get("draft") or "").split(":")[0]
+            if kind:
+                heads.setdefault(kind, []).extend(e.duration_ns * 1e-9 for e in _decode(tr.events, "head"))
+        kappa = sum(m for m, _ in ratios) / sum(p for _, p in ratios)
+        err["compute"] = _rel_rms([kappa * p for _, p in ratios], [m for m, _ in ratios])
+        lines.append(f"compute   contention κ = {kappa:.3f} (Σ run compute ÷ Σ microbenchmark prediction over "
+                     f"{len(ratios)} events)   fit error {err['compute']:.1f}%;  per run: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in per_run.items()))
+        if ticks:
+            tick = statistics.fmean(ticks)
+            err["tick_overhead"] = _rel_rms([tick] * len(ticks), ticks)
+            lines.append(f"tick      {tick * 1e3:.4f} ms per tick (mean of {len(ticks)} gaps)   spread "
+                         f"{err['tick_overhead']:.1f}%")
+        if lats:
+            extra = [L - tick - (lat + nb / bw) for L, nb in lats]
+            msg = max(statistics.fmean(extra), 0.0)
+            pred = [tick + lat + nb / bw + msg for _, nb in lats]
+            err["msg_overhead"] = _rel_rms(pred, [L for L, _ in lats])
+            lines.append(f"message   {msg * 1e3:.4f} ms per message beyond the link (mean of {len(lats)} "
+                         f"idle-receiver deliveries)   delivery fit error {err['msg_overhead']:.1f}%")
+    else:
+        lines.append("runs      no run traces: κ = 1, no tick or message overhead")
+    head_by_kind = {k: statistics.fmean(v) for k, v in heads.items() if v}
+    for k, v in heads.items():
+        if v:
+            err[f"head_{k}"] = _rel_rms([head_by_kind[k]] * len(v), v)
+            lines.append(f"head      {k}: {head_by_kind[k] * 1e3:.4f} ms per draft (mean of {len(v)})   "
+                         f"spread {err[f'head_{k}']:.1f}%")
+    head_by_kind.setdefault("oracle", 0.0)
+    source = {"trace_dir": str(trace_dir), "device": prof.get("device"), "transport": prof.get("transport"),
+              "model": prof.get("model"), "model_path": prof.get("model_path"), "cpu_count": prof.get("cpu_count"),
+              "load_avg": prof.get("load_avg"), "prompt_tokens": prof.get("prompt_tokens"),
+              "runs": [f"{t.header.scheme}-n{t.header.stages}:{t.header.extra.get('draft') or ''}" for t in runs]}
+    costs = CalibratedCosts(layer_a_s=a * kappa, layer_b_s=b * kappa, embed_s_=embed * kappa,
+                            lm_head_s_=lm_head * kappa, head_s_by_kind=head_by_kind, link_latency_s=lat,
+                            link_bandwidth=bw, tick_overhead_s=tick, msg_overhead_s=msg, contention=kappa,
+                            source=source)
+    return costs, err, lines
+
+
+def write_calibration(path: Path, costs: CalibratedCosts, err: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else round(float(v), 3)) for k, v in err.items()}
+    path.write_text("# written by `spdsim calibrate`; name it under `calibration:` in a scenario\n"
+                    + yaml.safe_dump(costs.to_yaml_dict(clean), sort_keys=False))
+    return path
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    trace_dir = Path(args.trace_dir)
+    if not trace_dir.is_dir():
+        raise UserError(f"{trace_dir}: not a directory")
+    costs, err, lines = calibrate(trace_dir)
+    for line in lines:
+        print(line)
+    write_calibration(Path(args.out), costs, err)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
