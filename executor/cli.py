@@ -13,7 +13,10 @@ DEFAULT_TINY = Path(__file__).parent / "weights" / "tiny.safetensors"
 
 def _cmd_train_lm(args: argparse.Namespace) -> int:
     from executor.train import TrainLMConfig, train_lm
-    meta = train_lm(TrainLMConfig(out=args.out, steps=args.steps, seed=args.seed, threads=args.threads))
+    if args.steps < 1 or (args.schedule_steps is not None and args.schedule_steps < args.steps):
+        raise UserError("--steps must be ≥ 1 and --schedule-steps ≥ --steps")
+    meta = train_lm(TrainLMConfig(out=args.out, steps=args.steps, schedule_steps=args.schedule_steps,
+                                  seed=args.seed, threads=args.threads))
     print(f"validation loss {meta['val_loss_nats_per_byte']} nats/byte, "
           f"greedy next-byte accuracy {meta['val_greedy_next_byte_accuracy']}")
     return 0
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "machine's Python standard library sources; checkpoints as it goes.")
     t.add_argument("--out", type=Path, default=DEFAULT_TINY, help=f"checkpoint path (default {DEFAULT_TINY})")
     t.add_argument("--steps", type=int, default=500, help="optimizer steps of 16×256 bytes (default 500)")
+    t.add_argument("--schedule-steps", type=int, default=None,
+                   help="length of the cosine LR schedule (default --steps); the shipped model stopped at "
+                        "200 steps of a 500-step schedule")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.set_defaults(func=_cmd_train_lm)

@@ -261,12 +261,14 @@ def greedy_decode(model: Transformer, prompt: list[int], new_tokens: int) -> lis
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-def save_checkpoint(model: Transformer, path: str | Path, meta: dict | None = None) -> None:
-    """Our own format: `<path>` (safetensors) + `<path>.json` (config and training metadata)."""
+def save_checkpoint(model: Transformer, path: str | Path, meta: dict | None = None,
+                    dtype: torch.dtype | None = None) -> None:
+    """Our own format: `<path>` (safetensors) + `<path>.json` (config and training metadata).
+    `dtype` stores the tensors in another precision (bf16 halves the shipped file); loading upcasts."""
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state.pop("output.weight", None)
     save_file(state, str(path))
@@ -286,7 +288,8 @@ def load_checkpoint(path: str | Path) -> Transformer:
         raise FileNotFoundError(f"{path}: no such checkpoint (expected {path} and {meta_path})")
     cfg = ModelConfig.from_json(json.loads(meta_path.read_text())["config"])
     model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    state = {k: v.float() for k, v in load_file(str(path)).items()}   # shipped weights may be bf16
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_embeddings and m == "output.weight")]
     if missing or unexpected:
         raise ValueError(f"{path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")

@@ -22,6 +22,7 @@ from executor.model import CONFIGS, Transformer, save_checkpoint
 class TrainLMConfig:
     out: Path
     steps: int = 500
+    schedule_steps: int | None = None   # length of the LR schedule; default `steps` (stop early on a longer one)
     seed: int = 0
     batch: int = 16
     seq: int = 256
@@ -64,20 +65,25 @@ def train_lm(cfg: TrainLMConfig, log=print) -> dict:
     meta: dict = {}
 
     def save() -> dict:
-        val_loss, val_acc = evaluate(model, corpus.val, cfg.eval_batches, cfg.batch, cfg.seq)
+        # Shipped in bf16 (half the file); the figures recorded are those of the bf16-rounded weights.
+        rounded = Transformer(model.cfg)
+        rounded.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+        val_loss, val_acc = evaluate(rounded, corpus.val, cfg.eval_batches, cfg.batch, cfg.seq)
         info = {"model": "tiny", "seed": cfg.seed, "steps": step, "train_tokens": tokens,
                 "train_minutes": round((time.perf_counter() - t_start) / 60, 2),
                 "val_loss_nats_per_byte": round(val_loss, 4), "val_greedy_next_byte_accuracy": round(val_acc, 4),
                 "corpus": f"stdlib .py, {len(corpus.train_files)} train / {len(corpus.val_files)} validation files",
-                "command": f"executor train-lm --steps {cfg.steps} --seed {cfg.seed} --out {cfg.out}"}
-        save_checkpoint(model, cfg.out, info)
+                "command": f"executor train-lm --steps {cfg.steps}"
+                           + (f" --schedule-steps {cfg.schedule_steps}" if cfg.schedule_steps else "")
+                           + f" --seed {cfg.seed} --threads {cfg.threads} --out {cfg.out}"}
+        save_checkpoint(model, cfg.out, info, dtype=torch.bfloat16)
         log(f"step {step}: val loss {val_loss:.3f} nats/byte, greedy acc {val_acc:.3f} → saved {cfg.out}")
         return info
 
     model.train()
     while step < cfg.steps:
         # Warm-up, then cosine decay to a tenth of the peak.
-        frac = step / cfg.steps
+        frac = step / (cfg.schedule_steps or cfg.steps)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
