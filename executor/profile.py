@@ -108,14 +108,23 @@ def compute_benchmarks(cfg: ProfileConfig) -> dict:
 
 # --- links: a ping-pong between two ranks over the runs' transport ---------------------------------
 
-def _link_rank(rank: int, port: int, kind: str, device: str, sizes: tuple[int, ...], repeats: int, warmup: int,
-               queue) -> None:
+def _link_rank(rank: int, port: int, kind: str, device: str, sizes: tuple[int, ...], repeats: int,
+               warmup: int) -> list[dict]:
+    """One side of the ping-pong: rank 0 sends and times, rank 1 echoes. Returns rank 0's medians."""
     import torch
     from executor.transport import ACT, Message, connect
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
-    dev = torch.device(device)
-    tr = connect(kind, rank, 2, dev, timeout=60)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        dev = torch.device(device)
+        tr = connect(kind, rank, 2, dev, timeout=120)
+    finally:                                     # leave no torchrun-like variables in this process
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     out = []
     try:
         for size in sizes:
@@ -141,28 +150,24 @@ def _link_rank(rank: int, port: int, kind: str, device: str, sizes: tuple[int, .
                             "samples_one_way_s": [r / 2 for r in rtts]})
     finally:
         tr.close()
-    if rank == 0:
-        queue.put(out)
+    return out
 
 
 def link_benchmarks(cfg: ProfileConfig, transport: str) -> list[dict]:
-    """Message time against size between two ranks (every pair is the same loopback link on one host)."""
+    """Message time against size between two ranks (every pair is the same loopback link on one host).
+    Rank 0 is this process (torch already loaded), rank 1 one spawned process."""
     from executor.runner import _free_port
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_link_rank, args=(r, port, transport, cfg.device, cfg.sizes, cfg.repeats * 3,
-                                                  cfg.warmup, q)) for r in (0, 1)]
-    for p in procs:
-        p.start()
+    args = (port, transport, cfg.device, cfg.sizes, cfg.repeats * 3, cfg.warmup)
+    peer = mp.get_context("spawn").Process(target=_link_rank, args=(1, *args))
+    peer.start()
     try:
-        out = q.get(timeout=300)
+        return _link_rank(0, *args)
     finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return out
+        peer.join(timeout=30)
+        if peer.is_alive():
+            peer.kill()
+            peer.join()
 
 
 # --- full runs ---------------------------------------------------------------------------------------

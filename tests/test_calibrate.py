@@ -1,0 +1,181 @@
+"""spdsim calibrate: recovers known costs from synthetic executor-like traces, and a calibrated scenario
+predicts the timeline those traces came from. No torch here (spdsim must not need it)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spdsim.calibrate import CalibratedCosts, calibrate, load_calibration, write_calibration
+from spdsim.engine import simulate_point
+from spdsim.errors import UserError
+from spdsim.metrics import run_metrics
+from spdsim.scenario import Point, parse_scenario
+from spdsim.trace import TraceEvent, TraceHeader, read_trace, write_trace
+
+# ground truth of the synthetic "executor"
+A, B = 1.0e-3, 2.0e-6            # per layer: a + b·ctx
+EMBED, LM_HEAD = 1.0e-5, 5.0e-5
+KAPPA = 1.5                      # runs compute this much slower than the microbenchmarks
+TICK, MSG = 0.4e-3, 0.3e-3       # host time per tick, per message beyond the link
+LAT, BW = 50e-6, 1.0e8           # link
+ACT_BYTES, RESULT_BYTES = 256, 16
+P, N = 20, 12
+NS = 1e9
+
+
+def stage_s(layers: int, ctx: int, first: bool, last: bool) -> float:
+    return KAPPA * (layers * (A + B * ctx) + (EMBED if first else 0) + (LM_HEAD if last else 0))
+
+
+def ar_trace() -> tuple[TraceHeader, list[TraceEvent]]:
+    ev, t = [], 0.0
+    for k in range(N):
+        q = P - 1 + k
+        d = stage_s(8, q + 1, True, True)
+        ev.append(TraceEvent("compute", int(t * NS), int((t + d) * NS), stage=0, device="rank0", position=q))
+        ev.append(TraceEvent("commit", int((t + d) * NS), int((t + d) * NS), device="rank0", position=q + 1))
+        t += d + TICK
+    return TraceHeader("ar", 1, N, source="executor", partition=[[0, 8]], placement=["rank0"], prompt_tokens=P), ev
+
+
+def pp_trace() -> tuple[TraceHeader, list[TraceEvent]]:
+    """PP on two ranks: each message's send call takes 0.1 ms, delivery adds the link + MSG, the receiver
+    spends TICK before its forward (AR shows the same TICK between forwards)."""
+    ev, t = [], 0.0
+    send = 0.1e-3
+    for k in range(N):
+        q = P - 1 + k
+        d0 = stage_s(4, q + 1, True, False)
+        ev.append(TraceEvent("compute", int(t * NS), int((t + d0) * NS), stage=0, device="rank0", position=q))
+        s0 = t + d0
+        ev.append(TraceEvent("send", int(s0 * NS), int((s0 + send) * NS), stage=0, device="rank0", position=q,
+                             bytes=ACT_BYTES, name="act 0->1"))
+        t1 = s0 + MSG + LAT + ACT_BYTES / BW + TICK
+        d1 = stage_s(4, q + 1, False, True)
+        ev.append(TraceEvent("compute", int(t1 * NS), int((t1 + d1) * NS), stage=1, device="rank1", position=q))
+        s1 = t1 + d1
+        ev.append(TraceEvent("send", int(s1 * NS), int((s1 + send) * NS), stage=1, device="rank1", position=q,
+                             bytes=RESULT_BYTES, name="result 1->0"))
+        arrive = s1 + MSG + LAT + RESULT_BYTES / BW
+        ev.append(TraceEvent("commit", int(arrive * NS), int(arrive * NS), device="rank0", position=q + 1))
+        t = arrive + TICK
+    return (TraceHeader("pp", 2, N, source="executor", partition=[[0, 4], [4, 8]], placement=["rank0", "rank1"],
+                        prompt_tokens=P), ev)
+
+
+def make_trace_dir(root: Path) -> Path:
+    d = root / "prof"
+    layers = [{"layer": i, "ctx": c, "median_s": A + B * c, "samples_s": [A + B * c]}
+              for c in (1, 64, 256) for i in range(8)]
+    link = [{"src": "rank0", "dst": "rank1", "bytes": b, "send_s": 1e-5, "one_way_s": LAT + b / BW}
+            for b in (72, 1096, 65608)]
+    d.mkdir(parents=True)
+    (d / "profile.json").write_text(json.dumps({"layers": layers, "contexts": [1, 64, 256], "embed_s": EMBED,
+                                                "lm_head_s": LM_HEAD, "link": link, "device": "cpu"}))
+    for name, (h, ev) in (("ar-n1", ar_trace()), ("pp-n2", pp_trace())):
+        for r in range(h.stages):
+            write_trace(d / "runs" / name / f"rank{r}.jsonl", h, [e for e in ev if e.device == f"rank{r}"])
+    return d
+
+
+SCENARIO = """
+name: synth
+hardware: {gpu: {name: cpu-core, mem_gb: 4, hbm_gbps: 20, bf16_tflops: 0.1}, count: 2,
+           topology: {kind: full, latency_us: 30, gbps: 0.5}}
+model: {name: small, layers: 8, hidden: 64, ffn: 128, heads: 4, kv_heads: 2, vocab: 256, dtype_bytes: 4}
+workload: {prompt_tokens: %d, new_tokens: %d}
+head: {features: false}
+sweep: {stages: [1, 2], partition: [uniform], acceptance: [1.0], schemes: [ar, pp, spd]}
+calibration: %s
+""" % (P, N, "CALIB")
+
+
+def scenario_text(calib) -> str:
+    return SCENARIO.replace("CALIB", str(calib))
+
+
+def test_calibrate_recovers_the_costs_that_made_the_traces(tmp_path):
+    costs, err, lines = calibrate(make_trace_dir(tmp_path))
+    assert costs.layer_a_s == pytest.approx(KAPPA * A, rel=1e-3)
+    assert costs.layer_b_s == pytest.approx(KAPPA * B, rel=1e-3)
+    assert costs.lm_head_s() == pytest.approx(KAPPA * LM_HEAD, rel=1e-3)
+    assert costs.contention == pytest.approx(KAPPA, rel=1e-3)
+    assert costs.link_latency_s == pytest.approx(LAT, rel=1e-3)
+    assert costs.link_bandwidth == pytest.approx(BW, rel=1e-3)
+    assert costs.tick_overhead_s == pytest.approx(TICK, rel=1e-2)
+    assert costs.msg_overhead_s == pytest.approx(MSG, rel=2e-2)
+    assert err["layer"] < 0.1 and err["compute"] < 0.1          # exact synthetic data: (near) zero error
+    assert any(line.startswith("tick") for line in lines) and any(line.startswith("message") for line in lines)
+
+
+def test_calibrated_scenario_predicts_the_synthetic_timeline(tmp_path):
+    d = make_trace_dir(tmp_path)
+    costs, err, _ = calibrate(d)
+    calib = write_calibration(tmp_path / "calib.yaml", costs, err)
+    sc = parse_scenario(scenario_text(calib))
+    assert isinstance(sc.cost_model(), CalibratedCosts)
+    for name, scheme, n in (("ar-n1", "ar", 1), ("pp-n2", "pp", 2)):
+        tr = read_trace(d / "runs" / name)
+        measured = run_metrics(tr.events, scheme, n, N, tr.header.placement)
+        predicted = simulate_point(sc, Point(scheme, n, "uniform", None)).metrics
+        assert predicted.tokens_per_s == pytest.approx(measured.tokens_per_s, rel=0.01), name
+        assert predicted.bubble_ratio == pytest.approx(measured.bubble_ratio, abs=0.01), name
+    # and the roofline (no calibration) is nowhere near this "hardware"
+    roof = parse_scenario(scenario_text("null"))
+    assert simulate_point(roof, Point("pp", 2, "uniform", None)).metrics.tokens_per_s > 2 * measured.tokens_per_s
+
+
+def test_overheads_matter_a_calibration_without_them_is_off(tmp_path):
+    d = make_trace_dir(tmp_path)
+    costs, err, _ = calibrate(d)
+    costs.tick_overhead_s = costs.msg_overhead_s = 0.0
+    calib = write_calibration(tmp_path / "no_overheads.yaml", costs, err)
+    sc = parse_scenario(scenario_text(calib))
+    tr = read_trace(d / "runs" / "pp-n2")
+    measured = run_metrics(tr.events, "pp", 2, N, tr.header.placement)
+    predicted = simulate_point(sc, Point("pp", 2, "uniform", None)).metrics
+    assert predicted.tokens_per_s > 1.05 * measured.tokens_per_s
+
+
+def test_calibration_file_round_trip_and_relative_path(tmp_path):
+    costs, err, _ = calibrate(make_trace_dir(tmp_path))
+    write_calibration(tmp_path / "c.yaml", costs, err)
+    again = load_calibration(tmp_path / "c.yaml")
+    for f in ("layer_a_s", "layer_b_s", "tick_overhead_s", "msg_overhead_s", "link_latency_s", "link_bandwidth"):
+        assert getattr(again, f) == pytest.approx(getattr(costs, f), rel=1e-9)
+    scen = tmp_path / "s.yaml"
+    scen.write_text(scenario_text("c.yaml"))          # relative to the scenario's directory
+    from spdsim.scenario import load_scenario
+    assert load_scenario(scen).cost_model().tick_overhead_s == pytest.approx(TICK, rel=1e-2)
+
+
+def test_bad_calibration_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="cannot read"):
+        load_calibration(tmp_path / "missing.yaml")
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump({"layer": {"a_ms": 1}}))
+    with pytest.raises(UserError, match="not a `spdsim calibrate` file"):
+        load_calibration(tmp_path / "x.yaml")
+    (tmp_path / "y.yaml").write_text(yaml.safe_dump({"kind": "spdsim-calibration", "layer": {"a_ms": 1}}))
+    with pytest.raises(UserError, match="malformed"):
+        load_calibration(tmp_path / "y.yaml")
+
+
+def test_calibrate_cli(tmp_path):
+    d = make_trace_dir(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "spdsim.cli", "calibrate", str(d), "--out", str(tmp_path / "o.yaml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "fit error" in r.stdout and (tmp_path / "o.yaml").exists()
+    r = subprocess.run([sys.executable, "-m", "spdsim.cli", "calibrate", str(tmp_path), "--out", str(tmp_path / "p.yaml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "profile.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_calibrate_does_not_import_torch():
+    code = "import sys, spdsim.calibrate, spdsim.scenario; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
