@@ -1,0 +1,138 @@
+"""executor profile / validate: structure of what they write, which points they run, and that an obviously
+wrong calibration is caught. Timing accuracy is not asserted here (a shared CPU); a small random model
+and a few tokens keep this file fast."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from executor.profile import CALIBRATION_PROMPT
+from executor.validate import (COLUMNS, VALIDATION_PROMPT, Case, compare, failures, runnable_cases, summary)
+from spdsim.scenario import parse_scenario
+from executor_helpers import small_model
+
+SMALL = """
+name: small-cpu
+hardware:
+  gpu: {name: cpu-core, mem_gb: 4, hbm_gbps: 20, bf16_tflops: 0.1}
+  count: 4
+  topology: {kind: full, latency_us: 30, gbps: 0.5}
+model: {name: small, layers: 8, hidden: 64, ffn: 128, heads: 4, kv_heads: 2, vocab: 256, dtype_bytes: 4}
+workload: {prompt_tokens: 32, new_tokens: 6}
+head: {features: false}
+sweep: {stages: STAGES, partition: PARTS, acceptance: [1.0], schemes: [ar, pp, spd]}
+"""
+
+
+def scenario_file(tmp_path: Path, stages="[1, 2]", parts="[uniform]", calibration: Path | None = None) -> Path:
+    text = SMALL.replace("STAGES", stages).replace("PARTS", parts)
+    if calibration:
+        text += f"calibration: {calibration}\n"
+    p = tmp_path / "small.yaml"
+    p.write_text(text)
+    return p
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "executor.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_prompts_differ():
+    """Honesty rule: the calibration runs never decode the validation prompt."""
+    assert CALIBRATION_PROMPT != VALIDATION_PROMPT
+    assert not VALIDATION_PROMPT.startswith(CALIBRATION_PROMPT[:16])
+
+
+def test_runnable_cases_skip_what_this_machine_cannot_run(tmp_path):
+    sc = parse_scenario(scenario_file(tmp_path, "[1, 2, 4]", "[uniform, compute_balanced]").read_text())
+    cases, notes = runnable_cases(sc, max_stages=2, head=None)
+    assert all(c.stages <= 2 for c in cases)
+    assert any("oversubscribed" in n for n in notes) and any("compute_balanced" in n for n in notes)
+    assert Case("spd", 2, "oracle:1", "1") in cases and Case("pp", 2, None, "") in cases
+    assert len(cases) == len(set(cases))
+    with_head, _ = runnable_cases(sc, max_stages=2, head="h.safetensors")
+    assert Case("spd", 2, "head:h.safetensors", "head") in with_head
+
+
+def test_compare_and_tolerances():
+    pp, spd = Case("pp", 2, None, ""), Case("spd", 2, "oracle:0.8", "0.8")
+    measured = {pp: [{"tokens_per_s": 10.0, "bubble_ratio": 0.5}] * 3,
+                spd: [{"tokens_per_s": 15.0, "bubble_ratio": 0.20}, {"tokens_per_s": 16.0, "bubble_ratio": 0.22},
+                      {"tokens_per_s": 30.0, "bubble_ratio": 0.9}]}
+    predicted = {pp: [{"tokens_per_s": 10.2, "bubble_ratio": 0.51}] * 3,
+                 spd: [{"tokens_per_s": 18.0, "bubble_ratio": 0.21}] * 3}
+    rows = compare([pp, spd], measured, predicted)
+    assert {tuple(r) for r in rows} == {tuple(COLUMNS)}
+    by = {(r["scheme"], r["metric"]): r for r in rows}
+    assert by[("spd", "tokens_per_s")]["measured"] == 16.0                    # median over repeats
+    assert by[("spd", "speedup_vs_pp")]["measured"] == pytest.approx(1.6)
+    assert by[("spd", "speedup_vs_pp")]["predicted"] == pytest.approx(18.0 / 10.2)
+    assert by[("spd", "bubble_ratio")]["error_pct"] == pytest.approx(-1.0)   # points, absolute
+    bad = failures(rows, tolerance=0.05, bubble_tolerance=0.03)
+    assert bad[0]["scheme"] == "spd" and bad[0]["metric"] == "tokens_per_s"   # +12.5%: the worst
+    assert all(r["scheme"] == "spd" for r in bad)
+    assert summary(rows)["tokens_per_s"]["max_abs"] == pytest.approx(12.5)
+
+
+def test_validate_rejects_a_model_that_is_not_the_scenarios(tmp_path):
+    ckpt = small_model(tmp_path, layers=4)
+    r = run_cli("validate", str(scenario_file(tmp_path)), "--model", str(ckpt), "--out", str(tmp_path / "v"))
+    assert r.returncode == 2 and "4 layers" in r.stderr and "Traceback" not in r.stderr
+
+
+def wrong_calibration(path: Path) -> Path:
+    """50 ms per layer and nothing else: ~100× slower than a small model on any CPU."""
+    path.write_text(yaml.safe_dump({"kind": "spdsim-calibration", "version": 1, "layer": {"a_ms": 50.0},
+                                    "embed_ms": 0, "lm_head_ms": 0, "head_ms": {"oracle": 0},
+                                    "link": {"latency_us": 30, "gbps": 1.0}}))
+    return path
+
+
+def test_validate_catches_an_obviously_wrong_calibration(tmp_path):
+    ckpt = small_model(tmp_path)
+    scen = scenario_file(tmp_path, calibration=wrong_calibration(tmp_path / "wrong.yaml"))
+    out = tmp_path / "val"
+    r = run_cli("validate", str(scen), "--model", str(ckpt), "--out", str(out), "--repeats", "1")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "worst" in r.stderr and "tokens_per_s" in r.stderr
+    rows = list(csv.DictReader(open(out / "validation.csv")))
+    assert rows and list(rows[0]) == COLUMNS
+    got = {(r["scheme"], r["stages"], r["acceptance"], r["metric"]) for r in rows}
+    for metric in ("tokens_per_s", "speedup_vs_pp", "bubble_ratio"):
+        assert ("spd", "2", "1", metric) in got and ("pp", "2", "", metric) in got
+    tps = [r for r in rows if r["metric"] == "tokens_per_s"]
+    assert all(float(r["error_pct"]) < -80 for r in tps)       # predicted far slower than measured
+    assert (out / "parity.png").stat().st_size > 0
+    meas = json.loads((out / "measured.json").read_text())
+    spd = next(c for c in meas["cases"] if c["scheme"] == "spd" and c["stages"] == 2)
+    m, p = spd["measured"][0], spd["predicted"][0]
+    assert (p["accepted"], p["rejected"]) == (m["accepted"], m["rejected"])   # the replayed verdicts
+    assert "median |error|" in r.stdout and "load average" in r.stdout
+
+
+def test_profile_writes_microbenchmarks_and_run_traces(tmp_path):
+    from spdsim.calibrate import calibrate
+    from spdsim.trace import read_trace
+    ckpt = small_model(tmp_path)
+    out = tmp_path / "prof"
+    r = run_cli("profile", "--model", str(ckpt), "--stages", "2", "--out", str(out), "--repeats", "2",
+                "--contexts", "1,32,256", "--new-tokens", "4", "--alphas", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    prof = json.loads((out / "profile.json").read_text())
+    assert {(x["layer"], x["ctx"]) for x in prof["layers"]} == {(i, c) for i in range(8) for c in (1, 32, 256)}
+    assert all(x["median_s"] > 0 for x in prof["layers"]) and prof["embed_s"] > 0 and prof["lm_head_s"] > 0
+    assert len(prof["link"]) >= 3 and all(x["one_way_s"] > 0 for x in prof["link"])
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["ar-n1", "pp-n2", "spd-n2-a1"]
+    tr = read_trace(out / "runs" / "spd-n2-a1")
+    assert tr.header.prompt_tokens == len(CALIBRATION_PROMPT.encode())
+    assert any(e.kind == "head" for e in tr.events) and any(e.kind == "send" for e in tr.events)
+    costs, err, lines = calibrate(out)
+    assert costs.layer_a_s > 0 and costs.link_bandwidth > 0 and costs.tick_overhead_s > 0
+    assert {"layer", "link", "compute"} <= set(err)
