@@ -183,8 +183,7 @@ def run_command(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"spdsim: note: {note}", file=sys.stderr)
     if scenario.calibration and not quiet:
-        print(f"spdsim: note: calibration {scenario.calibration!r} is not loaded yet (roofline costs used)",
-              file=sys.stderr)
+        print(f"spdsim: note: costs from calibration {scenario.calibration!r} (not the roofline)", file=sys.stderr)
     results = sweep_results(scenario, args.jobs, _progress_bar(quiet), getattr(args, "dask", None))
     df = results_frame(scenario, results)
     out.mkdir(parents=True, exist_ok=True)
