@@ -18,7 +18,10 @@ TRACE_DIR is what `executor profile` writes: profile.json (microbenchmarks) and 
                    next input was already waiting (stages ≥ 2, and AR's single rank, which never waits)
   msg_overhead     delivery cost beyond the link fit: for messages that reached an idle rank, (send start →
                    the receiver's compute start) − tick_overhead − link(bytes), median, ≥ 0
-  head       the speculative module's draft time, median of `head` events, per drafter kind (oracle / head)
+  send_block the first rank's blocking ACT send in SPD runs, mean: the executor sends synchronously, and
+                   on shared cores waking an idle receiver can cost the sender its core for a while; the
+                   simulator charges it on the first device after each ACT (it delays the next issue)
+  head       the speculative module's draft time, mean of `head` events, per drafter kind (oracle / head)
 
 Every component's fit error is printed (relative RMS of the fit against the samples it was fitted to).
 This module must not import torch.
@@ -58,6 +61,7 @@ class CalibratedCosts:
     link_bandwidth: float                 # bytes / s
     tick_overhead_s: float = 0.0
     msg_overhead_s: float = 0.0
+    send_block_s: float = 0.0             # the first rank's blocking ACT send (spdsim.engine charges it)
     contention: float = 1.0               # κ, already folded into the figures above
     head_kind: str = "oracle"             # which drafter head_s stands for
     source: dict = field(default_factory=dict)
@@ -104,6 +108,7 @@ class CalibratedCosts:
                 "head_ms": {k: v * 1e3 for k, v in self.head_s_by_kind.items()},
                 "link": {"latency_us": self.link_latency_s * 1e6, "gbps": self.link_bandwidth / 1e9},
                 "tick_overhead_ms": self.tick_overhead_s * 1e3, "msg_overhead_ms": self.msg_overhead_s * 1e3,
+                "send_block_ms": self.send_block_s * 1e3,
                 "contention": self.contention, "fit_error_pct": fit_error or {}, "source": self.source}
 
     @classmethod
@@ -121,6 +126,7 @@ class CalibratedCosts:
                         link_bandwidth=float(link["gbps"]) * 1e9,
                         tick_overhead_s=float(d.get("tick_overhead_ms", 0.0)) * 1e-3,
                         msg_overhead_s=float(d.get("msg_overhead_ms", 0.0)) * 1e-3,
+                        send_block_s=float(d.get("send_block_ms", 0.0)) * 1e-3,
                         contention=float(d.get("contention", 1.0)),
                         source=dict(d.get("source") or {}))
         except (KeyError, TypeError, ValueError) as e:
@@ -280,18 +286,25 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
     kappa = 1.0
     tick = msg = 0.0
     heads: dict[str, list[float]] = {}
+    blocks: list[float] = []
     if runs:
         ratios, per_run = [], {}
+        overlap: list[tuple[float, float]] = []      # (measured ÷ microbenchmark, fraction overlapped)
         ticks: list[float] = []
         lats: list[tuple[float, int]] = []
         for tr in runs:
             h = tr.header
             n = h.stages
             rr = []
-            for e in _decode(tr.events, "compute"):
+            comps = _decode(tr.events, "compute")
+            for e in comps:
                 layers = tuple(h.partition[e.stage])
                 micro = _micro_stage_s(a, b, embed, lm_head, layers, e.position + 1, e.stage == 0, e.stage == n - 1)
                 rr.append((e.duration_ns * 1e-9, micro))
+                if n > 1:       # how much of this forward ran while another rank computed too
+                    ov = sum(max(0, min(e.end_ns, o.end_ns) - max(e.start_ns, o.start_ns))
+                             for o in comps if o.device != e.device and o.end_ns > e.start_ns and o.start_ns < e.end_ns)
+                    overlap.append((e.duration_ns * 1e-9 / micro, min(ov / max(e.duration_ns, 1), 1.0)))
             ratios += rr
             per_run[f"{h.scheme}-n{n}:{h.extra.get('draft') or ''}"] = (
                 sum(m for m, _ in rr) / sum(p for _, p in rr) if rr else float("nan"))
@@ -299,6 +312,8 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
             ticks += g["tick"]
             lats += list(zip(g["latency"], g["latency_bytes"]))
             kind = str(h.extra.get("draft") or "").split(":")[0]
+            if h.scheme == "spd" and n > 1:    # where rank 0 has other work to do after sending
+                blocks += [e.duration_ns * 1e-9 for e in _decode(tr.events, "send", "rank0", "act 0->1")]
             if kind:
                 heads.setdefault(kind, []).extend(e.duration_ns * 1e-9 for e in _decode(tr.events, "head"))
         kappa = sum(m for m, _ in ratios) / sum(p for _, p in ratios)
@@ -306,6 +321,12 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
         lines.append(f"compute   contention κ = {kappa:.3f} (Σ run compute ÷ Σ microbenchmark prediction over "
                      f"{len(ratios)} events)   fit error {err['compute']:.1f}%;  per run: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in per_run.items()))
+        alone = [r for r, f in overlap if f < 0.2]
+        shared = [r for r, f in overlap if f > 0.8]
+        if alone and shared:
+            lines.append(f"sharing   a forward takes {statistics.fmean(shared) / statistics.fmean(alone):.2f}× its time "
+                         f"alone while another rank computes ({len(shared)} overlapped vs {len(alone)} alone); "
+                         "one κ averages that out")
         if ticks:
             tick = statistics.fmean(ticks)
             err["tick_overhead"] = _rel_rms([tick] * len(ticks), ticks)
@@ -320,6 +341,11 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
                          f"idle-receiver deliveries)   delivery fit error {err['msg_overhead']:.1f}%")
     else:
         lines.append("runs      no run traces: κ = 1, no tick or message overhead")
+    send_block = statistics.fmean(blocks) if blocks else 0.0
+    if blocks:
+        err["send_block"] = _rel_rms([send_block] * len(blocks), blocks)
+        lines.append(f"send      {send_block * 1e3:.4f} ms per ACT send on the first rank (mean of {len(blocks)}, SPD "
+                     f"runs; the sender blocks, and loses its core when the receiver wakes)   spread {err['send_block']:.1f}%")
     head_by_kind = {k: statistics.fmean(v) for k, v in heads.items() if v}
     for k, v in heads.items():
         if v:
@@ -333,9 +359,45 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
               "runs": [f"{t.header.scheme}-n{t.header.stages}:{t.header.extra.get('draft') or ''}" for t in runs]}
     costs = CalibratedCosts(layer_a_s=a * kappa, layer_b_s=b * kappa, embed_s_=embed * kappa,
                             lm_head_s_=lm_head * kappa, head_s_by_kind=head_by_kind, link_latency_s=lat,
-                            link_bandwidth=bw, tick_overhead_s=tick, msg_overhead_s=msg, contention=kappa,
+                            link_bandwidth=bw, tick_overhead_s=tick, msg_overhead_s=msg, send_block_s=send_block,
+                            contention=kappa,
                             source=source)
     return costs, err, lines
+
+
+def in_sample(trace_dir: Path, calib: Path) -> list[str]:
+    """Predict every calibration run itself (its own verdicts replayed): how much of the error is the
+    model's structure rather than drift between calibration and validation. Not a validation."""
+    from dataclasses import replace as dc_replace
+    from spdsim.acceptance import replay
+    from spdsim.engine import simulate_point
+    from spdsim.metrics import run_metrics
+    from spdsim.scenario import Point, Workload, parse_scenario
+    prof = json.loads((trace_dir / "profile.json").read_text())
+    m = prof.get("model")
+    runs = load_runs(trace_dir)
+    if not m or not runs:
+        return []
+    n_max = max(t.header.stages for t in runs)
+    base = parse_scenario(yaml.safe_dump({
+        "name": "in-sample", "hardware": {"gpu": {"name": "host", "mem_gb": 1000, "hbm_gbps": 100, "bf16_tflops": 1},
+                                          "count": n_max, "topology": {"kind": "full"}},
+        "model": {"name": "profiled", "layers": m["layers"], "hidden": m["dim"], "ffn": m["ffn"], "heads": m["heads"],
+                  "kv_heads": m["kv_heads"], "vocab": m["vocab"], "dtype_bytes": m.get("dtype_bytes", 4)},
+        "sweep": {"stages": [1], "schemes": ["ar"]}, "calibration": str(calib)}))
+    out = []
+    for tr in runs:
+        h = tr.header
+        draft = str(h.extra.get("draft") or "")
+        meas = run_metrics(tr.events, h.scheme, h.stages, h.new_tokens, h.placement)
+        acc = replay(sequence=list(h.extra.get("accepts") or [1])) if h.scheme == "spd" and h.stages > 1 else None
+        sc = dc_replace(base, workload=Workload(h.prompt_tokens, h.new_tokens),
+                        head=dc_replace(base.head, features=draft.startswith("head:")))
+        pred = simulate_point(sc, Point(h.scheme, h.stages, "uniform", acc)).metrics
+        out.append(f"in-sample {h.scheme}-n{h.stages} {draft}: tokens/s predicted {pred.tokens_per_s:.2f} vs "
+                   f"traced {meas.tokens_per_s:.2f} ({100 * (pred.tokens_per_s / meas.tokens_per_s - 1):+.1f}%), "
+                   f"bubble {pred.bubble_ratio:.3f} vs {meas.bubble_ratio:.3f}")
+    return out
 
 
 def write_calibration(path: Path, costs: CalibratedCosts, err: dict) -> Path:
@@ -354,5 +416,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     for line in lines:
         print(line)
     write_calibration(Path(args.out), costs, err)
+    for line in in_sample(trace_dir, Path(args.out)):
+        print(line)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

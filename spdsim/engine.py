@@ -95,6 +95,9 @@ class Sim:
         self.done = self.env.event()
         self._tick = cfg.costs.tick_overhead_s * NS
         self._msg = cfg.costs.msg_overhead_s * NS
+        # the first rank's blocking send of an ACT (a calibrated cost; the executor sends synchronously and
+        # on shared cores the woken receiver can take the sender's core); 0 for the roofline
+        self._send_block = getattr(cfg.costs, "send_block_s", 0.0) * NS
         self._paths: dict[tuple[str, str], list[tuple[str, str, float, float]]] = {}
 
     # --- costs ------------------------------------------------------------------------------------

@@ -109,6 +109,8 @@ def first_device(sim: Sim):
             box.put((RESULT, e, q))
         else:
             sim.send(dev, plan.placement[1], cfg.activation_bytes, sim.stage_boxes[1], (ACT, e, q), 0)
+            if sim._send_block:
+                yield env.timeout(sim._send_block)
         if wait_features:
             if colocated:
                 feats[(0, q)] = e
