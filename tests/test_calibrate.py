@@ -179,3 +179,20 @@ def test_calibrate_cli(tmp_path):
 def test_calibrate_does_not_import_torch():
     code = "import sys, spdsim.calibrate, spdsim.scenario; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_send_block_delays_spd_issues_but_hides_under_pp(tmp_path):
+    """The first rank's blocking send: under PP it overlaps the wait for the result, under SPD it delays
+    the next issue."""
+    costs, err, _ = calibrate(make_trace_dir(tmp_path))
+    fast = write_calibration(tmp_path / "fast.yaml", costs, err)
+    costs.send_block_s = 2e-3          # < the PP round trip (≈ 12 ms here)
+    slow = write_calibration(tmp_path / "slow.yaml", costs, err)
+    from spdsim.acceptance import iid
+    tps = {}
+    for name, calib in (("fast", fast), ("slow", slow)):
+        sc = parse_scenario(scenario_text(calib))
+        tps[name, "pp"] = simulate_point(sc, Point("pp", 2, "uniform", None)).metrics.tokens_per_s
+        tps[name, "spd"] = simulate_point(sc, Point("spd", 2, "uniform", iid(1.0))).metrics.tokens_per_s
+    assert tps["slow", "pp"] == pytest.approx(tps["fast", "pp"], rel=1e-3)
+    assert tps["slow", "spd"] < 0.95 * tps["fast", "spd"]
