@@ -6,9 +6,10 @@ TRACE_DIR is what `executor profile` writes: profile.json (microbenchmarks) and 
 
   layer      a + b·ctx per decoder layer: least squares over the per-layer microbenchmark medians
   embed, lm_head   their microbenchmark medians
-  contention κ     one factor on all compute: Σ measured ÷ Σ microbenchmark-predicted stage time over every
-                   decode compute event of the run traces (ranks share cores and caches while the pipeline
-                   runs; a lone microbenchmark does not see that)
+  contention κ     compute slowdown against the microbenchmarks: Σ measured ÷ Σ predicted stage time over
+                   every decode compute event of the run traces, overall and per regime (one rank; PP, one
+                   rank computing at a time; SPD, ranks computing at once on shared cores): a simulated
+                   point gets its scheme's regime (`CalibratedCosts.for_point`)
   In-run components (κ, tick, message, head) are means, not medians: a prediction of tokens/s needs the
   total time, and on a shared CPU the per-tick times are heavy-tailed (preemption), so a median would
   systematically under-predict.
@@ -63,17 +64,22 @@ class CalibratedCosts:
     msg_overhead_s: float = 0.0
     send_block_s: float = 0.0             # the first rank's blocking ACT send (spdsim.engine charges it)
     contention: float = 1.0               # κ, already folded into the figures above
+    # Compute slowdown per regime relative to κ: 'single' (one rank), 'serial' (PP: one rank computes at a
+    # time), 'overlapped' (SPD: ranks compute at once and share the cores). for_point picks one.
+    contention_by: dict[str, float] = field(default_factory=dict)
+    scale: float = 1.0                    # the picked regime's factor (applies to every compute cost)
+    tick_by: dict[str, float] = field(default_factory=dict)   # tick_overhead_s per regime, where measured
     head_kind: str = "oracle"             # which drafter head_s stands for
     source: dict = field(default_factory=dict)
 
     def layer_s(self, layer: int, ctx: int) -> float:
-        return self.layer_a_s + self.layer_b_s * ctx
+        return self.scale * (self.layer_a_s + self.layer_b_s * ctx)
 
     def embed_s(self) -> float:
-        return self.embed_s_
+        return self.scale * self.embed_s_
 
     def lm_head_s(self) -> float:
-        return self.lm_head_s_
+        return self.scale * self.lm_head_s_
 
     def head_s(self, ctx: int) -> float:
         by = self.head_s_by_kind
@@ -91,7 +97,7 @@ class CalibratedCosts:
             t += self.embed_s_
         if last:
             t += self.lm_head_s_
-        return t
+        return self.scale * t
 
     def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]:
         return nbytes / self.link_bandwidth, self.link_latency_s
@@ -99,6 +105,13 @@ class CalibratedCosts:
     def with_head(self, kind: str) -> "CalibratedCosts":
         from dataclasses import replace
         return replace(self, head_kind=kind)
+
+    def for_point(self, scheme: str, stages: int) -> "CalibratedCosts":
+        """The costs of one simulated point: the compute regime its scheme runs in on the profiled host."""
+        from dataclasses import replace
+        regime = regime_of(scheme, stages)
+        return replace(self, scale=self.contention_by.get(regime, 1.0),
+                       tick_overhead_s=self.tick_by.get(regime, self.tick_overhead_s))
 
     # --- file form ---
     def to_yaml_dict(self, fit_error: dict | None = None) -> dict:
@@ -109,7 +122,8 @@ class CalibratedCosts:
                 "link": {"latency_us": self.link_latency_s * 1e6, "gbps": self.link_bandwidth / 1e9},
                 "tick_overhead_ms": self.tick_overhead_s * 1e3, "msg_overhead_ms": self.msg_overhead_s * 1e3,
                 "send_block_ms": self.send_block_s * 1e3,
-                "contention": self.contention, "fit_error_pct": fit_error or {}, "source": self.source}
+                "contention": self.contention, "contention_by": dict(self.contention_by),
+                "tick_by_ms": {k: v * 1e3 for k, v in self.tick_by.items()}, "fit_error_pct": fit_error or {}, "source": self.source}
 
     @classmethod
     def from_yaml_dict(cls, d: dict, where: str = "calibration") -> "CalibratedCosts":
@@ -128,6 +142,8 @@ class CalibratedCosts:
                         msg_overhead_s=float(d.get("msg_overhead_ms", 0.0)) * 1e-3,
                         send_block_s=float(d.get("send_block_ms", 0.0)) * 1e-3,
                         contention=float(d.get("contention", 1.0)),
+                        contention_by={str(k): float(v) for k, v in (d.get("contention_by") or {}).items()},
+                        tick_by={str(k): float(v) * 1e-3 for k, v in (d.get("tick_by_ms") or {}).items()},
                         source=dict(d.get("source") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: malformed calibration ({e.__class__.__name__}: {e})") from None
@@ -245,6 +261,13 @@ def _micro_stage_s(a: float, b: float, embed: float, lm_head: float, layers: tup
     return (layers[1] - layers[0]) * (a + b * ctx) + (embed if first else 0.0) + (lm_head if last else 0.0)
 
 
+def regime_of(scheme: str, stages: int) -> str:
+    """How a scheme's ranks use the host's cores: one rank, one at a time, or several at once."""
+    if stages == 1:
+        return "single"
+    return "overlapped" if scheme in ("spd", "spd_dedicated") else "serial"
+
+
 def load_runs(trace_dir: Path) -> list[Trace]:
     runs_dir = trace_dir / "runs"
     if not runs_dir.is_dir():
@@ -284,11 +307,15 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
         lines.append("link      no link measurements: free links")
     runs = load_runs(trace_dir)
     kappa = 1.0
+    contention_by: dict[str, float] = {}
+    tick_by: dict[str, float] = {}
     tick = msg = 0.0
     heads: dict[str, list[float]] = {}
     blocks: list[float] = []
     if runs:
         ratios, per_run = [], {}
+        by_regime: dict[str, list[tuple[float, float]]] = {}
+        ticks_by: dict[str, list[float]] = {}
         overlap: list[tuple[float, float]] = []      # (measured ÷ microbenchmark, fraction overlapped)
         ticks: list[float] = []
         lats: list[tuple[float, int]] = []
@@ -306,10 +333,12 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
                              for o in comps if o.device != e.device and o.end_ns > e.start_ns and o.start_ns < e.end_ns)
                     overlap.append((e.duration_ns * 1e-9 / micro, min(ov / max(e.duration_ns, 1), 1.0)))
             ratios += rr
+            by_regime.setdefault(regime_of(h.scheme, n), []).extend(rr)
             per_run[f"{h.scheme}-n{n}:{h.extra.get('draft') or ''}"] = (
                 sum(m for m, _ in rr) / sum(p for _, p in rr) if rr else float("nan"))
             g = run_gaps(tr)
             ticks += g["tick"]
+            ticks_by.setdefault(regime_of(h.scheme, n), []).extend(g["tick"])
             lats += list(zip(g["latency"], g["latency_bytes"]))
             kind = str(h.extra.get("draft") or "").split(":")[0]
             if h.scheme == "spd" and n > 1:    # where rank 0 has other work to do after sending
@@ -317,21 +346,26 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
             if kind:
                 heads.setdefault(kind, []).extend(e.duration_ns * 1e-9 for e in _decode(tr.events, "head"))
         kappa = sum(m for m, _ in ratios) / sum(p for _, p in ratios)
-        err["compute"] = _rel_rms([kappa * p for _, p in ratios], [m for m, _ in ratios])
+        contention_by = {k: sum(m for m, _ in v) / sum(p for _, p in v) / kappa for k, v in by_regime.items() if v}
+        regime_pred = [contention_by[regime_of(t.header.scheme, t.header.stages)] for t in runs
+                       for _ in _decode(t.events, "compute")]
+        err["compute"] = _rel_rms([kappa * f * p for f, (_, p) in zip(regime_pred, ratios)], [m for m, _ in ratios])
         lines.append(f"compute   contention κ = {kappa:.3f} (Σ run compute ÷ Σ microbenchmark prediction over "
-                     f"{len(ratios)} events)   fit error {err['compute']:.1f}%;  per run: "
+                     f"{len(ratios)} events)   fit error {err['compute']:.1f}% with a factor per regime: "
+                     + ", ".join(f"{k} ×{v:.2f}" for k, v in contention_by.items()) + ";  κ per run: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in per_run.items()))
         alone = [r for r, f in overlap if f < 0.2]
         shared = [r for r, f in overlap if f > 0.8]
         if alone and shared:
             lines.append(f"sharing   a forward takes {statistics.fmean(shared) / statistics.fmean(alone):.2f}× its time "
-                         f"alone while another rank computes ({len(shared)} overlapped vs {len(alone)} alone); "
-                         "one κ averages that out")
+                         f"alone while another rank computes ({len(shared)} overlapped vs {len(alone)} alone)")
         if ticks:
             tick = statistics.fmean(ticks)
             err["tick_overhead"] = _rel_rms([tick] * len(ticks), ticks)
+            tick_by = {k: statistics.fmean(v) for k, v in ticks_by.items() if len(v) >= 3}
             lines.append(f"tick      {tick * 1e3:.4f} ms per tick (mean of {len(ticks)} gaps)   spread "
-                         f"{err['tick_overhead']:.1f}%")
+                         f"{err['tick_overhead']:.1f}%;  per regime: "
+                         + ", ".join(f"{k} {v * 1e3:.4f} ms" for k, v in tick_by.items()))
         if lats:
             extra = [L - tick - (lat + nb / bw) for L, nb in lats]
             msg = max(statistics.fmean(extra), 0.0)
@@ -360,7 +394,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
     costs = CalibratedCosts(layer_a_s=a * kappa, layer_b_s=b * kappa, embed_s_=embed * kappa,
                             lm_head_s_=lm_head * kappa, head_s_by_kind=head_by_kind, link_latency_s=lat,
                             link_bandwidth=bw, tick_overhead_s=tick, msg_overhead_s=msg, send_block_s=send_block,
-                            contention=kappa,
+                            contention=kappa, contention_by=contention_by, tick_by=tick_by,
                             source=source)
     return costs, err, lines
 

@@ -274,7 +274,10 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
     drafts = scheme.drafts and n > 1
     accept = (sampler(point.acceptance, point_rng(scenario.seed, point))
               if drafts and point.acceptance is not None else (lambda: True))
-    cfg = RunConfig(costs=scenario.cost_model(), topology=scenario.hardware.graph,
+    costs = scenario.cost_model()
+    if hasattr(costs, "for_point"):   # a calibration measured per scheme (ranks share this host's cores)
+        costs = costs.for_point(point.scheme, n)
+    cfg = RunConfig(costs=costs, topology=scenario.hardware.graph,
                     prompt_tokens=scenario.workload.prompt_tokens, new_tokens=scenario.workload.new_tokens,
                     window=scheme.window(n), drafts=drafts, features=scenario.head.features,
                     activation_bytes=m.activation_bytes,

@@ -28,35 +28,35 @@ P, N = 20, 12
 NS = 1e9
 
 
-def stage_s(layers: int, ctx: int, first: bool, last: bool) -> float:
-    return KAPPA * (layers * (A + B * ctx) + (EMBED if first else 0) + (LM_HEAD if last else 0))
+def stage_s(layers: int, ctx: int, first: bool, last: bool, kappa: float = KAPPA) -> float:
+    return kappa * (layers * (A + B * ctx) + (EMBED if first else 0) + (LM_HEAD if last else 0))
 
 
-def ar_trace() -> tuple[TraceHeader, list[TraceEvent]]:
+def ar_trace(kappa: float = KAPPA) -> tuple[TraceHeader, list[TraceEvent]]:
     ev, t = [], 0.0
     for k in range(N):
         q = P - 1 + k
-        d = stage_s(8, q + 1, True, True)
+        d = stage_s(8, q + 1, True, True, kappa)
         ev.append(TraceEvent("compute", int(t * NS), int((t + d) * NS), stage=0, device="rank0", position=q))
         ev.append(TraceEvent("commit", int((t + d) * NS), int((t + d) * NS), device="rank0", position=q + 1))
         t += d + TICK
     return TraceHeader("ar", 1, N, source="executor", partition=[[0, 8]], placement=["rank0"], prompt_tokens=P), ev
 
 
-def pp_trace() -> tuple[TraceHeader, list[TraceEvent]]:
+def pp_trace(kappa: float = KAPPA) -> tuple[TraceHeader, list[TraceEvent]]:
     """PP on two ranks: each message's send call takes 0.1 ms, delivery adds the link + MSG, the receiver
     spends TICK before its forward (AR shows the same TICK between forwards)."""
     ev, t = [], 0.0
     send = 0.1e-3
     for k in range(N):
         q = P - 1 + k
-        d0 = stage_s(4, q + 1, True, False)
+        d0 = stage_s(4, q + 1, True, False, kappa)
         ev.append(TraceEvent("compute", int(t * NS), int((t + d0) * NS), stage=0, device="rank0", position=q))
         s0 = t + d0
         ev.append(TraceEvent("send", int(s0 * NS), int((s0 + send) * NS), stage=0, device="rank0", position=q,
                              bytes=ACT_BYTES, name="act 0->1"))
         t1 = s0 + MSG + LAT + ACT_BYTES / BW + TICK
-        d1 = stage_s(4, q + 1, False, True)
+        d1 = stage_s(4, q + 1, False, True, kappa)
         ev.append(TraceEvent("compute", int(t1 * NS), int((t1 + d1) * NS), stage=1, device="rank1", position=q))
         s1 = t1 + d1
         ev.append(TraceEvent("send", int(s1 * NS), int((s1 + send) * NS), stage=1, device="rank1", position=q,
@@ -68,7 +68,7 @@ def pp_trace() -> tuple[TraceHeader, list[TraceEvent]]:
                         prompt_tokens=P), ev)
 
 
-def make_trace_dir(root: Path) -> Path:
+def make_trace_dir(root: Path, kappa_ar: float = KAPPA, kappa_pp: float = KAPPA) -> Path:
     d = root / "prof"
     layers = [{"layer": i, "ctx": c, "median_s": A + B * c, "samples_s": [A + B * c]}
               for c in (1, 64, 256) for i in range(8)]
@@ -77,7 +77,7 @@ def make_trace_dir(root: Path) -> Path:
     d.mkdir(parents=True)
     (d / "profile.json").write_text(json.dumps({"layers": layers, "contexts": [1, 64, 256], "embed_s": EMBED,
                                                 "lm_head_s": LM_HEAD, "link": link, "device": "cpu"}))
-    for name, (h, ev) in (("ar-n1", ar_trace()), ("pp-n2", pp_trace())):
+    for name, (h, ev) in (("ar-n1", ar_trace(kappa_ar)), ("pp-n2", pp_trace(kappa_pp))):
         for r in range(h.stages):
             write_trace(d / "runs" / name / f"rank{r}.jsonl", h, [e for e in ev if e.device == f"rank{r}"])
     return d
@@ -196,3 +196,18 @@ def test_send_block_delays_spd_issues_but_hides_under_pp(tmp_path):
         tps[name, "spd"] = simulate_point(sc, Point("spd", 2, "uniform", iid(1.0))).metrics.tokens_per_s
     assert tps["slow", "pp"] == pytest.approx(tps["fast", "pp"], rel=1e-3)
     assert tps["slow", "spd"] < 0.95 * tps["fast", "spd"]
+
+
+def test_compute_regimes_one_rank_versus_a_pipeline(tmp_path):
+    """Forwards that run slower in the pipeline than alone (shared cores) get a factor per regime, and
+    each simulated point uses its own."""
+    d = make_trace_dir(tmp_path, kappa_ar=1.0, kappa_pp=2.0)
+    costs, err, _ = calibrate(d)
+    assert costs.contention_by["serial"] / costs.contention_by["single"] == pytest.approx(2.0, rel=1e-3)
+    calib = write_calibration(tmp_path / "c.yaml", costs, err)
+    sc = parse_scenario(scenario_text(calib))
+    for name, scheme, n in (("ar-n1", "ar", 1), ("pp-n2", "pp", 2)):
+        tr = read_trace(d / "runs" / name)
+        measured = run_metrics(tr.events, scheme, n, N, tr.header.placement)
+        predicted = simulate_point(sc, Point(scheme, n, "uniform", None)).metrics
+        assert predicted.tokens_per_s == pytest.approx(measured.tokens_per_s, rel=0.01), name
