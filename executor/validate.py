@@ -87,17 +87,17 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
     out: dict[Case, list[dict]] = {}
     for n in sorted({c.stages for c in cases}):
         group = [c for c in cases if c.stages == n]
-        jobs = []
-        for c in group:
-            scheme = "ar" if n == 1 else c.scheme
-            jobs += [{"scheme": scheme, "prompt": prompt, "new_tokens": new_tokens, "draft": c.draft if n > 1 else None,
-                      "seed": 1000 + i} for i in range(repeats)]
+        # Round-robin over the cases (case 1, case 2, …, case 1, case 2, …): a slow spell of a shared
+        # machine then hits every case alike instead of one case's repeats.
+        jobs = [{"scheme": "ar" if n == 1 else c.scheme, "prompt": prompt, "new_tokens": new_tokens,
+                 "draft": c.draft if n > 1 else None, "seed": 1000 + i}
+                for i in range(repeats) for c in group]
         t0 = time.time()
         res = launch(RunSpec(model=model, stages=n, jobs=jobs, device=device, threads=threads,
                              model_label=Path(model).name))
         log(f"validate: measured {len(jobs)} decodes on {n} rank(s) ({time.time() - t0:.0f} s)")
-        for i, c in enumerate(group):
-            out[c] = res[i * repeats:(i + 1) * repeats]
+        for k, c in enumerate(group):
+            out[c] = res[k::len(group)]
     return out
 
 

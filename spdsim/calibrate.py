@@ -68,6 +68,7 @@ class CalibratedCosts:
     # time), 'overlapped' (SPD: ranks compute at once and share the cores). for_point picks one.
     contention_by: dict[str, float] = field(default_factory=dict)
     scale: float = 1.0                    # the picked regime's factor (applies to every compute cost)
+    role_scale: dict[str, float] = field(default_factory=dict)   # ... per stage role, where measured
     tick_by: dict[str, float] = field(default_factory=dict)   # tick_overhead_s per regime, where measured
     head_kind: str = "oracle"             # which drafter head_s stands for
     source: dict = field(default_factory=dict)
@@ -97,7 +98,7 @@ class CalibratedCosts:
             t += self.embed_s_
         if last:
             t += self.lm_head_s_
-        return self.scale * t
+        return self.role_scale.get(stage_role(first, last), self.scale) * t
 
     def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]:
         return nbytes / self.link_bandwidth, self.link_latency_s
@@ -110,7 +111,10 @@ class CalibratedCosts:
         """The costs of one simulated point: the compute regime its scheme runs in on the profiled host."""
         from dataclasses import replace
         regime = regime_of(scheme, stages)
-        return replace(self, scale=self.contention_by.get(regime, 1.0),
+        scale = self.contention_by.get(regime, 1.0)
+        roles = {r: self.contention_by[f"{regime}:{r}"] for r in ("only", "first", "middle", "last")
+                 if f"{regime}:{r}" in self.contention_by}
+        return replace(self, scale=scale, role_scale=roles,
                        tick_overhead_s=self.tick_by.get(regime, self.tick_overhead_s))
 
     # --- file form ---
@@ -261,6 +265,10 @@ def _micro_stage_s(a: float, b: float, embed: float, lm_head: float, layers: tup
     return (layers[1] - layers[0]) * (a + b * ctx) + (embed if first else 0.0) + (lm_head if last else 0.0)
 
 
+def stage_role(first: bool, last: bool) -> str:
+    return "only" if first and last else "first" if first else "last" if last else "middle"
+
+
 def regime_of(scheme: str, stages: int) -> str:
     """How a scheme's ranks use the host's cores: one rank, one at a time, or several at once."""
     if stages == 1:
@@ -333,7 +341,10 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
                              for o in comps if o.device != e.device and o.end_ns > e.start_ns and o.start_ns < e.end_ns)
                     overlap.append((e.duration_ns * 1e-9 / micro, min(ov / max(e.duration_ns, 1), 1.0)))
             ratios += rr
-            by_regime.setdefault(regime_of(h.scheme, n), []).extend(rr)
+            regime = regime_of(h.scheme, n)
+            by_regime.setdefault(regime, []).extend(rr)
+            for e, x in zip(comps, rr):   # the first rank also runs the controller: roles differ
+                by_regime.setdefault(f"{regime}:{stage_role(e.stage == 0, e.stage == n - 1)}", []).append(x)
             per_run[f"{h.scheme}-n{n}:{h.extra.get('draft') or ''}"] = (
                 sum(m for m, _ in rr) / sum(p for _, p in rr) if rr else float("nan"))
             g = run_gaps(tr)
@@ -347,11 +358,12 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
                 heads.setdefault(kind, []).extend(e.duration_ns * 1e-9 for e in _decode(tr.events, "head"))
         kappa = sum(m for m, _ in ratios) / sum(p for _, p in ratios)
         contention_by = {k: sum(m for m, _ in v) / sum(p for _, p in v) / kappa for k, v in by_regime.items() if v}
-        regime_pred = [contention_by[regime_of(t.header.scheme, t.header.stages)] for t in runs
-                       for _ in _decode(t.events, "compute")]
+        regime_pred = [contention_by[f"{regime_of(t.header.scheme, t.header.stages)}:"
+                                     f"{stage_role(e.stage == 0, e.stage == t.header.stages - 1)}"]
+                       for t in runs for e in _decode(t.events, "compute")]
         err["compute"] = _rel_rms([kappa * f * p for f, (_, p) in zip(regime_pred, ratios)], [m for m, _ in ratios])
         lines.append(f"compute   contention κ = {kappa:.3f} (Σ run compute ÷ Σ microbenchmark prediction over "
-                     f"{len(ratios)} events)   fit error {err['compute']:.1f}% with a factor per regime: "
+                     f"{len(ratios)} events)   fit error {err['compute']:.1f}% with a factor per regime and stage role: "
                      + ", ".join(f"{k} ×{v:.2f}" for k, v in contention_by.items()) + ";  κ per run: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in per_run.items()))
         alone = [r for r, f in overlap if f < 0.2]
