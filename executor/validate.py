@@ -10,8 +10,9 @@ uses, stage counts up to the number of cores or GPUs, oracle acceptance α or a 
      replaying each measured decode's accept/reject sequence (so timing error is not mixed with
      acceptance error), the same spdsim.metrics over its event log;
   4. compare medians over repeats: tokens_per_s and speedup_vs_pp (relative error), bubble_ratio (absolute).
-Writes OUT/validation.csv, OUT/parity.png, OUT/measured.json; prints a table; exits 1 when an error exceeds
-the tolerance, naming the worst points.
+Writes OUT/validation.csv (with each figure's measured spread over repeats: an error below it cannot be told
+from noise), OUT/parity.png, OUT/measured.json; prints a table; exits 1 when an error exceeds the tolerance,
+naming the worst points.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from spdsim.errors import UserError
 # Measured on this prompt; `executor profile` calibrates on executor.profile.CALIBRATION_PROMPT.
 VALIDATION_PROMPT = "def parse(line):\n    key, _, value = line.partition('=')\n    return "
 METRICS = ("tokens_per_s", "speedup_vs_pp", "bubble_ratio")
-COLUMNS = ["scheme", "stages", "partition", "acceptance", "metric", "predicted", "measured", "error_pct"]
+COLUMNS = ["scheme", "stages", "partition", "acceptance", "metric", "predicted", "measured", "error_pct",
+           "measured_spread"]   # half the range over repeats, in error_pct's unit: the measurement's own noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +137,14 @@ def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict
     med = {c: {k: (_median([r[k] for r in measured[c]]), _median([r[k] for r in predicted[c]]))
                for k in ("tokens_per_s", "bubble_ratio")} for c in cases}
     pp = {c.stages: med[c]["tokens_per_s"] for c in cases if c.scheme == "pp"}
+
+    def half_range(c: Case, k: str, relative: bool) -> float:
+        xs = [r[k] for r in measured[c] if r[k] is not None]
+        if len(xs) < 2:
+            return 0.0
+        h = (max(xs) - min(xs)) / 2
+        return 100.0 * (h / statistics.median(xs) if relative else h)
+    pp_case = {c.stages: c for c in cases if c.scheme == "pp"}
     rows = []
     for c in cases:
         vals = dict(med[c])
@@ -149,8 +159,14 @@ def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict
                 err = 100.0 * (pred - meas)                 # percentage points (absolute)
             else:
                 err = 100.0 * (pred - meas) / meas
+            if metric == "speedup_vs_pp":
+                spread = half_range(c, "tokens_per_s", True) + (half_range(pp_case[c.stages], "tokens_per_s", True)
+                                                                if c != pp_case[c.stages] else 0.0)
+            else:
+                spread = half_range(c, metric, metric != "bubble_ratio")
             rows.append({"scheme": c.scheme, "stages": c.stages, "partition": "uniform", "acceptance": c.acceptance,
-                         "metric": metric, "predicted": pred, "measured": meas, "error_pct": err})
+                         "metric": metric, "predicted": pred, "measured": meas, "error_pct": err,
+                         "measured_spread": spread})
     return rows
 
 
@@ -169,18 +185,21 @@ def summary(rows: list[dict]) -> dict[str, dict[str, float]]:
     for metric in METRICS:
         errs = [abs(r["error_pct"]) for r in rows if r["metric"] == metric]
         if errs:
-            out[metric] = {"median_abs": statistics.median(errs), "max_abs": max(errs), "points": len(errs)}
+            spreads = [r.get("measured_spread", 0.0) for r in rows if r["metric"] == metric]
+            out[metric] = {"median_abs": statistics.median(errs), "max_abs": max(errs), "points": len(errs),
+                           "median_spread": statistics.median(spreads)}
     return out
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("scheme", "n", "α", "metric", "predicted", "measured", "error")
+    head = ("scheme", "n", "α", "metric", "predicted", "measured", "error", "spread")
     lines = [head]
     for r in rows:
         unit = " pp" if r["metric"] == "bubble_ratio" else "%"
         fmt = ".3f" if r["metric"] != "tokens_per_s" else ".2f"
         lines.append((r["scheme"], str(r["stages"]), r["acceptance"], r["metric"], format(r["predicted"], fmt),
-                      format(r["measured"], fmt), f"{r['error_pct']:+.1f}{unit}"))
+                      format(r["measured"], fmt), f"{r['error_pct']:+.1f}{unit}",
+                      f"±{r.get('measured_spread', 0.0):.1f}{unit}"))
     w = [max(len(l[i]) for l in lines) for i in range(len(head))]
     text = ["  ".join(c.ljust(w[i]) if i in (0, 3) else c.rjust(w[i]) for i, c in enumerate(l)).rstrip() for l in lines]
     text.insert(1, "-" * len(text[0]))
@@ -303,8 +322,9 @@ def validate_command(args) -> int:
     parity_plot(rows, out / "parity.png")
     print(format_table(rows))
     for metric, s in summary(rows).items():
-        print(f"{metric}: median |error| {s['median_abs']:.1f}{' pp' if metric == 'bubble_ratio' else '%'}, "
-              f"max {s['max_abs']:.1f} over {s['points']} points")
+        unit = " pp" if metric == "bubble_ratio" else "%"
+        print(f"{metric}: median |error| {s['median_abs']:.1f}{unit}, max {s['max_abs']:.1f}{unit} over {s['points']} "
+              f"points; the measurements' own spread (half-range over repeats): median ±{s['median_spread']:.1f}{unit}")
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; wrote {out / 'validation.csv'}, "
           f"{out / 'parity.png'}")
     bad = failures(rows, args.tolerance, args.bubble_tolerance)
