@@ -135,8 +135,8 @@ def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
     tr = connect(transport_kind, rank, world, device, timeout=max(spec.timeout, 25)) if world > 1 else None
     worker = Worker(rank, world, model, stage, tr, spec.timeout, device)
     if spec.verbose:
-        print(f"executor: [rank {rank}] ready (stage {rank}, layers {parts[rank]}, transport "
-              f"{tr.name if tr else 'none'})", file=sys.stderr, flush=True)
+        _say(f"executor: [rank {rank}] ready (stage {rank}, layers {parts[rank]}, transport "
+             f"{tr.name if tr else 'none'})")
     failed = True
     try:
         if rank > 0:
@@ -275,6 +275,11 @@ def _stop(procs: list[subprocess.Popen], sig: int) -> None:
             p.wait()
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write, so the lines of concurrent ranks never interleave."""
+    os.write(2, (line + "\n").encode())
+
+
 def _child_main(spec_file: str, result_file: str) -> int:
     """A spawned rank (also what torchrun's environment looks like)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -285,13 +290,13 @@ def _child_main(spec_file: str, result_file: str) -> int:
     except KeyboardInterrupt:
         return 130
     except UserError as e:
-        print(f"executor: error: [rank {rank}] {e}", file=sys.stderr)
+        _say(f"executor: error: [rank {rank}] {e}")
         return 2
     except Exception as e:                       # PeerLost and friends: one line, no traceback
         from executor.transport import PeerLost
         if not isinstance(e, PeerLost):
             raise
-        print(f"executor: error: [rank {rank}] {e}", file=sys.stderr)
+        _say(f"executor: error: [rank {rank}] {e}")
         return 3
     if results is not None:
         tmp = Path(result_file + ".tmp")
@@ -328,7 +333,7 @@ def run_command(args) -> int:
         try:
             results = rank_main(spec, rank, int(os.environ["WORLD_SIZE"]))
         except PeerLost as e:
-            print(f"executor: error: [rank {rank}] {e}", file=sys.stderr)
+            _say(f"executor: error: [rank {rank}] {e}")
             return 3
         if results is None:
             return 0
@@ -336,7 +341,7 @@ def run_command(args) -> int:
         try:
             results = launch(spec)
         except RuntimeError as e:
-            print(f"executor: error: {e}", file=sys.stderr)
+            _say(f"executor: error: {e}")
             return 1
     print_results(results, args.json, args.trace)
     return 0

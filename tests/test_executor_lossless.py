@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 from executor.runner import RunSpec, launch
 from spdsim.metrics import run_metrics
 from spdsim.trace import read_trace
-from tests.executor_helpers import PROMPT, reference, small_model
+from executor_helpers import PROMPT, reference, small_model
 
 N = 16
 
