@@ -44,6 +44,7 @@ class RunSpec:
     trace_dir: str | None = None
     model_label: str = ""
     verbose: bool = False
+    trace_each: bool = False        # every job's trace, under trace_dir/job<i>/ (executor validate)
 
 
 # --- validation (in the launching process, before any rank starts) -------------------------------
@@ -148,7 +149,9 @@ def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
             job = Job(**jd)
             res = worker.lead(job, spec.idle_timeout)
             results.append(summarise(res, job, spec, parts, tr.name if tr else "none",
-                                     trace_dir=spec.trace_dir if i == len(spec.jobs) - 1 else None))
+                                     trace_dir=(str(Path(spec.trace_dir) / f"job{i}") if spec.trace_each
+                                                else spec.trace_dir if i == len(spec.jobs) - 1 else None)
+                                     if spec.trace_dir else None))
         worker.shutdown()
         failed = False
         return results

@@ -2,8 +2,10 @@
 
 For every point of the scenario this hardware can run (AR / PP / SPD, the uniform partition the executor
 uses, stage counts up to the number of cores or GPUs, oracle acceptance α or a trained head):
-  1. calibration: the one given (--calibration, or the scenario's `calibration:`), else `executor profile`
-     on the *calibration prompt* into OUT/profile/ and `spdsim calibrate` into OUT/calibration.yaml;
+  1. calibration: the one given (--calibration, or the scenario's `calibration:`), else microbenchmarks
+     (`executor profile`) into OUT/profile/ plus AR / PP / SPD runs on the *calibration prompt*,
+     interleaved with the measured runs (same processes, same load), fitted by `spdsim calibrate` into
+     OUT/calibration.yaml;
   2. measure: `repeats` decodes of the point on the *validation prompt* (another prompt, other runs: the
      calibration never saw these measurements), each reduced by spdsim.metrics inside the executor;
   3. predict: the simulator with the calibrated cost model, the measured prompt length and token count,
@@ -82,23 +84,58 @@ def runnable_cases(scenario, max_stages: int, head: str | None) -> tuple[list[Ca
 # --- measuring -----------------------------------------------------------------------------------------
 
 def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, repeats: int, device: str,
-            threads: int, log=print) -> dict[Case, list[dict]]:
-    """`repeats` decodes per case, one launch (one set of processes) per stage count."""
+            threads: int, calib_out: Path | None = None, calib_prompt: list[int] | None = None,
+            calib_alpha: float = 0.6, head: str | None = None, log=print) -> dict[Case, list[dict]]:
+    """`repeats` decodes per case, one launch (one set of processes) per stage count.
+
+    With `calib_out`, calibration runs (AR / PP / SPD at `calib_alpha`, on `calib_prompt`) are interleaved
+    with the measured ones in the same processes, their traces written to calib_out/runs/<run>-r<i>/:
+    calibration and measurement then see the same machine load, yet never the same runs or prompt."""
+    import shutil
+    import tempfile
     from executor.runner import RunSpec, launch
     out: dict[Case, list[dict]] = {}
     for n in sorted({c.stages for c in cases}):
         group = [c for c in cases if c.stages == n]
+        calib: list[tuple[str, str, str | None]] = []
+        if calib_out is not None:
+            calib = [("ar-n1", "ar", None)] if n == 1 else [(f"pp-n{n}", "pp", None),
+                                                            (f"spd-n{n}-a{calib_alpha:g}", "spd", f"oracle:{calib_alpha:g}")]
+            if head and n > 1:
+                calib.append((f"spd-n{n}-head", "spd", f"head:{head}"))
         # Round-robin over the cases (case 1, case 2, …, case 1, case 2, …): a slow spell of a shared
         # machine then hits every case alike instead of one case's repeats.
-        jobs = [{"scheme": "ar" if n == 1 else c.scheme, "prompt": prompt, "new_tokens": new_tokens,
-                 "draft": c.draft if n > 1 else None, "seed": 1000 + i}
-                for i in range(repeats) for c in group]
+        jobs, kinds = [], []
+        for i in range(repeats):
+            for name, scheme, draft in calib:
+                jobs.append({"scheme": scheme, "prompt": calib_prompt, "new_tokens": new_tokens, "draft": draft,
+                             "seed": 100 + i})
+                kinds.append(("calib", f"{name}-r{i}"))
+            for c in group:
+                jobs.append({"scheme": "ar" if n == 1 else c.scheme, "prompt": prompt, "new_tokens": new_tokens,
+                             "draft": c.draft if n > 1 else None, "seed": 1000 + i})
+                kinds.append(("case", c))
+        tmp = Path(tempfile.mkdtemp(prefix="spd-validate.")) if calib else None
         t0 = time.time()
-        res = launch(RunSpec(model=model, stages=n, jobs=jobs, device=device, threads=threads,
-                             model_label=Path(model).name))
-        log(f"validate: measured {len(jobs)} decodes on {n} rank(s) ({time.time() - t0:.0f} s)")
-        for k, c in enumerate(group):
-            out[c] = res[k::len(group)]
+        try:
+            res = launch(RunSpec(model=model, stages=n, jobs=jobs, device=device, threads=threads,
+                                 model_label=Path(model).name, trace_dir=str(tmp) if tmp else None,
+                                 trace_each=bool(tmp)))
+            for j, (kind, what) in enumerate(kinds):
+                if kind == "calib":
+                    dst = calib_out / "runs" / what
+                    shutil.rmtree(dst, ignore_errors=True)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(tmp / f"job{j}"), dst)
+        finally:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+        log(f"validate: measured {len(jobs) - len(calib) * repeats} decodes on {n} rank(s)"
+            + (f", {len(calib) * repeats} calibration decodes interleaved" if calib else "")
+            + f" ({time.time() - t0:.0f} s)")
+        results = [(what, r) for (kind, what), r in zip(kinds, res) if kind == "case"]
+        for c in group:
+            out[c] = [r for what, r in results if what == c]
     return out
 
 
@@ -244,7 +281,8 @@ def _check_model(scenario, model_path: Path) -> dict:
 
 
 def validate_command(args) -> int:
-    from executor.profile import ProfileConfig, profile
+    import shutil
+    from executor.profile import CALIBRATION_PROMPT, ProfileConfig, profile
     from executor.runner import resolve_model
     from spdsim.calibrate import calibrate, load_calibration, write_calibration
     from spdsim.scenario import load_scenario
@@ -288,18 +326,22 @@ def validate_command(args) -> int:
         calib = Path(calib)
         load_calibration(calib)                       # a bad file fails now, not after the measurements
         print(f"validate: calibration {calib} (given)")
-    else:
+    else:                                             # microbenchmarks now, run traces interleaved below
         stages = max(c.stages for c in cases)
         pcfg = ProfileConfig(model=str(model), stages=stages, device=args.device, threads=args.threads,
-                             new_tokens=min(N, 48), alphas=[0.6], head=head, contexts=None, repeats=9)
+                             head=head, contexts=None, repeats=9, runs=False)
         profile(pcfg, out / "profile", log=print)
+        shutil.rmtree(out / "profile" / "runs", ignore_errors=True)
+
+    measured = measure(cases, str(model), prompt, N, args.repeats, args.device, args.threads,
+                       calib_out=None if calib is not None else out / "profile",
+                       calib_prompt=list(CALIBRATION_PROMPT.encode()), head=head)
+    if calib is None:
         costs, err, lines = calibrate(out / "profile")
         for line in lines:
             print("  " + line)
         calib = write_calibration(out / "calibration.yaml", costs, err)
-        print(f"validate: calibrated on the calibration prompt's runs -> {calib}")
-
-    measured = measure(cases, str(model), prompt, N, args.repeats, args.device, args.threads)
+        print(f"validate: calibrated on the calibration prompt's runs (interleaved, never the measured ones) -> {calib}")
     predicted = {c: [predict(scenario, c, calib, len(prompt), N, r["accepts"]) for r in measured[c]] for c in cases}
     for c in cases:                                   # the replay must reproduce the measured verdicts
         for m, p in zip(measured[c], predicted[c]):
