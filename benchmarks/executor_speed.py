@@ -1,0 +1,90 @@
+"""Executor decode speed on this machine: AR, PP n=2 and SPD n=2 with oracle α ∈ {0, 0.5, 0.8, 1}, per
+transport; every SPD figure also as a fraction of its ideal (DESIGN §2):
+    vs PP: SPD ÷ (PP × n/(1+(1-α)(n-1)))        vs AR: SPD ÷ (AR × n/(1+(1-α)(n-1)))
+with α the run's measured acceptance. Issue targets (local transport): PP ≥ 0.85× AR; SPD/PP ≥ 0.95 of
+ideal; SPD/AR ≥ 0.85 of ideal. Each configuration runs --repeats times, interleaved in the same
+processes (so load drift hits all alike), and the table shows medians: runs vary ±10% here.
+
+    python benchmarks/executor_speed.py [--model tiny] [--new-tokens 128] [--repeats 5] [--transports local,dist]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+from executor.runner import DEFAULT_PROMPT, RunSpec, launch, resolve_model
+from spdsim.metrics import ideal_spd_speedup
+
+ALPHAS = (0.0, 0.5, 0.8, 1.0)
+
+
+def medians(results: list[dict]) -> dict:
+    rates = [r["acceptance_rate"] for r in results if r["acceptance_rate"] is not None]
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
+            "ms_per_token": statistics.median(r["ms_per_token"] for r in results),
+            "bubble_ratio": statistics.median(r["bubble_ratio"] for r in results),
+            "waste_ratio": statistics.median(r["waste_ratio"] for r in results),
+            "acceptance_rate": statistics.median(rates) if rates else None,
+            "spread": (max(r["tokens_per_s"] for r in results) - min(r["tokens_per_s"] for r in results)) / 2,
+            "repeats": len(results)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--transports", default="local,dist")
+    ap.add_argument("--json", default=None, help="also write every row to this file")
+    args = ap.parse_args()
+    model = str(resolve_model(args.model))
+    prompt = list(DEFAULT_PROMPT.encode())
+    n, R, N = args.stages, args.repeats, args.new_tokens
+    t_start = time.time()
+    load = os.getloadavg()[0]
+
+    ar = launch(RunSpec(model=model, stages=1, jobs=[dict(scheme="ar", prompt=prompt, new_tokens=N)] * R))
+    rows = [{"config": "AR", "transport": "-", **medians(ar)}]
+    ar_tps = rows[0]["tokens_per_s"]
+    for transport in args.transports.split(","):
+        configs = [("PP", dict(scheme="pp"))] + [(f"SPD α={a}", dict(scheme="spd", draft=f"oracle:{a}")) for a in ALPHAS]
+        jobs = [dict(prompt=prompt, new_tokens=N, seed=i, **c) for i in range(R) for _, c in configs]
+        results = launch(RunSpec(model=model, stages=n, jobs=jobs, transport=transport))
+        name = results[0]["transport"]
+        pp = None
+        for k, (label, _) in enumerate(configs):
+            row = {"config": f"{label} n={n}", "transport": name, **medians(results[k::len(configs)])}
+            if label == "PP":
+                pp = row["tokens_per_s"]
+                row["vs_ar"] = pp / ar_tps
+            else:
+                ideal = ideal_spd_speedup(n, row["acceptance_rate"])
+                row["ideal"] = ideal
+                row["frac_ideal_vs_pp"] = row["tokens_per_s"] / (pp * ideal)
+                row["frac_ideal_vs_ar"] = row["tokens_per_s"] / (ar_tps * ideal)
+            rows.append(row)
+
+    print(f"# executor speed: {args.model}, {N} new tokens, n={n}, median of {R} "
+          f"(load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end, {time.time() - t_start:.0f} s)")
+    print(f"| config | transport | tokens/s | ±half-range | ms/token | bubble | waste | acceptance | "
+          f"PP÷AR | ideal | SPD÷(PP×ideal) | SPD÷(AR×ideal) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda v, d=3: "" if v is None else f"{v:.{d}f}"
+    for r in rows:
+        print(f"| {r['config']} | {r['transport']} | {r['tokens_per_s']:.1f} | {r['spread']:.1f} | "
+              f"{r['ms_per_token']:.2f} | {r['bubble_ratio']:.3f} | {r['waste_ratio']:.3f} | "
+              f"{fmt(r['acceptance_rate'], 2)} | {fmt(r.get('vs_ar'), 2)} | {fmt(r.get('ideal'), 2)} | "
+              f"{fmt(r.get('frac_ideal_vs_pp'), 2)} | {fmt(r.get('frac_ideal_vs_ar'), 2)} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
