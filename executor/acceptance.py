@@ -22,7 +22,7 @@ from executor.data import load_corpus
 from executor.model import Stage, Transformer, uniform_partition
 from executor.spec_head import (HeadConfig, HeadDrafter, SpecHead, build_drafter, load_drafter, save_drafter,
                                 target_checkpoints)
-from executor.train_head import TrainHeadConfig, resolve_target, target_id, train_drafters
+from executor.train_head import TrainHeadConfig, resolve_target, shown, target_id, train_drafters
 
 DRAFTERS = ("spd", "k-ahead", "window", "early-exit", "early-exit-raw")
 WEIGHTS = Path(__file__).parent / "weights"
@@ -67,7 +67,7 @@ def _drafter_path(kind: str, n: int, out: Path, heads: Path) -> Path:
 
 
 def obtain_drafters(target: Transformer, target_path: Path, stages: list[int], out: Path, heads: Path,
-                    tc: TrainHeadConfig, log=print) -> dict[tuple[str, int], torch.nn.Module]:
+                    tc: TrainHeadConfig, log=print, model_arg: str = "") -> dict[tuple[str, int], torch.nn.Module]:
     """Loads each drafter from its file when it was trained against this target with the same budget;
     trains the missing ones in lockstep (same batches, same steps) and saves them."""
     found, missing = {}, []
@@ -90,12 +90,12 @@ def obtain_drafters(target: Transformer, target_path: Path, stages: list[int], o
     if missing:
         log(f"training {len(missing)} drafters in lockstep, {tc.steps} steps of {tc.batch}×{tc.seq} bytes")
         for run in train_drafters(target, missing, tc, log):
-            path = _drafter_path(run.cfg.kind, run.cfg.stages, out, heads)
+            path = shown(_drafter_path(run.cfg.kind, run.cfg.stages, out, heads))
             save_drafter(run.module, path, {
                 "target": str(target_path), "target_id": tid, "seed": tc.seed, "steps": tc.steps, "batch": tc.batch, "seq": tc.seq,
                 "lr": tc.lr, "train_minutes": round(run.seconds / 60, 2),
                 "final_train_kl": round(float(np.mean(run.losses[-25:])), 4),
-                "command": f"executor train-head --stages {run.cfg.stages} --kind {run.cfg.kind} --model {target_path} "
+                "command": f"executor train-head --stages {run.cfg.stages} --kind {run.cfg.kind} --model {model_arg} "
                            f"--out {path} --steps {tc.steps} --batch {tc.batch} --seed {tc.seed}"
                            + (" --query-window" if run.cfg.query_window else "")})
             found[(run.cfg.kind, run.cfg.stages)] = load_drafter(path)     # evaluate what was saved (fp16)
@@ -187,7 +187,7 @@ def acceptance_study(model: str, stages: list[int], out: Path, heads: Path, tabl
     target, tpath = resolve_target(model)
     for n in stages:
         uniform_partition(target.cfg.n_layers, n)          # a ValueError for an impossible n, before training
-    drafters = obtain_drafters(target, tpath, stages, out, heads, tc, log)
+    drafters = obtain_drafters(target, tpath, stages, out, heads, tc, log, model_arg=model or str(tpath))
     windows = eval_windows(load_corpus().val, n_windows, seq)
     rows = evaluate(target, drafters, windows, skip=max(8, max(stages)))
     rows.sort(key=lambda r: (DRAFTERS.index(r.drafter), r.stages))

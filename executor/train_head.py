@@ -44,7 +44,15 @@ class TrainHeadConfig:
 def resolve_target(model: str | Path) -> tuple[Transformer, Path]:
     """`tiny` → the committed checkpoint; anything else is a checkpoint path."""
     path = DEFAULT_TINY if str(model) == "tiny" else Path(model)
-    return load_checkpoint(path).eval(), path
+    return load_checkpoint(path).eval(), shown(path)
+
+
+def shown(path: Path) -> Path:
+    """Relative to the working directory when inside it: metadata that does not name this machine."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd())
+    except ValueError:
+        return Path(path)
 
 
 def target_id(path: Path) -> str:
