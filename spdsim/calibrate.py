@@ -70,6 +70,7 @@ class CalibratedCosts:
     scale: float = 1.0                    # the picked regime's factor (applies to every compute cost)
     role_scale: dict[str, float] = field(default_factory=dict)   # ... per stage role, where measured
     tick_by: dict[str, float] = field(default_factory=dict)   # tick_overhead_s per regime, where measured
+    msg_by: dict[str, float] = field(default_factory=dict)    # msg_overhead_s per regime, where measured
     head_kind: str = "oracle"             # which drafter head_s stands for
     source: dict = field(default_factory=dict)
 
@@ -115,7 +116,8 @@ class CalibratedCosts:
         roles = {r: self.contention_by[f"{regime}:{r}"] for r in ("only", "first", "middle", "last")
                  if f"{regime}:{r}" in self.contention_by}
         return replace(self, scale=scale, role_scale=roles,
-                       tick_overhead_s=self.tick_by.get(regime, self.tick_overhead_s))
+                       tick_overhead_s=self.tick_by.get(regime, self.tick_overhead_s),
+                       msg_overhead_s=self.msg_by.get(regime, self.msg_overhead_s))
 
     # --- file form ---
     def to_yaml_dict(self, fit_error: dict | None = None) -> dict:
@@ -127,7 +129,8 @@ class CalibratedCosts:
                 "tick_overhead_ms": self.tick_overhead_s * 1e3, "msg_overhead_ms": self.msg_overhead_s * 1e3,
                 "send_block_ms": self.send_block_s * 1e3,
                 "contention": self.contention, "contention_by": dict(self.contention_by),
-                "tick_by_ms": {k: v * 1e3 for k, v in self.tick_by.items()}, "fit_error_pct": fit_error or {}, "source": self.source}
+                "tick_by_ms": {k: v * 1e3 for k, v in self.tick_by.items()},
+                "msg_by_ms": {k: v * 1e3 for k, v in self.msg_by.items()}, "fit_error_pct": fit_error or {}, "source": self.source}
 
     @classmethod
     def from_yaml_dict(cls, d: dict, where: str = "calibration") -> "CalibratedCosts":
@@ -148,6 +151,7 @@ class CalibratedCosts:
                         contention=float(d.get("contention", 1.0)),
                         contention_by={str(k): float(v) for k, v in (d.get("contention_by") or {}).items()},
                         tick_by={str(k): float(v) * 1e-3 for k, v in (d.get("tick_by_ms") or {}).items()},
+                        msg_by={str(k): float(v) * 1e-3 for k, v in (d.get("msg_by_ms") or {}).items()},
                         source=dict(d.get("source") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: malformed calibration ({e.__class__.__name__}: {e})") from None
@@ -317,6 +321,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
     kappa = 1.0
     contention_by: dict[str, float] = {}
     tick_by: dict[str, float] = {}
+    msg_by: dict[str, float] = {}
     tick = msg = 0.0
     heads: dict[str, list[float]] = {}
     blocks: list[float] = []
@@ -327,6 +332,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
         overlap: list[tuple[float, float]] = []      # (measured ÷ microbenchmark, fraction overlapped)
         ticks: list[float] = []
         lats: list[tuple[float, int]] = []
+        lats_by: dict[str, list[tuple[float, int]]] = {}
         for tr in runs:
             h = tr.header
             n = h.stages
@@ -351,6 +357,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
             ticks += g["tick"]
             ticks_by.setdefault(regime_of(h.scheme, n), []).extend(g["tick"])
             lats += list(zip(g["latency"], g["latency_bytes"]))
+            lats_by.setdefault(regime, []).extend(zip(g["latency"], g["latency_bytes"]))
             kind = str(h.extra.get("draft") or "").split(":")[0]
             if h.scheme == "spd" and n > 1:    # where rank 0 has other work to do after sending
                 blocks += [e.duration_ns * 1e-9 for e in _decode(tr.events, "send", "rank0", "act 0->1")]
@@ -383,8 +390,13 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
             msg = max(statistics.fmean(extra), 0.0)
             pred = [tick + lat + nb / bw + msg for _, nb in lats]
             err["msg_overhead"] = _rel_rms(pred, [L for L, _ in lats])
+            for k, v in lats_by.items():       # each regime against its own tick
+                if len(v) >= 3:
+                    t_k = tick_by.get(k, tick)
+                    msg_by[k] = max(statistics.fmean(L - t_k - (lat + nb / bw) for L, nb in v), 0.0)
             lines.append(f"message   {msg * 1e3:.4f} ms per message beyond the link (mean of {len(lats)} "
-                         f"idle-receiver deliveries)   delivery fit error {err['msg_overhead']:.1f}%")
+                         f"idle-receiver deliveries)   delivery fit error {err['msg_overhead']:.1f}%;  per regime: "
+                         + ", ".join(f"{k} {v * 1e3:.4f} ms" for k, v in msg_by.items()))
     else:
         lines.append("runs      no run traces: κ = 1, no tick or message overhead")
     send_block = statistics.fmean(blocks) if blocks else 0.0
@@ -406,7 +418,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
     costs = CalibratedCosts(layer_a_s=a * kappa, layer_b_s=b * kappa, embed_s_=embed * kappa,
                             lm_head_s_=lm_head * kappa, head_s_by_kind=head_by_kind, link_latency_s=lat,
                             link_bandwidth=bw, tick_overhead_s=tick, msg_overhead_s=msg, send_block_s=send_block,
-                            contention=kappa, contention_by=contention_by, tick_by=tick_by,
+                            contention=kappa, contention_by=contention_by, tick_by=tick_by, msg_by=msg_by,
                             source=source)
     return costs, err, lines
 
