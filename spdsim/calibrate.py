@@ -23,6 +23,10 @@ TRACE_DIR is what `executor profile` writes: profile.json (microbenchmarks) and 
                    on shared cores waking an idle receiver can cost the sender its core for a while; the
                    simulator charges it on the first device after each ACT (it delays the next issue)
   head       the speculative module's draft time, mean of `head` events, per drafter kind (oracle / head)
+  jitter     quantiles of each forward's time ÷ its run's mean, per regime and stage role: forwards vary
+                   (preemption), and a pipeline whose stages run at once waits for the slower one each
+                   tick; a simulated point draws every forward from them (seeded: reproducible)
+  tick, message and the compute factor are also kept per regime (for_point picks the point's)
 
 Every component's fit error is printed (relative RMS of the fit against the samples it was fitted to).
 This module must not import torch.
@@ -71,8 +75,14 @@ class CalibratedCosts:
     role_scale: dict[str, float] = field(default_factory=dict)   # ... per stage role, where measured
     tick_by: dict[str, float] = field(default_factory=dict)   # tick_overhead_s per regime, where measured
     msg_by: dict[str, float] = field(default_factory=dict)    # msg_overhead_s per regime, where measured
+    # Forward-to-forward variability (preemption, shared cores): quantiles of measured ÷ mean per regime and
+    # stage role. A pipeline of variable stages idles more than one of constant stages (the slower of two
+    # stages sets each tick), so for_point draws each forward's time from them (seeded per point).
+    jitter: dict[str, list[float]] = field(default_factory=dict)
+    rng: object = None                    # random.Random, set by for_point when jitter is known
     head_kind: str = "oracle"             # which drafter head_s stands for
     source: dict = field(default_factory=dict)
+    _jitter_q: dict[str, list[float]] = field(default_factory=dict)   # the picked regime's, by role
 
     def layer_s(self, layer: int, ctx: int) -> float:
         return self.scale * (self.layer_a_s + self.layer_b_s * ctx)
@@ -99,7 +109,14 @@ class CalibratedCosts:
             t += self.embed_s_
         if last:
             t += self.lm_head_s_
-        return self.role_scale.get(stage_role(first, last), self.scale) * t
+        role = stage_role(first, last)
+        t *= self.role_scale.get(role, self.scale)
+        q = self._jitter_q.get(role) if self.rng is not None else None
+        if q:
+            u = self.rng.random() * (len(q) - 1)          # inverse CDF, linear between quantiles
+            i = int(u)
+            t *= q[i] + (q[min(i + 1, len(q) - 1)] - q[i]) * (u - i)
+        return t
 
     def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]:
         return nbytes / self.link_bandwidth, self.link_latency_s
@@ -115,7 +132,12 @@ class CalibratedCosts:
         scale = self.contention_by.get(regime, 1.0)
         roles = {r: self.contention_by[f"{regime}:{r}"] for r in ("only", "first", "middle", "last")
                  if f"{regime}:{r}" in self.contention_by}
-        return replace(self, scale=scale, role_scale=roles,
+        import random
+        import zlib
+        jq = {r: self.jitter[f"{regime}:{r}"] for r in ("only", "first", "middle", "last")
+              if f"{regime}:{r}" in self.jitter}
+        rng = random.Random(zlib.crc32(f"{scheme}:{stages}".encode())) if jq else None
+        return replace(self, scale=scale, role_scale=roles, rng=rng, _jitter_q=jq,
                        tick_overhead_s=self.tick_by.get(regime, self.tick_overhead_s),
                        msg_overhead_s=self.msg_by.get(regime, self.msg_overhead_s))
 
@@ -130,7 +152,8 @@ class CalibratedCosts:
                 "send_block_ms": self.send_block_s * 1e3,
                 "contention": self.contention, "contention_by": dict(self.contention_by),
                 "tick_by_ms": {k: v * 1e3 for k, v in self.tick_by.items()},
-                "msg_by_ms": {k: v * 1e3 for k, v in self.msg_by.items()}, "fit_error_pct": fit_error or {}, "source": self.source}
+                "msg_by_ms": {k: v * 1e3 for k, v in self.msg_by.items()},
+                "jitter_quantiles": {k: [round(x, 4) for x in v] for k, v in self.jitter.items()}, "fit_error_pct": fit_error or {}, "source": self.source}
 
     @classmethod
     def from_yaml_dict(cls, d: dict, where: str = "calibration") -> "CalibratedCosts":
@@ -152,6 +175,7 @@ class CalibratedCosts:
                         contention_by={str(k): float(v) for k, v in (d.get("contention_by") or {}).items()},
                         tick_by={str(k): float(v) * 1e-3 for k, v in (d.get("tick_by_ms") or {}).items()},
                         msg_by={str(k): float(v) * 1e-3 for k, v in (d.get("msg_by_ms") or {}).items()},
+                        jitter={str(k): [float(x) for x in v] for k, v in (d.get("jitter_quantiles") or {}).items()},
                         source=dict(d.get("source") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: malformed calibration ({e.__class__.__name__}: {e})") from None
@@ -322,12 +346,14 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
     contention_by: dict[str, float] = {}
     tick_by: dict[str, float] = {}
     msg_by: dict[str, float] = {}
+    jitter: dict[str, list[float]] = {}
     tick = msg = 0.0
     heads: dict[str, list[float]] = {}
     blocks: list[float] = []
     if runs:
         ratios, per_run = [], {}
         by_regime: dict[str, list[tuple[float, float]]] = {}
+        within: dict[str, list[float]] = {}
         ticks_by: dict[str, list[float]] = {}
         overlap: list[tuple[float, float]] = []      # (measured ÷ microbenchmark, fraction overlapped)
         ticks: list[float] = []
@@ -349,8 +375,14 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
             ratios += rr
             regime = regime_of(h.scheme, n)
             by_regime.setdefault(regime, []).extend(rr)
+            run_roles: dict[str, list[float]] = {}
             for e, x in zip(comps, rr):   # the first rank also runs the controller: roles differ
-                by_regime.setdefault(f"{regime}:{stage_role(e.stage == 0, e.stage == n - 1)}", []).append(x)
+                key = f"{regime}:{stage_role(e.stage == 0, e.stage == n - 1)}"
+                by_regime.setdefault(key, []).append(x)
+                run_roles.setdefault(key, []).append(x[0] / x[1])
+            for key, v in run_roles.items():   # variability within this run, around its own level
+                mean = statistics.fmean(v)
+                within.setdefault(key, []).extend(r / mean for r in v)
             per_run[f"{h.scheme}-n{n}:{h.extra.get('draft') or ''}"] = (
                 sum(m for m, _ in rr) / sum(p for _, p in rr) if rr else float("nan"))
             g = run_gaps(tr)
@@ -365,6 +397,9 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
                 heads.setdefault(kind, []).extend(e.duration_ns * 1e-9 for e in _decode(tr.events, "head"))
         kappa = sum(m for m, _ in ratios) / sum(p for _, p in ratios)
         contention_by = {k: sum(m for m, _ in v) / sum(p for _, p in v) / kappa for k, v in by_regime.items() if v}
+        for k, v in within.items():             # forward-to-forward variability, not run-to-run drift
+            if len(v) >= 10:
+                jitter[k] = [float(x) for x in np.quantile(v, np.linspace(0, 1, 21))]
         regime_pred = [contention_by[f"{regime_of(t.header.scheme, t.header.stages)}:"
                                      f"{stage_role(e.stage == 0, e.stage == t.header.stages - 1)}"]
                        for t in runs for e in _decode(t.events, "compute")]
@@ -419,6 +454,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
                             lm_head_s_=lm_head * kappa, head_s_by_kind=head_by_kind, link_latency_s=lat,
                             link_bandwidth=bw, tick_overhead_s=tick, msg_overhead_s=msg, send_block_s=send_block,
                             contention=kappa, contention_by=contention_by, tick_by=tick_by, msg_by=msg_by,
+                            jitter=jitter,
                             source=source)
     return costs, err, lines
 

@@ -211,3 +211,21 @@ def test_compute_regimes_one_rank_versus_a_pipeline(tmp_path):
         measured = run_metrics(tr.events, scheme, n, N, tr.header.placement)
         predicted = simulate_point(sc, Point(scheme, n, "uniform", None)).metrics
         assert predicted.tokens_per_s == pytest.approx(measured.tokens_per_s, rel=0.01), name
+
+
+def test_forward_variability_costs_a_pipeline_throughput_but_not_a_sequence(tmp_path):
+    """Variable forwards (same mean) slow SPD, whose stages run at once (each tick waits for the slower),
+    and leave PP, whose stages take turns, unchanged on average."""
+    from spdsim.acceptance import iid
+    costs, err, _ = calibrate(make_trace_dir(tmp_path))
+    const = write_calibration(tmp_path / "const.yaml", costs, err)
+    spread = [0.5 + i * 0.05 for i in range(21)]            # uniform on [0.5, 1.5]: mean 1
+    costs.jitter = {f"{reg}:{role}": spread for reg in ("serial", "overlapped") for role in ("first", "last")}
+    noisy = write_calibration(tmp_path / "noisy.yaml", costs, err)
+    tps = {}
+    for name, calib in (("const", const), ("noisy", noisy)):
+        sc = parse_scenario(scenario_text(calib).replace("new_tokens: %d" % N, "new_tokens: 200"))
+        tps[name, "pp"] = simulate_point(sc, Point("pp", 2, "uniform", None)).metrics.tokens_per_s
+        tps[name, "spd"] = simulate_point(sc, Point("spd", 2, "uniform", iid(1.0))).metrics.tokens_per_s
+    assert tps["noisy", "pp"] == pytest.approx(tps["const", "pp"], rel=0.03)
+    assert tps["noisy", "spd"] < 0.97 * tps["const", "spd"]
