@@ -12,9 +12,10 @@ Control protocol (the simulator models the same one; the state machine is spdsim
   prefill output to rank 0.)
 
   Decode, rank 0, per issued position q (window W = n for SPD, 1 for PP):
-      wait until controller.can_issue() (and, for a feature-using drafter, the features of the next
-      draft), handling each message that arrives → stage-1 forward of q with its token (the true one,
-      or the draft made for q) → send ACT(epoch, q) to rank 1 → if SPD: draft the token for q+1 → loop.
+      wait until controller.can_issue(), handling each message that arrives → stage-1 forward of q with
+      its token (the true one, or the draft made for q) → send ACT(epoch, q) to rank 1 → if SPD: (a
+      feature-using drafter first waits for the features the draft needs; a flush meanwhile voids the
+      draft) draft the token for q+1 → loop. spdsim/schemes/spd.py models the same order.
   Stage s > 0: receive ACT(e, q) from s-1; a newer epoch e means a flush happened: adopt it (rolling
   the KV cache back to q is free, see executor/model.py: the forward of q overwrites entry q and
   attends to entries ≤ q only) → forward → send ACT(e, q) on, or, on the last stage, RESULT(e, q, true
@@ -249,7 +250,7 @@ class Worker:
         while not ctl.done:
             q = ctl.next_position
             will_draft = spd and q + 1 <= ctl.last_useful
-            if not ctl.can_issue() or (feats and will_draft and not features_ready(q)):
+            if not ctl.can_issue():
                 if n == 1:
                     raise RuntimeError("single-stage pipeline stalled")   # cannot happen: results are local
                 _, msg = self.tr.recv([n - 1] if not feats else list(range(1, n)), self.timeout)
@@ -266,6 +267,14 @@ class Worker:
                 continue
             self.send(1, _act(ACT, out, issue.epoch, q, tok), 0)
             if will_draft:
+                if feats:
+                    # Wait for the draft's features only now, after stage 1's forward went out, so the
+                    # wait overlaps the downstream stages; a flush meanwhile voids this draft.
+                    while not features_ready(q) and ctl.epoch == issue.epoch:
+                        _, msg = self.tr.recv(list(range(1, n)), self.timeout)
+                        on_message(msg)
+                    if ctl.epoch != issue.epoch:
+                        continue
                 t0 = clock()
                 if feats:
                     buffered[(0, q)] = emb[0, -1]
