@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--threads", type=int, default=1)
     h.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (memory)")
-    h.add_argument("--query-window", action="store_true",
-                   help="spd/window: add a linear path from the window's rows to the query row")
+    h.add_argument("--query-window", action=argparse.BooleanOptionalAction, default=True,
+                   help="spd/window: a linear path from the window's rows to the query row (default on)")
     h.set_defaults(func=_cmd_train_head)
 
     a = sub.add_parser("acceptance", help="acceptance of each drafter vs pipeline depth on held-out files",
@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--threads", type=int, default=1)
     a.add_argument("--windows", type=int, default=48, help="held-out windows of 512 bytes (default 48)")
     a.add_argument("--no-timing", action="store_true", help="skip the per-call timing of the module")
-    a.add_argument("--query-window", action="store_true",
-                   help="spd/window modules with the query-window path (see train-head)")
+    a.add_argument("--query-window", action=argparse.BooleanOptionalAction, default=True,
+                   help="spd/window modules with the query-window path (see train-head; default on)")
     a.set_defaults(func=_cmd_acceptance)
 
     pr = sub.add_parser("profile", help="layer, head and link microbenchmarks plus AR / PP / SPD run traces",

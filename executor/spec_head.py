@@ -8,7 +8,9 @@ at depth d contributes one input row: a per-depth projection of its d + 1 checkp
 (hidden magnitudes grow with depth).
 
 The module is a small causal transformer over those rows (the target's `Block`, RoPE, its own KV cache)
-and an LM head initialised from the target's final norm and output. Positions at depth n never change
+and an LM head initialised from the target's final norm and output. With `query_window` (the committed
+modules) the query row also gets a linear map of each window row (position q-d at depth d): a direct
+path that attention over the whole sequence otherwise has to learn (+6 points at the same budget). Positions at depth n never change
 again and live in the KV cache; the n newest positions change depth every tick, so each call recomputes
 their rows (n + 1 rows: the one reaching depth n this tick is then final). Rolling back is free: cache
 entries ≤ the query position are the only ones read, and later writes overwrite discarded ones.

@@ -37,7 +37,7 @@ class TrainHeadConfig:
     seed: int = 0
     threads: int = 1
     n_layers: int = 1
-    query_window: bool = False        # spd/window modules: the query row also sums the window's rows
+    query_window: bool = True         # spd/window modules: the query row also sums the window's rows
     grad_checkpoint: bool = False     # recompute the variant attention in backward (multi-layer, long seq)
 
 

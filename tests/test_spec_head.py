@@ -150,7 +150,7 @@ def _train(target, kinds, steps=40):
     fake = type("C", (), {"train": rng.integers(0, 64, 20_000).astype(np.uint8)})
     real, th.load_corpus = th.load_corpus, lambda: fake
     try:
-        cfgs = [HeadConfig.for_target(TCFG, 2, kind=k, ffn_dim=96) for k in kinds]
+        cfgs = [HeadConfig.for_target(TCFG, 2, kind=k, ffn_dim=96, query_window=k == "spd") for k in kinds]
         tc = th.TrainHeadConfig(stages=2, steps=steps, batch=4, seq=32, lr=3e-3, warmup=5)
         return th.train_drafters(target, cfgs, tc, log=lambda *_: None)
     finally:
