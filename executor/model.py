@@ -229,16 +229,12 @@ class Stage(nn.Module):
 
 
 def uniform_partition(n_layers: int, stages: int) -> list[tuple[int, int]]:
-    """Contiguous layer ranges, the earlier stages one layer larger when it does not divide."""
+    """Contiguous layer ranges, the earlier stages one layer larger when it does not divide: the
+    simulator's `uniform` partition (one definition, so validation compares like with like)."""
+    from spdsim.partition import uniform_layers
     if not 1 <= stages <= n_layers:
         raise ValueError(f"stages must be between 1 and the number of layers ({n_layers}), got {stages}")
-    base, extra = divmod(n_layers, stages)
-    out, first = [], 0
-    for s in range(stages):
-        last = first + base + (1 if s < extra else 0)
-        out.append((first, last))
-        first = last
-    return out
+    return list(uniform_layers(n_layers, stages))
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ import argparse
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -20,7 +19,7 @@ import pandas as pd
 from spdsim.engine import PointResult, plan_point, simulate_point
 from spdsim.errors import UserError
 from spdsim.metrics import speedup
-from spdsim.parallel import run_tasks
+from spdsim.parallel import progress_bar, run_tasks
 from spdsim.partition import Plan
 from spdsim.scenario import Point, Scenario, load_scenario
 from spdsim.trace import Trace, write_chrome_trace, write_trace
@@ -156,22 +155,6 @@ def format_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _progress_bar(quiet: bool) -> Callable[[int, int], None] | None:
-    if quiet:
-        return None
-    t0 = time.time()
-
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / total)
-        sys.stderr.write(f"\rsimulating [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                         f"({time.time() - t0:.1f} s)")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-    return show
-
-
 def run_command(args: argparse.Namespace) -> int:
     """`spdsim run SCENARIO.yaml [--out DIR] [--jobs N] [--quiet] [--no-plots] [--trace SELECT]`"""
     scenario = load_scenario(args.scenario)
@@ -184,7 +167,7 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"spdsim: note: {note}", file=sys.stderr)
     if scenario.calibration and not quiet:
         print(f"spdsim: note: costs from calibration {scenario.calibration!r} (not the roofline)", file=sys.stderr)
-    results = sweep_results(scenario, args.jobs, _progress_bar(quiet), getattr(args, "dask", None))
+    results = sweep_results(scenario, args.jobs, progress_bar("simulating", quiet), getattr(args, "dask", None))
     df = results_frame(scenario, results)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "results.csv", index=False)

@@ -29,7 +29,7 @@ from __future__ import annotations
 from spdsim.acceptance import sampler
 from spdsim.engine import ACT, NS, RESULT, Mailbox, RunConfig, Sim, point_rng
 from spdsim.errors import UserError
-from spdsim.partition import RESULT_BYTES, Plan
+from spdsim.partition import Plan
 from spdsim.protocol import CycleController
 from spdsim.schemes import Scheme
 
