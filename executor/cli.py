@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "spawned here, or one rank under torchrun). Prints tokens/s, bubble, "
                                    "waste and acceptance, all computed from the measured trace.")
     r.add_argument("--stages", type=int, default=1, help="pipeline stages = processes (default 1)")
-    r.add_argument("--scheme", default="ar", help="ar | pp | spd (default ar)")
+    r.add_argument("--scheme", default="ar", help="ar | pp | spd | spd_dedicated (n + 1 processes: rank 0 "
+                                                        "embeds, drafts and verifies; default ar)")
     r.add_argument("--model", default="tiny", help="'tiny' (the shipped checkpoint), our checkpoint path, "
                                                    "or a Hugging Face directory (default tiny)")
     r.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default 64)")

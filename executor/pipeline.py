@@ -1,5 +1,9 @@
 """The pipeline runtime: one process (rank) per stage, decoding with AR, PP or SPD (DESIGN §2).
 
+(`spd_dedicated`, the reference implementation's n + 1-rank layout in synchronous cycles driven by
+spdsim.protocol.CycleController, reuses Worker, Recorder and _event from here; its loops and protocol are
+in executor/dedicated.py.)
+
 Control protocol (the simulator models the same one; the state machine is spdsim.protocol.SpdController):
 
   Ranks. Rank r runs stage r (layers of the uniform partition). Rank 0 also holds the embedding, the

@@ -8,6 +8,7 @@ Launch modes:
     straggler is killed after 30 s. Ctrl-C stops them all.
   * under torchrun (RANK / WORLD_SIZE set): this process is one rank; rank 0 prints the results.
   * --stages 1: everything in this process, no transport.
+  * --scheme spd_dedicated: n + 1 ranks (rank 0 without layers, executor/dedicated.py).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from spdsim.errors import UserError
 
 DEFAULT_TINY = Path(__file__).parent / "weights" / "tiny.safetensors"
 DEFAULT_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
-SCHEMES = ("ar", "pp", "spd")
+SCHEMES = ("ar", "pp", "spd", "spd_dedicated")
 TRANSPORTS = ("auto", "local", "dist")
 
 
@@ -96,8 +97,15 @@ def validate(spec: RunSpec) -> None:
             raise UserError("--scheme ar runs on one process: use --stages 1")
         if job["scheme"] == "spd" and spec.stages > 1 and not job.get("draft"):
             raise UserError("--scheme spd needs --draft oracle:ALPHA or --draft head:PATH")
-        if job.get("draft") and job["scheme"] != "spd":
-            raise UserError("--draft applies to --scheme spd only")
+        if job.get("draft") and job["scheme"] not in ("spd", "spd_dedicated"):
+            raise UserError("--draft applies to --scheme spd only (and spd_dedicated)")
+        if dedicated(spec) and job["scheme"] != "spd_dedicated":
+            raise UserError("--scheme spd_dedicated cannot share a run with other schemes")
+        if job["scheme"] == "spd_dedicated":
+            kind = (job.get("draft") or "").partition(":")[0]
+            if spec.stages > 1 and kind != "oracle":
+                raise UserError("--scheme spd_dedicated runs the oracle drafter only: use --draft oracle:ALPHA "
+                                "(head:PATH is not supported in this layout yet)")
         parse_draft(job.get("draft"))
         if job["new_tokens"] < 1:
             raise UserError("--new-tokens must be ≥ 1")
@@ -110,6 +118,15 @@ def validate(spec: RunSpec) -> None:
                             f"model's context ({shape['max_seq_len']})")
 
 
+def dedicated(spec: RunSpec) -> bool:
+    return any(j["scheme"] == "spd_dedicated" for j in spec.jobs)
+
+
+def world_of(spec: RunSpec) -> int:
+    """Processes a run needs: one per stage, plus rank 0 of its own under spd_dedicated."""
+    return spec.stages + 1 if dedicated(spec) else spec.stages
+
+
 # --- one rank --------------------------------------------------------------------------------------
 
 def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
@@ -117,11 +134,14 @@ def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
     import torch
     from executor.model import Stage, load_checkpoint, uniform_partition
     from executor.pipeline import Job, Worker
+    from executor import dedicated as ded
     from executor.transport import PeerLost, connect
 
     torch.set_num_threads(spec.threads)
-    if world != spec.stages:
-        raise UserError(f"--stages {spec.stages} but WORLD_SIZE is {world}: run one process per stage")
+    layout = dedicated(spec)
+    if world != world_of(spec):
+        raise UserError(f"--stages {spec.stages} but WORLD_SIZE is {world}: run one process per stage"
+                        + (" plus rank 0 (spd_dedicated: stages + 1)" if layout else ""))
     if spec.device == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device here")
@@ -131,28 +151,36 @@ def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
         device = torch.device("cpu")
     transport_kind = pick_transport(spec, world)
     model = load_checkpoint(spec.model).to(device)
-    parts = uniform_partition(model.cfg.n_layers, world)
-    stage = Stage(model, *parts[rank])
+    parts = uniform_partition(model.cfg.n_layers, spec.stages)
+    # spd_dedicated: rank r > 0 runs stage r-1; rank 0 has no layers (its Stage object is never run)
+    stage = Stage(model, *(parts[max(rank - 1, 0)] if layout else parts[rank]))
     tr = connect(transport_kind, rank, world, device, timeout=max(spec.timeout, 25)) if world > 1 else None
     worker = Worker(rank, world, model, stage, tr, spec.timeout, device)
     if spec.verbose:
-        _say(f"executor: [rank {rank}] ready (stage {rank}, layers {parts[rank]}, transport "
+        _say(f"executor: [rank {rank}] ready (stage {rank - layout}, layers {stage.first, stage.last}, transport "
              f"{tr.name if tr else 'none'})")
     failed = True
     try:
         if rank > 0:
-            worker.serve(spec.idle_timeout)
+            if layout:
+                ded.serve_dedicated(worker, spec.idle_timeout)
+            else:
+                worker.serve(spec.idle_timeout)
             failed = False
             return None
         results = []
         for i, jd in enumerate(spec.jobs):
             job = Job(**jd)
-            res = worker.lead(job, spec.idle_timeout)
+            res = (ded.lead_dedicated(worker, job, spec.idle_timeout) if layout
+                   else worker.lead(job, spec.idle_timeout))
             results.append(summarise(res, job, spec, parts, tr.name if tr else "none",
                                      trace_dir=(str(Path(spec.trace_dir) / f"job{i}") if spec.trace_each
                                                 else spec.trace_dir if i == len(spec.jobs) - 1 else None)
                                      if spec.trace_dir else None))
-        worker.shutdown()
+        if layout:
+            ded.shutdown_dedicated(worker)
+        else:
+            worker.shutdown()
         failed = False
         return results
     except PeerLost as e:
@@ -176,7 +204,8 @@ def summarise(res, job, spec: RunSpec, parts, transport: str, trace_dir: str | N
     from spdsim.metrics import run_metrics
     from spdsim.trace import Trace, TraceHeader, write_chrome_trace, write_trace
     n = spec.stages
-    placement = [f"rank{r}" for r in range(n)]
+    shift = int(job.scheme == "spd_dedicated")       # stage s on rank s+1; rank 0 does head/verify
+    placement = [f"rank{r + shift}" for r in range(n)]
     m = run_metrics(res.events, job.scheme, n, job.new_tokens, placement=placement)
     if trace_dir:
         header = TraceHeader(scheme=job.scheme, stages=n, new_tokens=job.new_tokens, source="executor",
@@ -184,8 +213,8 @@ def summarise(res, job, spec: RunSpec, parts, transport: str, trace_dir: str | N
                              prompt_tokens=len(job.prompt), model=spec.model_label or spec.model,
                              device_kind=spec.device,
                              extra={"transport": transport, "draft": job.draft, "threads": spec.threads,
-                                    "accepts": res.accepts})
-        for r in range(n):
+                                    "accepts": res.accepts, **({"rank0": "embed, draft, LM head, verify"} if shift else {})})
+        for r in range(n + shift):
             write_trace(Path(trace_dir) / f"rank{r}.jsonl", TraceHeader(**{**asdict(header), "rank": r}),
                         [e for e in res.events if e.device == f"rank{r}"])
         write_chrome_trace(Path(trace_dir) / "timeline.json", Trace(header, res.events))
@@ -212,19 +241,20 @@ def _free_port() -> int:
 def launch(spec: RunSpec, grace_s: float = 30.0) -> list[dict]:
     """Run `spec` on this machine: in-process for one stage, else one spawned process per stage."""
     validate(spec)
-    if spec.stages == 1:
+    world = world_of(spec)
+    if world == 1:
         return rank_main(spec, 0, 1)
     signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C works even where SIGINT was ignored
     tmp = Path(tempfile.mkdtemp(prefix="spd-run."))
     spec_file, result_file = tmp / "spec.json", tmp / "result.json"
     spec_file.write_text(json.dumps(asdict(spec)))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": str(spec.stages), "LOCAL_WORLD_SIZE": str(spec.stages),
+           "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
            "OMP_NUM_THREADS": str(spec.threads), "PYTHONUNBUFFERED": "1"}
     env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     procs = []
     try:
-        for r in range(spec.stages):
+        for r in range(world):
             procs.append(subprocess.Popen([sys.executable, "-m", "executor.runner", str(spec_file), str(result_file)],
                                           env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
         failed = _watch(procs, grace_s)
