@@ -213,7 +213,8 @@ def summarise(res, job, spec: RunSpec, parts, transport: str, trace_dir: str | N
                              prompt_tokens=len(job.prompt), model=spec.model_label or spec.model,
                              device_kind=spec.device,
                              extra={"transport": transport, "draft": job.draft, "threads": spec.threads,
-                                    "accepts": res.accepts, **({"rank0": "embed, draft, LM head, verify"} if shift else {})})
+                                    "accepts": res.accepts,
+                                    **({"rank0": "embed, draft, LM head, verify"} if shift else {})})
         for r in range(n + shift):
             write_trace(Path(trace_dir) / f"rank{r}.jsonl", TraceHeader(**{**asdict(header), "rank": r}),
                         [e for e in res.events if e.device == f"rank{r}"])
