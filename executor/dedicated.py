@@ -208,15 +208,14 @@ def lead_dedicated(w: Worker, job: Job, idle_timeout: float) -> JobResult:
             continue
         now, p = clock(), v.position
         seq[p + 1] = token
+        for kind, pos, acc in v.marks():
+            w.rec.add(kind, now, now, position=pos, epoch=out.epoch, accepted=acc)
         if v.accepted is not None:
             accepts.append(int(v.accepted))
-            w.rec.add("verify", now, now, position=p + 1, epoch=out.epoch, accepted=v.accepted)
         if v.accepted is False:
-            w.rec.add("flush", now, now, position=p, epoch=out.epoch)
             restarts.append(p + 1)
             if drafter:
                 drafter.rollback(p + 1)
-        w.rec.add("commit", now, now, position=p + 1, epoch=out.epoch)
 
     rows = w.rec.take()
     w.tr.send(1, Message(STOP, position=cc.cycle))

@@ -233,18 +233,17 @@ class Worker:
             if verdict.stale:
                 return
             seq[p + 1] = msg.token
+            for kind, pos, acc in verdict.marks():
+                self.rec.add(kind, now, now, position=pos, epoch=msg.epoch, accepted=acc)
             if verdict.accepted is not None:
                 accepts.append(int(verdict.accepted))
-                self.rec.add("verify", now, now, position=p + 1, epoch=msg.epoch, accepted=verdict.accepted)
             if verdict.accepted is False:
-                self.rec.add("flush", now, now, position=p, epoch=msg.epoch)
                 restarts.append(p + 1)
                 for key in [k for k in buffered if k[1] > p]:
                     del buffered[key]
                 given.difference_update({k for k in given if k[1] > p})
                 if drafter:
                     drafter.rollback(p + 1)
-            self.rec.add("commit", now, now, position=p + 1, epoch=msg.epoch)
 
         def features_ready(q: int) -> bool:
             # the draft for q+1 needs depth d of position q-d (d = 1..n) for decode positions

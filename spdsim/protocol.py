@@ -50,6 +50,21 @@ class Verdict:
     accepted: bool | None  # the draft at p+1 verified; None when no draft at p+1 was in flight
     committed: int         # tokens committed so far, this one included
 
+    def marks(self) -> list[tuple[str, int, bool | None]]:
+        """The instant trace events this verdict produces, in order, as (kind, position, accepted):
+        verify (when a draft was checked), flush (on a rejection), commit. Nothing for a stale result.
+        Both halves log a verdict through this, so their traces agree event for event."""
+        if self.stale:
+            return []
+        p = self.position
+        out: list[tuple[str, int, bool | None]] = []
+        if self.accepted is not None:
+            out.append(("verify", p + 1, self.accepted))
+            if not self.accepted:
+                out.append(("flush", p, None))
+        out.append(("commit", p + 1, None))
+        return out
+
 
 class SpdController:
     """The first rank's bookkeeping: what to issue next, which results count, when to flush."""

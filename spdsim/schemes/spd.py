@@ -69,11 +69,8 @@ def first_device(sim: Sim):
             if v.stale:
                 return
             sim.committed.add((p, e))
-            if v.accepted is not None:
-                log.append(("verify", t, t, -1, dev, p + 1, e, 0, "", v.accepted))
-                if not v.accepted:
-                    log.append(("flush", t, t, -1, dev, p, e, 0, "", None))
-            log.append(("commit", t, t, -1, dev, p + 1, e, 0, "", None))
+            for kind, pos, acc in v.marks():
+                log.append((kind, t, t, -1, dev, pos, e, 0, "", acc))
             if ctl.done and not sim.done.triggered:
                 sim.done.succeed()
         elif kind == FEATURE:

@@ -161,11 +161,8 @@ class CycleSim(Sim):
             if v is not None:
                 t, p, e = env.now, v.position, out.epoch
                 self.committed.add((p, e))
-                if v.accepted is not None:
-                    log.append(("verify", t, t, -1, dev, p + 1, e, 0, "", v.accepted))
-                    if not v.accepted:
-                        log.append(("flush", t, t, -1, dev, p, e, 0, "", None))
-                log.append(("commit", t, t, -1, dev, p + 1, e, 0, "", None))
+                for kind, pos, acc in v.marks():
+                    log.append((kind, t, t, -1, dev, pos, e, 0, "", acc))
             if cc.done:
                 self.cycles.append((t_start, env.now, draft, c.cycle, fixed))
                 self.done.succeed()
