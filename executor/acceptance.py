@@ -25,7 +25,6 @@ from executor.spec_head import (HeadConfig, HeadDrafter, SpecHead, build_drafter
 from executor.train_head import TrainHeadConfig, resolve_target, shown, target_id, train_drafters
 
 DRAFTERS = ("spd", "k-ahead", "window", "early-exit", "early-exit-raw")
-WEIGHTS = Path(__file__).parent / "weights"
 
 
 @dataclass
@@ -166,7 +165,7 @@ def write_outputs(rows: list[Row], timing: list[dict], out: Path, table: Path | 
     if table is not None:
         spd = {r.stages: round(r.acceptance, 4) for r in rows if r.drafter == "spd"}
         table.parent.mkdir(parents=True, exist_ok=True)
-        lines = [f"# Acceptance of the trained SPD speculative module (executor/weights/head_n*.safetensors) for",
+        lines = ["# Acceptance of the trained SPD speculative module (executor/weights/head_n*.safetensors) for",
                  f"# the {model_label} model: greedy agreement with the target on held-out files, by stage count.",
                  f"# Written by `{command}`; other drafters are in reports/acceptance/acceptance.csv.",
                  f"name: {model_label}_head", f"model: {model_label}", "drafter: spd", "by_stages:"]

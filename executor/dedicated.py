@@ -40,15 +40,6 @@ CONTROL = 10
 _NAMES = {**{k: v.lower() for k, v in KIND_NAMES.items()}, CONTROL: "control"}
 
 
-def world_size(stages: int) -> int:
-    return stages + 1
-
-
-def stage_of_rank(parts: list[tuple[int, int]], rank: int) -> tuple[int, int] | None:
-    """Rank 0 has no layers; rank s runs stage s-1's."""
-    return None if rank == 0 else parts[rank - 1]
-
-
 @torch.no_grad()
 def layers_forward(stage: Stage, x: Tensor, positions: Tensor) -> Tensor:
     """Decoder layers only (stage 1 here gets embedded input; the last stage returns the pre-norm hidden)."""

@@ -291,6 +291,3 @@ def load_checkpoint(path: str | Path) -> Transformer:
         raise ValueError(f"{path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
     return model.eval()
 
-
-def checkpoint_meta(path: str | Path) -> dict:
-    return json.loads(Path(str(path) + ".json").read_text())

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from spdsim.errors import UserError
+from spdsim.textable import align
 
 # Measured on this prompt; `executor profile` calibrates on executor.profile.CALIBRATION_PROMPT.
 VALIDATION_PROMPT = "def parse(line):\n    key, _, value = line.partition('=')\n    return "
@@ -236,10 +237,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append((r["scheme"], str(r["stages"]), r["acceptance"], r["metric"], format(r["predicted"], fmt),
                       format(r["measured"], fmt), f"{r['error_pct']:+.1f}{unit}",
                       f"±{r.get('measured_spread', 0.0):.1f}{unit}"))
-    w = [max(len(l[i]) for l in lines) for i in range(len(head))]
-    text = ["  ".join(c.ljust(w[i]) if i in (0, 3) else c.rjust(w[i]) for i, c in enumerate(l)).rstrip() for l in lines]
-    text.insert(1, "-" * len(text[0]))
-    return "\n".join(text)
+    return align(lines, left=(0, 3))
 
 
 def parity_plot(rows: list[dict], path: Path) -> Path:

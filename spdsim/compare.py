@@ -22,6 +22,7 @@ import pandas as pd
 from spdsim.errors import UserError
 from spdsim.scenario import load_scenario
 from spdsim.sweep import results_frame, sweep_results
+from spdsim.textable import align, cell
 
 ORDER = {"ar": 0, "pp": 1, "chain": 2, "sd": 3, "spd": 4, "spd_dedicated": 5}
 
@@ -54,23 +55,16 @@ def comparison(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_comparison(cmp: pd.DataFrame) -> str:
-    def f(v, fmt):
-        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
     head = ("scheme", "n", "α", "partition", "gpus", "parallel", "accept/depth", "tok/cycle", "bubble",
             "×PP", "×AR", "ms/tok", "theory×PP")
     rows = [head]
     for _, r in cmp.iterrows():
         a = r["acceptance"]
-        rows.append((r["scheme"], str(r["stages"]), a if isinstance(a, str) else f(a, ".2f"), r["partition"],
-                     str(r["gpus"]), f(r["parallelism"], ".2f"), r["accept_by_depth"],
-                     f(r["tokens_per_cycle"], ".2f"), f(r["bubble_ratio"], ".3f"), f(r["speedup_vs_pp"], ".2f"),
-                     f(r["speedup_vs_ar"], ".2f"), f(r["ms_per_token"], ".3f"), f(r["theoretical_speedup"], ".2f")))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-    left = (0, 3, 6)
-    lines = ["  ".join(str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-             for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+        rows.append((r["scheme"], str(r["stages"]), a if isinstance(a, str) else cell(a, ".2f"), r["partition"],
+                     str(r["gpus"]), cell(r["parallelism"], ".2f"), r["accept_by_depth"],
+                     cell(r["tokens_per_cycle"], ".2f"), cell(r["bubble_ratio"], ".3f"), cell(r["speedup_vs_pp"], ".2f"),
+                     cell(r["speedup_vs_ar"], ".2f"), cell(r["ms_per_token"], ".3f"), cell(r["theoretical_speedup"], ".2f")))
+    return align(rows, left=(0, 3, 6))
 
 
 def compare_command(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ are named "gpu0", "gpu1", ...; switches, host bridges and NICs get their own nod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -186,7 +186,3 @@ class Hardware:
     def devices(self) -> list[str]:
         return [f"gpu{i}" for i in range(self.count)]
 
-
-def with_params(spec: TopologySpec, **params: float) -> TopologySpec:
-    """A copy of spec with some parameters changed (what-if analysis, tests)."""
-    return replace(spec, params={**spec.params, **params})

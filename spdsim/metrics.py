@@ -6,7 +6,7 @@ report through `run_metrics`, so a predicted and a measured number always mean t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from spdsim.trace import TraceEvent
@@ -26,13 +26,6 @@ class RunMetrics:
     accepted: int
     rejected: int
     utilization: tuple[float, ...] = field(default_factory=tuple)  # busy_s / T per stage
-
-    def as_row(self) -> dict:
-        row = asdict(self)
-        util = row.pop("utilization")
-        for s, u in enumerate(util):
-            row[f"utilization_{s}"] = u
-        return row
 
 
 def decode_window(events: Sequence[TraceEvent], new_tokens: int | None = None) -> tuple[int, int, int]:

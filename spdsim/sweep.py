@@ -22,6 +22,7 @@ from spdsim.metrics import speedup
 from spdsim.parallel import progress_bar, run_tasks
 from spdsim.partition import Plan
 from spdsim.scenario import Point, Scenario, load_scenario
+from spdsim.textable import align, cell
 from spdsim.trace import Trace, write_chrome_trace, write_trace
 
 COLUMNS = ["scenario", "scheme", "stages", "partition", "acceptance", "tokens_per_s", "ms_per_token",
@@ -138,21 +139,15 @@ def write_timelines(scenario: Scenario, out: Path, point_ids: list[str]) -> list
 # --- the table -----------------------------------------------------------------------------------------
 
 def format_table(df: pd.DataFrame) -> str:
-    def f(v, fmt):
-        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
     rows = [("scheme", "n", "partition", "α", "tok/s", "ms/tok", "×PP", "×AR", "bubble", "waste", "accept", "placement")]
     for _, r in df.iterrows():
         acc = r["acceptance"]
         rows.append((r["scheme"], str(r["stages"]), r["partition"],
-                     acc if isinstance(acc, str) else f(acc, ".2f"),
-                     f(r["tokens_per_s"], ".1f"), f(r["ms_per_token"], ".2f"), f(r["speedup_vs_pp"], ".2f"),
-                     f(r["speedup_vs_ar"], ".2f"), f(r["bubble_ratio"], ".3f"), f(r["waste_ratio"], ".3f"),
-                     f(r["acceptance_rate"], ".3f"), r["placement"] if r["partition"] == "comm_aware" else ""))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).rjust(w) if i not in (0, 2, 11) else str(c).ljust(w)
-                       for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+                     acc if isinstance(acc, str) else cell(acc, ".2f"),
+                     cell(r["tokens_per_s"], ".1f"), cell(r["ms_per_token"], ".2f"), cell(r["speedup_vs_pp"], ".2f"),
+                     cell(r["speedup_vs_ar"], ".2f"), cell(r["bubble_ratio"], ".3f"), cell(r["waste_ratio"], ".3f"),
+                     cell(r["acceptance_rate"], ".3f"), r["placement"] if r["partition"] == "comm_aware" else ""))
+    return align(rows, left=(0, 2, 11))
 
 
 def run_command(args: argparse.Namespace) -> int:
