@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PROMPT = list(b"import os\ndef f(x):\n    return ")
+REFERENCE_TOKENS = 16
 
 
 def small_model(path: Path, layers: int = 8, seed: int = 1) -> Path:

@@ -12,12 +12,6 @@ import pytest
 pytest.importorskip("torch")
 
 from executor.cli import main
-from executor_helpers import small_model
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return small_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.mark.parametrize("argv,words", [

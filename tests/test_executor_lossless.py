@@ -12,19 +12,9 @@ pytest.importorskip("torch")
 from executor.runner import RunSpec, launch
 from spdsim.metrics import run_metrics
 from spdsim.trace import read_trace
-from executor_helpers import PROMPT, reference, small_model
+from executor_helpers import PROMPT, REFERENCE_TOKENS
 
-N = 16
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return small_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return reference(ckpt, PROMPT, N)
+N = REFERENCE_TOKENS
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
