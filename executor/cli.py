@@ -88,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from executor.runner import DEFAULT_PROMPT   # no torch import: runner imports torch lazily
     r = sub.add_parser("run", help="decode with AR / PP / SPD across one process per stage",
-                       description="Decode greedily with AR (one process), PP or SPD (one process per stage; "
-                                   "spawned here, or one rank under torchrun). Prints tokens/s, bubble, "
-                                   "waste and acceptance, all computed from the measured trace.")
+                       description="Decode with AR (one process), PP or SPD (one process per stage; "
+                                   "spawned here, or one rank under torchrun), greedily or by sampling "
+                                   "(--temperature). Prints tokens/s, bubble, waste and acceptance, all "
+                                   "computed from the measured trace.")
     r.add_argument("--stages", type=int, default=1, help="pipeline stages = processes (default 1)")
     r.add_argument("--scheme", default="ar", help="ar | pp | spd | spd_dedicated (n + 1 processes: rank 0 "
                                                         "embeds, drafts and verifies; default ar)")
@@ -100,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--draft", default=None, metavar="SPEC",
                    help="spd drafter: oracle:ALPHA (true greedy token with probability ALPHA) or head:PATH")
     r.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (UTF-8 bytes are the token ids)")
-    r.add_argument("--seed", type=int, default=0, help="drafter seed (default 0)")
+    r.add_argument("--seed", type=int, default=0, help="drafter and sampling seed (default 0)")
+    r.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 = greedy (default); T > 0 samples from softmax(logits / T), SPD verifying drafts "
+                        "by speculative sampling: equal to AR in distribution, not token for token. "
+                        "ar, pp and spd with --draft head:PATH")
     r.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     r.add_argument("--transport", default="auto",
                    help="local (sockets, one CPU host) | dist (torch.distributed: gloo / NCCL) | auto (default)")
@@ -188,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--calibration", type=Path, default=None, metavar="CALIB.yaml",
                    help="use this calibration (default: the scenario's, else profile + calibrate now)")
     v.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    v.add_argument("--repeats", type=int, default=3, help="measured decodes per point (default 3)")
+    v.add_argument("--repeats", type=int, default=5, help="measured decodes per point (default 5)")
     v.add_argument("--new-tokens", type=int, default=None, help="override the scenario's workload.new_tokens")
     v.add_argument("--head", default=None, metavar="PATH", help="also validate SPD with this trained module")
     v.add_argument("--threads", type=int, default=1)

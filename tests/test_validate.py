@@ -56,6 +56,9 @@ def test_runnable_cases_skip_what_this_machine_cannot_run(tmp_path):
     assert any("oversubscribed" in n for n in notes) and any("compute_balanced" in n for n in notes)
     assert Case("spd", 2, "oracle:1", "1") in cases and Case("pp", 2, None, "") in cases
     assert len(cases) == len(set(cases))
+    # one rank: ar, pp and spd are the same decode in the executor, measured once
+    assert [c for c in cases if c.stages == 1] == [Case("ar", 1, None, "")]
+    assert any("same one-rank decode" in n for n in notes)
     with_head, _ = runnable_cases(sc, max_stages=2, head="h.safetensors")
     assert Case("spd", 2, "head:h.safetensors", "head") in with_head
 
@@ -71,13 +74,27 @@ def test_compare_and_tolerances():
     assert {tuple(r) for r in rows} == {tuple(COLUMNS)}
     by = {(r["scheme"], r["metric"]): r for r in rows}
     assert by[("spd", "tokens_per_s")]["measured"] == 16.0                    # median over repeats
-    assert by[("spd", "speedup_vs_pp")]["measured"] == pytest.approx(1.6)
+    assert by[("spd", "speedup_vs_pp")]["measured"] == pytest.approx(1.6)      # median of per-round ratios
+    assert by[("spd", "speedup_vs_pp")]["measured_spread"] == pytest.approx(100 * (3.0 - 1.5) / 2 / 1.6)
     assert by[("spd", "speedup_vs_pp")]["predicted"] == pytest.approx(18.0 / 10.2)
     assert by[("spd", "bubble_ratio")]["error_pct"] == pytest.approx(-1.0)   # points, absolute
     bad = failures(rows, tolerance=0.05, bubble_tolerance=0.03)
     assert bad[0]["scheme"] == "spd" and bad[0]["metric"] == "tokens_per_s"   # +12.5%: the worst
     assert all(r["scheme"] == "spd" for r in bad)
     assert summary(rows)["tokens_per_s"]["max_abs"] == pytest.approx(12.5)
+
+
+def test_speedup_is_paired_by_round():
+    """A machine that slows down between rounds moves both cases of a round: the paired ratio does not."""
+    pp, spd = Case("pp", 2, None, ""), Case("spd", 2, "oracle:0.8", "0.8")
+    slow = [1.0, 0.6, 0.8]
+    measured = {pp: [{"tokens_per_s": 10.0 * f, "bubble_ratio": 0.5} for f in slow],
+                spd: [{"tokens_per_s": 14.0 * f, "bubble_ratio": 0.2} for f in slow]}
+    predicted = {c: [{"tokens_per_s": 1.0, "bubble_ratio": 0.0}] * 3 for c in (pp, spd)}
+    by = {(r["scheme"], r["metric"]): r for r in compare([pp, spd], measured, predicted)}
+    assert by[("spd", "speedup_vs_pp")]["measured"] == pytest.approx(1.4)
+    assert by[("spd", "speedup_vs_pp")]["measured_spread"] == pytest.approx(0.0)
+    assert by[("spd", "tokens_per_s")]["measured_spread"] > 10     # each case alone does move
 
 
 def test_validate_rejects_a_model_that_is_not_the_scenarios(tmp_path):
