@@ -10,6 +10,7 @@ Writes `acceptance.csv` (drafter, stages, acceptance, top5, n_tokens), `acceptan
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -66,22 +67,23 @@ def _drafter_path(kind: str, n: int, out: Path, heads: Path) -> Path:
 
 
 def obtain_drafters(target: Transformer, target_path: Path, stages: list[int], out: Path, heads: Path,
-                    tc: TrainHeadConfig, log=print, model_arg: str = "") -> dict[tuple[str, int], torch.nn.Module]:
-    """Loads each drafter from its file when it was trained against this target with the same budget;
-    trains the missing ones in lockstep (same batches, same steps) and saves them."""
+                    tc: TrainHeadConfig, log=print, model_arg: str = "",
+                    widths: dict[int, int] | None = None) -> dict[tuple[str, int], torch.nn.Module]:
+    """Loads each drafter from its file when it was trained against this target with the same budget and
+    shape; trains the missing ones in lockstep (same batches, same steps) and saves them. `widths`: the
+    module width per n (default tc.width for all)."""
     found, missing = {}, []
     tid = target_id(target_path)
     for n in stages:
         for kind in DRAFTERS:
-            qw = tc.query_window and kind in ("spd", "window")
-            hc = HeadConfig.for_target(target.cfg, n, kind=kind, n_layers=tc.n_layers, query_window=qw)
+            hc = dataclasses.replace(tc, width=(widths or {}).get(n, tc.width)).head_config(target.cfg, kind, n)
             if kind == "early-exit-raw":                         # nothing to train
                 found[(kind, n)] = build_drafter(hc, target).eval()
                 continue
             path = _drafter_path(kind, n, out, heads)
             meta = json.loads(Path(str(path) + ".json").read_text()) if Path(str(path) + ".json").exists() else {}
             same = (meta.get("steps"), meta.get("seed"), meta.get("batch"), meta.get("seq")) == (tc.steps, tc.seed, tc.batch, tc.seq)
-            if same and meta.get("target_id") == tid and meta.get("head", {}).get("query_window", False) == qw:
+            if same and meta.get("target_id") == tid and meta.get("head") == hc.to_json():
                 found[(kind, n)] = load_drafter(path)
                 log(f"{kind} n={n}: {path}")
             else:
@@ -96,7 +98,8 @@ def obtain_drafters(target: Transformer, target_path: Path, stages: list[int], o
                 "final_train_kl": round(float(np.mean(run.losses[-25:])), 4),
                 "command": f"executor train-head --stages {run.cfg.stages} --kind {run.cfg.kind} --model {model_arg} "
                            f"--out {path} --steps {tc.steps} --batch {tc.batch} --seed {tc.seed}"
-                           + (" --query-window" if run.cfg.query_window else "")})
+                           + (f" --width {run.cfg.width}" if run.cfg.width else "")
+                           + ("" if run.cfg.query_window or run.cfg.kind not in ("spd", "window") else " --no-query-window")})
             found[(run.cfg.kind, run.cfg.stages)] = load_drafter(path)     # evaluate what was saved (fp16)
     return found
 
@@ -181,12 +184,13 @@ def write_outputs(rows: list[Row], timing: list[dict], out: Path, table: Path | 
 
 
 def acceptance_study(model: str, stages: list[int], out: Path, heads: Path, table: str | None, tc: TrainHeadConfig,
-                     n_windows: int = 48, seq: int = 512, timing: bool = True, log=print) -> list[Row]:
+                     n_windows: int = 48, seq: int = 512, timing: bool = True, log=print,
+                     widths: dict[int, int] | None = None) -> list[Row]:
     torch.set_num_threads(tc.threads)
     target, tpath = resolve_target(model)
     for n in stages:
         uniform_partition(target.cfg.n_layers, n)          # a ValueError for an impossible n, before training
-    drafters = obtain_drafters(target, tpath, stages, out, heads, tc, log, model_arg=model or str(tpath))
+    drafters = obtain_drafters(target, tpath, stages, out, heads, tc, log, model_arg=model or str(tpath), widths=widths)
     windows = eval_windows(load_corpus().val, n_windows, seq)
     rows = evaluate(target, drafters, windows, skip=max(8, max(stages)))
     rows.sort(key=lambda r: (DRAFTERS.index(r.drafter), r.stages))
@@ -198,8 +202,10 @@ def acceptance_study(model: str, stages: list[int], out: Path, heads: Path, tabl
                           "head_over_stage": round(head_ms / stage_ms, 3)})
             log(f"n={n}: module {head_ms:.3f} ms/call, one stage ({target.cfg.n_layers // n} layers) {stage_ms:.3f} ms")
     label = "tiny" if model == "tiny" else Path(model).stem
+    width_arg = " ".join(str((widths or {}).get(n, tc.width)) for n in stages)
     command = (f"executor acceptance --model {model} --stages {' '.join(map(str, stages))} --steps {tc.steps} "
-               f"--batch {tc.batch}" + (" --query-window" if tc.query_window else ""))
+               f"--batch {tc.batch}" + (f" --width {width_arg}" if widths or tc.width else "")
+               + ("" if tc.query_window else " --no-query-window"))
     table_path = None if table == "none" else Path(table or f"scenarios/acceptance/{label}_head.yaml")
     write_outputs(rows, times, out, table_path, label, command)
     log(f"{'drafter':<16}{'n':>3}{'acceptance':>12}{'top5':>8}{'tokens':>8}")

@@ -46,7 +46,9 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
         raise UserError(f"--kind {args.kind!r}: expected one of spd, window, k-ahead, early-exit")
     tc = TrainHeadConfig(stages=args.stages, kind=args.kind, steps=args.steps, batch=args.batch, seed=args.seed,
                          threads=args.threads, n_layers=args.layers, grad_checkpoint=args.grad_checkpoint,
-                         query_window=args.query_window)
+                         query_window=args.query_window, width=args.width)
+    if args.width < 0 or (args.width and args.width % 4):
+        raise UserError("--width must be 0 (the target's) or a positive multiple of 4 (the module's heads)")
     try:
         train_head(args.model, args.out, tc)
     except (FileNotFoundError, ValueError) as e:
@@ -61,9 +63,12 @@ def _cmd_acceptance(args: argparse.Namespace) -> int:
         raise UserError("--stages, --steps and --windows must be ≥ 1")
     tc = TrainHeadConfig(stages=max(args.stages), steps=args.steps, batch=args.batch, seed=args.seed,
                          threads=args.threads, query_window=args.query_window)
+    if len(args.width) not in (1, len(args.stages)) or any(w < 0 or w % 4 for w in args.width):
+        raise UserError("--width: one value, or one per --stages value; each 0 (the target's) or a multiple of 4")
+    widths = dict(zip(args.stages, args.width * len(args.stages) if len(args.width) == 1 else args.width))
     try:
         acceptance_study(args.model, sorted(set(args.stages)), args.out, args.heads, args.table, tc,
-                         n_windows=args.windows, timing=not args.no_timing)
+                         n_windows=args.windows, timing=not args.no_timing, widths=widths)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     return 0
@@ -131,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     h.add_argument("--batch", type=int, default=4, help="windows of 256 bytes per step (default 4)")
     h.add_argument("--layers", type=int, default=1, help="transformer layers in the module (default 1)")
+    h.add_argument("--width", type=int, default=0,
+                   help="module width (default 0: the target's); narrower is cheaper per call, it must stay "
+                        "below a stage's time (see `executor acceptance`'s head_timing.csv)")
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--threads", type=int, default=1)
     h.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (memory)")
@@ -154,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--threads", type=int, default=1)
     a.add_argument("--windows", type=int, default=48, help="held-out windows of 512 bytes (default 48)")
+    a.add_argument("--width", type=int, nargs="+", default=[0], metavar="W",
+                   help="speculative module width: one for every n, or one per --stages value "
+                        "(0: the target's; default 0)")
     a.add_argument("--no-timing", action="store_true", help="skip the per-call timing of the module")
     a.add_argument("--query-window", action=argparse.BooleanOptionalAction, default=True,
                    help="spd/window modules with the query-window path (see train-head; default on)")

@@ -4,15 +4,19 @@ stage 1, from target features taken at several pipeline depths.
 Depth rule. At that tick position j ≤ q has been through d = min(q - j, n) stages: d = 0 is the
 embedding only (the newest position), d = s the output of stage s, d = n the final layer. Checkpoint c
 of a position is the target's hidden state at the boundary of stage c (c = 0: the embedding). A position
-at depth d contributes one input row: a per-depth projection of its d + 1 checkpoints, each RMS-normed
-(hidden magnitudes grow with depth).
+at depth d contributes one input row: sum over c ≤ d of W_c · rms(checkpoint c), plus a learned depth
+embedding e_d. One projection per checkpoint level (not per depth over the concatenated checkpoints, which
+costs O(n²) per call): each checkpoint is projected once, when a call first needs it, and added to its
+position's running sum, so a call costs O(n) small products. The module may be narrower than the target
+(`width`): the cost per call must stay below a stage's, and at n = 8 the tiny model's stage is one layer.
 
 The module is a small causal transformer over those rows (the target's `Block`, RoPE, its own KV cache)
 and an LM head initialised from the target's final norm and output. With `query_window` (the committed
-modules) the query row also gets a linear map of each window row (position q-d at depth d): a direct
-path that attention over the whole sequence otherwise has to learn (+6 points at the same budget). Positions at depth n never change
-again and live in the KV cache; the n newest positions change depth every tick, so each call recomputes
-their rows (n + 1 rows: the one reaching depth n this tick is then final). Rolling back is free: cache
+modules) the query row also gets one linear map of a gated sum of the window's rows (position q-d at depth
+d): a direct path that attention over the whole sequence otherwise has to learn. Positions at depth n never
+change again and live in the KV cache; the n newest positions change depth every tick, so each call
+recomputes their rows (n + 1 rows: the one reaching depth n this tick is then final). In the last layer
+only the query's output is read, so the other rows only give keys and values. Rolling back is free: cache
 entries ≤ the query position are the only ones read, and later writes overwrite discarded ones.
 
 Training runs all positions in parallel and must see what inference sees. With more than one layer, a
@@ -53,18 +57,21 @@ class HeadConfig:
     kind: str                      # one of KINDS
     stages: int                    # n: pipeline depth the drafter is trained for
     checkpoints: tuple[int, ...]   # target layer index of checkpoint c = 0..n (0: embedding, n: last layer)
-    dim: int                       # target hidden size (the module works at the same width)
+    dim: int                       # target hidden size
     vocab_size: int
     n_layers: int = 1
     query_window: bool = False     # the query row also gets a linear summary of the window's newest rows
     n_heads: int = 4
     ffn_dim: int = 688
+    width: int = 0                 # the module's own width (0: the target's); narrower is cheaper per call
     max_seq_len: int = 1024
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown drafter kind {self.kind!r} (one of {', '.join(KINDS)})")
+        if self.width < 0 or (self.width or self.dim) % self.n_heads:
+            raise ValueError(f"module width {self.width} must be ≥ 0 and divisible by {self.n_heads} heads")
         if len(self.checkpoints) != self.stages + 1:
             raise ValueError(f"{self.stages} stages need {self.stages + 1} checkpoints, got {self.checkpoints}")
 
@@ -75,9 +82,13 @@ class HeadConfig:
                    vocab_size=target.vocab_size, max_seq_len=target.max_seq_len, norm_eps=target.norm_eps, **kw)
 
     def block_config(self) -> ModelConfig:
-        return ModelConfig(vocab_size=self.vocab_size, n_layers=self.n_layers, dim=self.dim, n_heads=self.n_heads,
+        return ModelConfig(vocab_size=self.vocab_size, n_layers=self.n_layers, dim=self.module_width, n_heads=self.n_heads,
                            n_kv_heads=self.n_heads, ffn_dim=self.ffn_dim, max_seq_len=self.max_seq_len,
                            norm_eps=self.norm_eps)
+
+    @property
+    def module_width(self) -> int:
+        return self.width or self.dim
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -115,25 +126,39 @@ class SpecHead(nn.Module):
     def __init__(self, cfg: HeadConfig, target: Transformer | None = None, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
-        n, dim = cfg.stages, cfg.dim
+        n, dim, w = cfg.stages, cfg.dim, cfg.module_width
         g = torch.Generator().manual_seed(seed)
-        # One projection per depth level: depth d sees checkpoints 0..d. Initialised to average them,
-        # so the untrained module starts from the features themselves.
-        self.proj = nn.ModuleList(nn.Linear((d + 1) * dim, dim, bias=False) for d in range(n + 1))
-        for d, p in enumerate(self.proj):
-            with torch.no_grad():
-                p.weight.copy_(torch.eye(dim).repeat(1, d + 1) / (d + 1) + 0.01 * torch.randn(p.weight.shape, generator=g))
-        # Optional direct path from the window to the query (position q-d at depth d, d = 1..n), zero at
-        # init; attention alone must otherwise learn to find those few keys among the whole sequence.
-        self.qwin = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(n if cfg.query_window else 0))
-        for w in self.qwin:
-            nn.init.zeros_(w.weight)
+        # One projection per checkpoint, shared by every depth that includes it, plus a learned depth
+        # embedding: the row of a position at depth d is sum_{c<=d} W_c rms(checkpoint c) + e_d. Each
+        # checkpoint is projected once, when it arrives, so a drafter call costs O(n) projections
+        # (one projection per depth over the concatenated checkpoints cost O(n^2): slower than a stage
+        # beyond n = 2). W_0 starts as the identity, deeper ones near zero: the untrained module reads
+        # the embedding and learns what depth adds.
+        # Stored [level, in, out]: a batch of row vectors times it is one fast bmm at decode time.
+        eye = torch.eye(dim, w) if w == dim else torch.randn(dim, w, generator=g) / dim ** 0.5
+        init = torch.stack([eye if c == 0 else 0.1 * eye for c in range(n + 1)])
+        self.proj = nn.Parameter(init + 0.01 * torch.randn(init.shape, generator=g))    # [n+1, dim, w]
+        self.depth_emb = nn.Parameter(torch.zeros(n + 1, w))
+        # Optional direct path from the window to the query: a gated sum of the window's rows (position
+        # q-d at depth d, d = 1..n) through one linear map, zero at init. Attention alone must otherwise
+        # learn to find those few keys among the whole sequence; one map (not one per depth) keeps it O(1).
+        if cfg.query_window:
+            self.qwin_gate = nn.Parameter(torch.ones(n, w))
+            self.qwin = nn.Linear(w, w, bias=False)
+            nn.init.zeros_(self.qwin.weight)
+        else:
+            self.qwin_gate, self.qwin = None, None
         bc = cfg.block_config()
         self.layers = nn.ModuleList(Block(bc) for _ in range(cfg.n_layers))
         for name, p in self.layers.named_parameters():
             if p.dim() == 2:
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        # A narrower module maps back to the target's width for the LM head it starts from.
+        self.up = nn.Linear(w, dim, bias=False) if w != dim else nn.Identity()
+        if w != dim:
+            with torch.no_grad():
+                self.up.weight.copy_(torch.linalg.pinv(self.proj[0].T))   # undo W_0 at init
         self.norm, self.output = _lm_head(cfg, target)
         cos, sin = rope_tables(bc)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -141,21 +166,31 @@ class SpecHead(nn.Module):
         self.grad_checkpoint = False
 
     # --- input rows ----------------------------------------------------------------------------
-    def row(self, ckpts: Tensor, depth: int, normed: bool = False) -> Tensor:
-        """ckpts [..., ≥ depth+1, dim] → the input row of a position at `depth`: [..., dim]."""
-        x = ckpts[..., : depth + 1, :]
-        return self.proj[depth]((x if normed else _rms(x, self.cfg.norm_eps)).flatten(-2))
+    def project(self, x: Tensor, levels: list[int]) -> Tensor:
+        """x [k, dim]: checkpoint levels[i] of some position → its contribution W_c rms(x) [k, w]."""
+        r = _rms(x, self.cfg.norm_eps)[:, None, :]
+        m = len(levels)
+        if levels == list(range(m - 1, -1, -1)):   # steady decoding: levels m-1..0, W needs no gather
+            return torch.bmm(r.flip(0), self.proj[:m]).flip(0)[:, 0]
+        return torch.bmm(r, self.proj[torch.tensor(levels)])[:, 0]
+
+    def window_summary(self, window: Tensor) -> Tensor:
+        """window [..., k, dim]: rows of positions q-1..q-k at depths 1..k → the query's extra input."""
+        k = window.shape[-2]
+        return self.qwin((self.qwin_gate[:k] * window).sum(-2))
 
     # --- training: all positions in parallel ----------------------------------------------------
     def forward(self, ckpts: Tensor, tokens: Tensor | None = None) -> Tensor:
         """ckpts [B, T, n+1, dim] (positions 0..T-1) → logits [B, T, vocab]; row q drafts the token at
         q+1 as seen in the tick in which q enters stage 1."""
         n, T = self.cfg.stages, ckpts.shape[1]
+        projected = torch.einsum("btci,cio->btco", _rms(ckpts, self.cfg.norm_eps), self.proj)
+        rows = projected.cumsum(2) + self.depth_emb            # [B, T, n+1, dim]: rows[:, j, d] at depth d
         # Lists, not stacked tensors: indexing a stack costs a full-size zero tensor in backward.
-        r = [_rms(c, self.cfg.norm_eps) for c in ckpts.unbind(2)]
-        h = [self.proj[d](torch.cat(r[: d + 1], -1)) for d in range(n + 1)]     # variant o = depth o
-        for d, w in enumerate(self.qwin, start=1):     # variant 0 is read only by its own query
-            h[0] = h[0] + w(F.pad(h[d][:, : T - d], (0, 0, d, 0)))
+        h = list(rows.unbind(2))                                # variant o = depth o
+        if self.qwin is not None:                               # variant 0 is read only by its own query
+            shift = lambda t, d: F.pad(t[:, : T - d], (0, 0, d, 0))
+            h[0] = h[0] + self.window_summary(torch.stack([shift(h[d], d) for d in range(1, n + 1)], -2))
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for i, layer in enumerate(self.layers):
             keep = [0] if i == len(self.layers) - 1 else list(range(n + 1))
@@ -163,7 +198,7 @@ class SpecHead(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(self._layer, layer, h, cos, sin, keep, use_reentrant=False)
             else:
                 h = self._layer(layer, h, cos, sin, keep)
-        return self.output(self.norm(h[0]))
+        return self.output(self.norm(self.up(h[0])))
 
     def _layer(self, layer: Block, h: list[Tensor], cos: Tensor, sin: Tensor, keep: list[int]) -> list[Tensor]:
         """One Block over the offset variants h[o] [B, T, dim] → the variants in `keep`."""
@@ -211,12 +246,32 @@ class SpecHead(nn.Module):
     def step(self, rows: Tensor, first: int) -> Tensor:
         """rows [1, m, dim] for positions first..first+m-1 (the last one is the query) → logits [vocab].
         The spd kind reads cached keys for positions < first; the window kind sees only these rows."""
-        pos = torch.arange(first, first + rows.shape[1], device=rows.device)
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        m = rows.shape[1]
+        pos = torch.arange(first, first + m, device=rows.device)
+        cos, sin = self.rope_cos[first:first + m], self.rope_sin[first:first + m]
+        cached = pos if self.cfg.kind == "spd" else None
         x = rows
-        for layer in self.layers:
-            x = layer(x, cos, sin, pos if self.cfg.kind == "spd" else None)
-        return self.output(self.norm(x[0, -1]))
+        for layer in self.layers[:-1]:
+            x = layer(x, cos, sin, cached)
+        return self._query_through(self.layers[-1], x, cos, sin, cached)
+
+    def _query_through(self, layer: Block, x: Tensor, cos: Tensor, sin: Tensor, cached: Tensor | None) -> Tensor:
+        """The last layer for the query alone: every row gives its key and value, only the newest one is
+        read (the other rows' outputs feed nothing), so their query, output and FFN are skipped."""
+        att, (b, m, _) = layer.attention, x.shape
+        nh, hd = att.cfg.n_heads, att.cfg.head_dim
+        xn = layer.attention_norm(x)
+        k = apply_rope(att.wk(xn).view(b, m, nh, hd).transpose(1, 2), cos, sin)
+        v = att.wv(xn).view(b, m, nh, hd).transpose(1, 2)
+        q = apply_rope(att.wq(xn[:, -1:]).view(b, 1, nh, hd).transpose(1, 2), cos[-1:], sin[-1:])
+        if cached is not None:
+            k, v = att.kv_cache.update(cached, k, v)
+            end = int(cached[-1]) + 1
+            k, v = k[:, :, :end], v[:, :, :end]
+        y = F.scaled_dot_product_attention(q, k, v)          # the newest position sees every key
+        h = x[:, -1:] + att.wo(y.transpose(1, 2).reshape(b, 1, nh * hd))
+        h = h + layer.feed_forward(layer.ffn_norm(h))
+        return self.output(self.norm(self.up(h[0, -1])))
 
 
 class KAheadHead(nn.Module):
@@ -293,7 +348,13 @@ class HeadDrafter(Drafter):
     """A trained `SpecHead` behind the pipeline's drafter interface (executor/drafters.py). It keeps
     every checkpoint of every position as the stages report them, and each call reads position j at
     exactly depth min(q - j, n), what training saw (`SpecHead.forward`), even when deeper features
-    already exist (after the prefill or a flush)."""
+    already exist (after the prefill or a flush).
+
+    Cost per call: each window position j keeps a running sum of its projected checkpoints
+    (`sums[j]`, summed up to depth `summed[j]`). In steady decoding every window position goes one level
+    deeper per call, so a call projects n + 1 new checkpoints and adds them; after a start or a flush
+    the window's sums are rebuilt from the stored checkpoints. Bookkeeping is plain Python: on this
+    scale a tensor op costs more than the arithmetic it does."""
 
     needs_features = True
 
@@ -305,62 +366,73 @@ class HeadDrafter(Drafter):
         self.head = head.eval()
         self.n = head.cfg.stages
         self.embed = target.tok_embeddings
-        L = head.cfg.max_seq_len
-        self.feats = torch.zeros(L, self.n + 1, head.cfg.dim)     # RMS-normed on arrival, as in training
-        self.have = torch.zeros(L, self.n + 1, dtype=torch.bool)
+        self.feats: dict[tuple[int, int], Tensor] = {}      # (position, level) → hidden state, as delivered
+        self.sums = torch.zeros(head.cfg.max_seq_len, head.cfg.module_width)
+        self.summed: list[int] = [-1] * head.cfg.max_seq_len  # deepest level in sums[j] (-1: none)
+        self.top = -1             # the highest position holding anything
         self.stable = 0           # the module's KV cache holds final (depth-n) rows for positions < stable
         self.last_logits: Tensor | None = None
 
     @torch.no_grad()
     def start(self, prompt_tokens: list[int], features: dict[int, Tensor] | None = None) -> None:
         """features: depth → [P', dim] hidden states of prompt positions 0..P'-1 (the prefill; P' ≤ P)."""
-        self.feats.zero_()
-        self.have.zero_()
+        self.feats.clear()
+        self.summed = [-1] * len(self.summed)
         self.stable = 0
         self.head.setup_cache()
         for depth, h in (features or {}).items():
-            h = h.reshape(-1, self.head.cfg.dim)
-            self.feats[: len(h), depth] = self._norm(h)
-            self.have[: len(h), depth] = True
-        toks = torch.tensor(prompt_tokens, dtype=torch.long)
-        self.feats[: len(toks), 0] = self._norm(self.embed.weight[toks])
-        self.have[: len(toks), 0] = True
+            for j, row in enumerate(h.reshape(-1, self.head.cfg.dim).detach().float()):
+                self.feats[(j, depth)] = row
+        emb = self.embed.weight[torch.tensor(prompt_tokens, dtype=torch.long)].detach().float()
+        for j, row in enumerate(emb):
+            self.feats[(j, 0)] = row
+        self.top = len(prompt_tokens) - 1
 
     def add_features(self, depth: int, position: int, hidden: Tensor) -> None:
         """`position`'s hidden state at `depth` (0: embedding, s: stage s's output, n: the final hidden
         state before the norm)."""
-        self.feats[position, depth] = self._norm(hidden.reshape(-1))
-        self.have[position, depth] = True
-
-    def _norm(self, h: Tensor) -> Tensor:
-        return _rms(h.detach().float(), self.head.cfg.norm_eps)
+        self.feats[(position, depth)] = hidden.reshape(-1)
+        if self.summed[position] >= depth:      # replaces a summed checkpoint: rebuild that sum
+            self.summed[position] = -1
+        self.top = max(self.top, position)
 
     def rollback(self, position: int) -> None:
         """Positions ≥ `position` are void (a rejection)."""
-        self.have[position:] = False
+        for j in range(position, self.top + 1):
+            self.summed[j] = -1
+            for c in range(self.n + 1):
+                self.feats.pop((j, c), None)
+        self.top = min(self.top, position - 1)
         self.stable = min(self.stable, max(0, position - self.n))
 
     @torch.no_grad()
     def logits(self, position: int, token: int) -> Tensor:
         """The module's logits for the token at position+1, drafted as `position` enters stage 1."""
-        q, n = position, self.n
-        self.feats[q, 0] = self._norm(self.embed.weight[token])
-        self.have[q, 0] = True
+        q, n, feats = position, self.n, self.feats
+        self.add_features(0, q, self.embed.weight[token].detach().float())
         spd = self.head.cfg.kind == "spd"
         # spd: recompute from the first position not yet final in the cache; window: the n + 1 newest.
         first = max(0, min(self.stable, q - n) if spd else q - n)
-        # rows in position order: depth n for first..q-n (final), then one row each at depth n-1..0
-        stable_end = max(first, q - n + 1)
-        if not (bool(self.have[first:stable_end, n].all())
-                and all(bool(self.have[q - d, d]) for d in range(min(n, q - first + 1)))):
+        window = range(first, q + 1)
+        depth = [min(q - j, n) for j in window]                  # position j is read at depth min(q - j, n)
+        if any((j, c) not in feats for j, d in zip(window, depth) for c in range(d + 1)):
             raise RuntimeError(f"drafting at position {q}: the features at depth min({q} - j, {n}) of some "
                                f"position j in [{first}, {q}] were not delivered")
-        parts = [self.head.row(self.feats[first:stable_end], n, normed=True)] if stable_end > first else []
-        parts += [self.head.row(self.feats[q - d], d, normed=True)[None] for d in range(min(n, q - first + 1) - 1, -1, -1)]
-        rows = torch.cat(parts)
-        for d, w in enumerate(self.head.qwin, start=1):    # rows[-1 - d] is position q - d at depth d
-            if q - d >= first:
-                rows[-1] = rows[-1] + w(rows[-1 - d])
+        if all(self.summed[j] == d - 1 for j, d in zip(window, depth)):     # steady: one level each
+            self.sums[q].zero_()
+            self.sums[first:q + 1] += self.head.project(torch.stack([feats[(j, d)] for j, d in zip(window, depth)]), depth)
+        else:                                                    # rebuild the window's sums
+            pairs = [(i, c) for i, d in enumerate(depth) for c in range(d + 1)]
+            contrib = self.head.project(torch.stack([feats[(first + i, c)] for i, c in pairs]), [c for _, c in pairs])
+            self.sums[first:q + 1] = torch.zeros(len(depth), contrib.shape[1]).index_add_(
+                0, torch.tensor([i for i, _ in pairs]), contrib)
+        for j, d in zip(window, depth):
+            self.summed[j] = d
+        rows = self.sums[first:q + 1] + self.head.depth_emb[depth]
+        if self.head.qwin is not None:      # rows[-1 - d] is position q - d at depth d, d = 1..k
+            k = min(n, len(rows) - 1)
+            if k:
+                rows[-1] = rows[-1] + self.head.window_summary(rows[-1 - k:-1].flip(0))
         out = self.head.step(rows[None], first)
         if spd:   # positions ≤ q - n were written at depth n; later ones are transient
             self.stable = max(0, q - n + 1)

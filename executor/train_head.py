@@ -37,8 +37,19 @@ class TrainHeadConfig:
     seed: int = 0
     threads: int = 1
     n_layers: int = 1
+    width: int = 0                    # spd/window module width (0: the target's); narrower is cheaper per call
     query_window: bool = True         # spd/window modules: the query row also sums the window's rows
     grad_checkpoint: bool = False     # recompute the variant attention in backward (multi-layer, long seq)
+
+    def head_config(self, target_cfg, kind: str, stages: int | None = None) -> HeadConfig:
+        """The drafter this budget trains for `kind` (the size options apply to spd/window modules only)."""
+        module = kind in ("spd", "window")
+        width = (self.width or target_cfg.dim) if module else target_cfg.dim
+        # the feed-forward keeps the target's width ratio (688 / 256 for the tiny model)
+        ffn = round(width * target_cfg.ffn_dim / target_cfg.dim)
+        return HeadConfig.for_target(target_cfg, stages or self.stages, kind=kind, n_layers=self.n_layers,
+                                     query_window=self.query_window and module, ffn_dim=ffn,
+                                     width=width if width != target_cfg.dim else 0)
 
 
 def resolve_target(model: str | Path) -> tuple[Transformer, Path]:
@@ -138,7 +149,7 @@ def train_head(model: str | Path, out: Path, tc: TrainHeadConfig, log=print) -> 
     """`executor train-head`: one drafter, saved to `out` (+ .json with the command that made it)."""
     target, tpath = resolve_target(model)
     qw = tc.query_window and tc.kind in ("spd", "window")
-    hc = HeadConfig.for_target(target.cfg, tc.stages, kind=tc.kind, n_layers=tc.n_layers, query_window=qw)
+    hc = tc.head_config(target.cfg, tc.kind)
     (run,) = train_drafters(target, [hc], tc, log)
     meta = {"target": str(tpath), "target_id": target_id(tpath), "seed": tc.seed, "steps": tc.steps, "batch": tc.batch, "seq": tc.seq, "lr": tc.lr,
             "train_minutes": round(run.seconds / 60, 2),
@@ -146,7 +157,7 @@ def train_head(model: str | Path, out: Path, tc: TrainHeadConfig, log=print) -> 
             "final_train_greedy_acc": round(float(np.mean(run.accs[-25:])), 4) if run.accs else None,
             "command": f"executor train-head --stages {tc.stages} --kind {tc.kind} --model {model} --out {out} "
                        f"--steps {tc.steps} --batch {tc.batch} --seed {tc.seed} --layers {tc.n_layers}"
-                       + (" --query-window" if qw else "")}
+                       + (f" --width {tc.width}" if tc.width else "") + ("" if qw else " --no-query-window")}
     save_drafter(run.module, out, meta)
     log(f"saved {out}: {meta}")
     return meta

@@ -28,8 +28,9 @@ def _features(target: Transformer, cfg: HeadConfig, T: int, seed: int):
     return toks, hidden, target_checkpoints(hidden, cfg)
 
 
-def _head(target, n, kind="spd", layers=1, seed=1, query_window=False):
-    cfg = HeadConfig.for_target(TCFG, n, kind=kind, n_layers=layers, ffn_dim=96, query_window=query_window)
+def _head(target, n, kind="spd", layers=1, seed=1, query_window=False, width=0):
+    cfg = HeadConfig.for_target(TCFG, n, kind=kind, n_layers=layers, ffn_dim=96, query_window=query_window,
+                                width=width)
     head = SpecHead(cfg, target, seed=seed).eval()
     with torch.no_grad():      # move every weight off its init so nothing is accidentally symmetric
         for p in head.parameters():
@@ -38,9 +39,9 @@ def _head(target, n, kind="spd", layers=1, seed=1, query_window=False):
 
 
 @pytest.mark.parametrize("kind,query_window", [("spd", False), ("window", False), ("spd", True), ("window", True)])
-@pytest.mark.parametrize("n,layers", [(1, 1), (2, 1), (2, 2), (4, 1), (4, 3)])
-def test_parallel_forward_equals_step_by_step_drafter(target, kind, query_window, n, layers):
-    head = _head(target, n, kind, layers, query_window=query_window)
+@pytest.mark.parametrize("n,layers,width", [(1, 1, 0), (2, 1, 0), (2, 2, 32), (4, 1, 32), (4, 3, 0)])
+def test_parallel_forward_equals_step_by_step_drafter(target, kind, query_window, n, layers, width):
+    head = _head(target, n, kind, layers, query_window=query_window, width=width)
     T, P = 26, 6
     toks, hidden, ck = _features(target, head.cfg, T, seed=n + 10 * layers)
     with torch.no_grad():
@@ -159,6 +160,22 @@ def _train(target, kinds, steps=40):
 @pytest.fixture(scope="module")
 def trained(target):
     return _train(target, ["spd"])[0]
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_gradient_checkpointing_gives_the_same_gradients(target, layers):
+    head = _head(target, 3, layers=layers, query_window=True).train()
+    _, _, ck = _features(target, head.cfg, 20, seed=8)
+
+    def grads(flag: bool) -> list[torch.Tensor]:
+        head.grad_checkpoint = flag
+        head.zero_grad(set_to_none=True)
+        head(ck).logsumexp(-1).sum().backward()
+        return [p.grad.clone() for p in head.parameters()]
+
+    plain, recomputed = grads(False), grads(True)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(plain, recomputed))
+    assert any(float(g.abs().max()) > 0 for g in plain)
 
 
 def test_distillation_lowers_the_kl(target, trained):
