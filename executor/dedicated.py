@@ -138,6 +138,8 @@ def lead_dedicated(w: Worker, job: Job, idle_timeout: float) -> JobResult:
     """Run one job as rank 0 of the n + 1-rank layout (`w.stage` is unused: rank 0 has no layers)."""
     n, P, N = w.n - 1, len(job.prompt), job.new_tokens
     model, dev = w.model, w.device
+    if job.temperature > 0:            # its only drafter, the oracle, has no distribution to sample
+        raise UserError(f"--scheme {SCHEME} decodes greedily only: use --temperature 0, or --scheme spd")
     parsed = parse_draft(job.draft)
     reference = None
     if parsed and parsed[0] == "oracle":

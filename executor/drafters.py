@@ -9,6 +9,10 @@ The pipeline's first rank drives a drafter through this interface (see executor/
                                    (0-based), depth n the last stage's final hidden state (before the norm).
   draft(position, token) -> int    the token at position+1, called right after `position` went into
                                    stage 1 with `token`.
+  sample(position, token, T, gen)  the same at temperature T > 0: (a token drawn from the drafter's
+    -> (int, q)                    distribution q at T, q [vocab]); rank 0 verifies it by speculative
+                                   sampling against the target's p at T. Only drafters that have a
+                                   distribution implement it (the oracle has none).
   rollback(position)               positions ≥ `position` are void (a rejection); their features too.
 
 Feature timing (the seed's multi-depth window). When drafting for q+1 the first rank has given the
@@ -22,6 +26,7 @@ import random
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from spdsim.errors import UserError
@@ -38,6 +43,11 @@ class Drafter(ABC):
 
     @abstractmethod
     def draft(self, position: int, token: int) -> int: ...
+
+    def sample(self, position: int, token: int, temperature: float,
+               generator: torch.Generator | None = None) -> tuple[int, Tensor]:
+        raise UserError(f"the {type(self).__name__} cannot draft at temperature > 0 (it has no draft "
+                        f"distribution to sample from): use --temperature 0 or --draft head:PATH")
 
     def rollback(self, position: int) -> None:
         pass

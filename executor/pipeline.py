@@ -13,7 +13,8 @@ Control protocol (the simulator models the same one; the state machine is spdsim
   Prefill. Rank 0 sends the prompt positions 0..P-2 through the pipeline as one PREFILL chunk; every
   stage fills its KV cache; the last stage answers READY and rank 0 waits for it before decoding, so
   decode timing starts on an empty pipeline. (With a feature-using drafter every stage also sends its
-  prefill output to rank 0.)
+  prefill output to rank 0.) PREFILL's aux holds the job's flags for the stages: bit 0 = send features,
+  bit 1 = put the logits on RESULT (temperature > 0).
 
   Decode, rank 0, per issued position q (window W = n for SPD, 1 for PP):
       wait until controller.can_issue(), handling each message that arrives → stage-1 forward of q with
@@ -22,13 +23,24 @@ Control protocol (the simulator models the same one; the state machine is spdsim
       draft) draft the token for q+1 → loop. spdsim/schemes/spd.py models the same order.
   Stage s > 0: receive ACT(e, q) from s-1; a newer epoch e means a flush happened: adopt it (rolling
   the KV cache back to q is free, see executor/model.py: the forward of q overwrites entry q and
-  attends to entries ≤ q only) → forward → send ACT(e, q) on, or, on the last stage, RESULT(e, q, true
-  token at q+1) to rank 0, for every position it computes, stale ones included.
+  attends to entries ≤ q only) → forward → send ACT(e, q) on, or, on the last stage, RESULT(e, q,
+  greedy token at q+1) to rank 0, for every position it computes, stale ones included. At temperature
+  0 that token is the true one. At temperature T > 0 the last stage stays as dumb: RESULT also carries
+  the target's logits row for q+1 (after the final hidden state when features are on: one tensor
+  [hidden | logits], split on rank 0), and rank 0 does all the sampling.
   Rank 0 on RESULT: controller.on_result (rule 4 of spdsim/protocol.py): stale epoch → dropped;
   else commit; if a draft for q+1 was in flight, verify it; a rejection bumps the epoch, voids every
   in-flight position > q and re-issues q+1 with the true token. No flush message travels: the new
   epoch rides on the next ACT, and stages compute the stale positions queued before it (that is the
   waste of DESIGN §3; rank 0 marks those compute events `discarded` when it merges the traces).
+  At T > 0 the true token is drawn on rank 0 from p = softmax(logits / T): with a draft x for q+1 in
+  flight (drawn from the drafter's q at the same T), it is spec_head.speculative_accept(p, q, x),
+  which keeps x with probability min(1, p/q) and else draws from the residual max(p - q, 0), so the
+  token is distributed as p either way (lossless in distribution, not token for token); "accepted"
+  means token == x, and a rejection's resampled token is the restart token. Without a draft in flight
+  for q+1 (PP, AR, the last token, q+1 not issued yet) it is drawn from p. Every draw re-seeds one
+  generator from (job seed, epoch, position, purpose) (class Sampler), so the tokens depend on the seed
+  only, not on the order in which messages from different ranks arrive.
 
   Features (feature-using drafters only). Stage s sends FEAT(e, q, depth s+1, its output) to rank 0
   after each forward; the last stage puts its final hidden state (before the norm) on the RESULT.
@@ -65,6 +77,8 @@ class Job:
     new_tokens: int
     draft: str | None = None        # oracle:ALPHA | head:PATH (spd only)
     seed: int = 0
+    temperature: float = 0.0        # 0: greedy; T > 0: sample from softmax(logits / T), drafts verified
+                                    # by speculative sampling (lossless in distribution)
 
 
 @dataclass
@@ -93,6 +107,58 @@ class Recorder:
         return rows
 
 
+# Purposes of a draw (part of its seed).
+DRAW_DRAFT, DRAW_VERIFY = 1, 2
+_MASK64 = (1 << 64) - 1
+
+
+def _seed_of(*key: int) -> int:
+    """A well-mixed 63-bit seed from integers (splitmix64 steps), for Sampler's per-draw re-seeding."""
+    h = 0x9E3779B97F4A7C15
+    for k in key:
+        h = ((h ^ (k & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 31)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 29
+    return h >> 1
+
+
+class Sampler:
+    """Rank 0's randomness at temperature > 0. One generator seeded from the job's seed, re-seeded for
+    each draw from (seed, epoch, position, purpose): every draw has a key of its own (a position is
+    drafted at most once and committed once per epoch), so draws are independent, and the tokens do not
+    depend on the order in which RESULTs and FEATs from different ranks happen to be handled."""
+
+    def __init__(self, seed: int, temperature: float) -> None:
+        if not temperature > 0:
+            raise ValueError(f"Sampler needs a temperature > 0, got {temperature}")
+        from executor.spec_head import speculative_accept     # the one rule; needed at T > 0 only
+        self.seed, self.temperature, self._accept = seed, temperature, speculative_accept
+        self._gens: dict[str, torch.Generator] = {}
+
+    def generator(self, epoch: int, position: int, purpose: int, device: torch.device | str = "cpu") -> torch.Generator:
+        # speculative_accept draws on the CPU; a drafter draws on its own device (a CUDA tensor needs a
+        # CUDA generator): one generator per device, the same key → the same seed on each
+        dev = torch.device(device)
+        gen = self._gens.get(str(dev))
+        if gen is None:
+            gen = self._gens[str(dev)] = torch.Generator(device=dev)
+        return gen.manual_seed(_seed_of(self.seed, epoch, position, purpose))
+
+    def probs(self, logits: Tensor) -> Tensor:
+        """The target's distribution at the temperature, fp32 on the CPU: [vocab]."""
+        return torch.softmax(logits.detach().float().cpu().reshape(-1) / self.temperature, -1)
+
+    def token(self, logits: Tensor, epoch: int, position: int, draft: int | None = None,
+              q: Tensor | None = None) -> int:
+        """The true token at `position`: speculative sampling against (draft, q) when a draft is being
+        verified, else a plain draw from p."""
+        p, gen = self.probs(logits), self.generator(epoch, position, DRAW_VERIFY)
+        if draft is None:
+            return int(torch.multinomial(p, 1, generator=gen))
+        _, tok = self._accept(p, q.detach().float().cpu().reshape(-1), torch.tensor(draft), gen)
+        return int(tok)
+
+
 @torch.no_grad()
 def stage_forward(stage: Stage, x: Tensor, positions: Tensor, logits: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """(output, pre-norm hidden, embedding) of a stage: the output is logits on the last stage (when
@@ -105,6 +171,17 @@ def stage_forward(stage: Stage, x: Tensor, positions: Tensor, logits: bool = Tru
         x = layer(x, cos, sin, positions)
     out = stage.output(stage.norm(x)) if stage.is_last and logits else x
     return out, x, emb
+
+
+# PREFILL aux bits: the job's flags for the stage ranks.
+PREFILL_FEATURES, PREFILL_LOGITS = 1, 2
+
+
+def _result_tensor(hidden: Tensor, logits: Tensor, feats: bool, with_logits: bool) -> Tensor | None:
+    """What RESULT carries besides the greedy token: the final hidden state for a feature-using drafter,
+    the logits row at T > 0, both as one row [hidden | logits] (a Message has one tensor)."""
+    parts = ([hidden.reshape(1, -1)] if feats else []) + ([logits.reshape(1, -1)] if with_logits else [])
+    return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
 def _act(msg_kind: int, h: Tensor, epoch: int = 0, position: int = 0, token: int = 0, aux: int = 0) -> Message:
@@ -132,7 +209,7 @@ class Worker:
     def serve(self, idle_timeout: float) -> None:
         """A stage rank's loop over every job until the final STOP."""
         r, last = self.rank, self.rank == self.n - 1
-        feats, in_job = False, False
+        feats, logits, in_job = False, False, False
         while True:
             _, msg = self.tr.recv([r - 1], self.timeout if in_job else idle_timeout)
             if msg.kind == STOP:
@@ -146,7 +223,7 @@ class Worker:
             x = msg.tensor.to(self.device).unsqueeze(0)
             positions = torch.arange(msg.position, msg.position + x.shape[1], device=self.device)
             if msg.kind == PREFILL:
-                in_job, feats = True, bool(msg.aux)
+                in_job, feats, logits = True, bool(msg.aux & PREFILL_FEATURES), bool(msg.aux & PREFILL_LOGITS)
                 t0 = clock()
                 out, hidden, _ = stage_forward(self.stage, x, positions, logits=False)
                 self.rec.add("compute", t0, clock(), stage=r, position=msg.position, phase="prefill")
@@ -164,7 +241,7 @@ class Worker:
             if last:
                 tok = int(out[0, -1].argmax())
                 self.send(0, Message(RESULT, msg.epoch, msg.position, tok,
-                                     tensor=hidden.reshape(1, -1) if feats else None), r)
+                                     tensor=_result_tensor(hidden, out, feats, logits)), r)
             else:
                 self.send(r + 1, _act(ACT, out, msg.epoch, msg.position, msg.token), r)
                 if feats:
@@ -189,10 +266,13 @@ class Worker:
                 raise ValueError("spd needs a drafter")
             drafter = make_drafter(parsed, reference, job.seed, self.model, n)
         feats = bool(drafter and drafter.needs_features)
+        sampler = Sampler(job.seed, job.temperature) if job.temperature > 0 else None
+        vocab = self.model.cfg.vocab_size
         seq: list[int | None] = list(job.prompt) + [None] * N
         ctl = SpdController(P, N, window=n if spd else 1)
         restarts = [P - 1]                 # restarts[e]: first position issued in epoch e
         drafts: dict[int, int] = {}
+        qdists: dict[int, Tensor] = {}     # T > 0: the drafter's distribution each draft came from
         accepts: list[int] = []
         buffered: dict[tuple[int, int], Tensor] = {}    # (depth, position) → hidden, not yet given
         given: set[tuple[int, int]] = set()
@@ -209,7 +289,8 @@ class Worker:
         if feats:
             prompt_feats = {0: emb[0], 1: hidden[0]}
         if n > 1:
-            self.send(1, _act(PREFILL, out, position=0, aux=int(feats)), 0, "prefill")
+            flags = (PREFILL_FEATURES if feats else 0) | (PREFILL_LOGITS if sampler else 0)
+            self.send(1, _act(PREFILL, out, position=0, aux=flags), 0, "prefill")
             while True:
                 src, msg = self.tr.recv(list(range(1, n)), idle_timeout)
                 if msg.kind == FEAT:
@@ -225,14 +306,25 @@ class Worker:
                     buffered[(msg.aux, msg.position)] = msg.tensor[0]
                 return
             assert msg.kind == RESULT, msg.kind
-            p = msg.position
-            if feats and msg.tensor is not None and valid(msg.epoch, p):
-                buffered[(n, p)] = msg.tensor[0]
-            verdict = ctl.on_result(p, msg.epoch, lambda: drafts.get(p + 1) == msg.token)
+            p, row = msg.position, msg.tensor
+            logits = row[0, row.shape[1] - vocab:] if sampler else None
+            if feats and row is not None and valid(msg.epoch, p):
+                buffered[(n, p)] = row[0, :row.shape[1] - vocab] if sampler else row[0]
+            token = msg.token                # greedy; at T > 0 drawn below, once the result counts
+
+            def check() -> bool:             # asked only when a draft for p+1 is in flight
+                nonlocal token
+                if sampler:
+                    token = sampler.token(logits, msg.epoch, p + 1, drafts[p + 1], qdists[p + 1])
+                return drafts.get(p + 1) == token
+
+            verdict = ctl.on_result(p, msg.epoch, check)
             now = clock()
             if verdict.stale:
                 return
-            seq[p + 1] = msg.token
+            if sampler and verdict.accepted is None:
+                token = sampler.token(logits, msg.epoch, p + 1)
+            seq[p + 1] = token
             for kind, pos, acc in verdict.marks():
                 self.rec.add(kind, now, now, position=pos, epoch=msg.epoch, accepted=acc)
             if verdict.accepted is not None:
@@ -266,7 +358,8 @@ class Worker:
                                              torch.tensor([q], device=self.device))
             self.rec.add("compute", t0, clock(), stage=0, position=q, epoch=issue.epoch)
             if n == 1:                                   # AR: the only stage is also the last
-                on_message(Message(RESULT, issue.epoch, q, int(out[0, -1].argmax())))
+                on_message(Message(RESULT, issue.epoch, q, int(out[0, -1].argmax()),
+                                   tensor=out[0, -1:] if sampler else None))
                 continue
             self.send(1, _act(ACT, out, issue.epoch, q, tok), 0)
             if will_draft:
@@ -284,7 +377,11 @@ class Worker:
                     for key in sorted(k for k in buffered if k[0] + k[1] <= q):   # depth ≤ q - j
                         drafter.add_features(key[0], key[1], buffered.pop(key))
                         given.add(key)
-                drafts[q + 1] = drafter.draft(q, tok)
+                if sampler:
+                    gen = sampler.generator(issue.epoch, q + 1, DRAW_DRAFT, self.device)
+                    drafts[q + 1], qdists[q + 1] = drafter.sample(q, tok, job.temperature, gen)
+                else:
+                    drafts[q + 1] = drafter.draft(q, tok)
                 self.rec.add("head", t0, clock(), position=q + 1, epoch=issue.epoch)
                 if feats:
                     buffered[(1, q)] = hidden[0, -1]

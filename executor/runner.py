@@ -13,6 +13,7 @@ Launch modes:
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -107,6 +108,7 @@ def validate(spec: RunSpec) -> None:
                 raise UserError("--scheme spd_dedicated runs the oracle drafter only: use --draft oracle:ALPHA "
                                 "(head:PATH is not supported in this layout yet)")
         parse_draft(job.get("draft"))
+        check_temperature(job)
         if job["new_tokens"] < 1:
             raise UserError("--new-tokens must be ≥ 1")
         if len(job["prompt"]) < 2:
@@ -116,6 +118,21 @@ def validate(spec: RunSpec) -> None:
         if len(job["prompt"]) + job["new_tokens"] > shape["max_seq_len"]:
             raise UserError(f"prompt ({len(job['prompt'])}) + new tokens ({job['new_tokens']}) exceed the "
                             f"model's context ({shape['max_seq_len']})")
+
+
+def check_temperature(job: dict) -> None:
+    """--temperature: finite and ≥ 0; sampling needs a drafter with a distribution, and not the
+    dedicated layout (its rank 0 runs the oracle only)."""
+    t = job.get("temperature", 0.0)
+    if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise UserError(f"--temperature must be a finite number ≥ 0 (0 = greedy), got {t}")
+    if t == 0:
+        return
+    if job["scheme"] == "spd_dedicated":
+        raise UserError("--scheme spd_dedicated decodes greedily only: use --temperature 0, or --scheme spd")
+    if (job.get("draft") or "").partition(":")[0] == "oracle":
+        raise UserError("--draft oracle:ALPHA is undefined with --temperature > 0 (it drafts from the greedy "
+                        "reference, not from a distribution): use --draft head:PATH")
 
 
 def dedicated(spec: RunSpec) -> bool:
@@ -225,7 +242,8 @@ def summarise(res, job, spec: RunSpec, parts, transport: str, trace_dir: str | N
            "accepts": res.accepts, "accepted": m.accepted, "rejected": m.rejected,
            "utilization": list(m.utilization), "transport": transport, "partition": [list(p) for p in parts],
            "draft": job.draft, "prompt_tokens": len(job.prompt), "model": spec.model_label or spec.model,
-           "device": spec.device, "threads": spec.threads, "epochs": res.epochs}
+           "device": spec.device, "threads": spec.threads, "epochs": res.epochs,
+           "temperature": job.temperature}
     if res.reference is not None:
         out["matches_reference"] = res.tokens == res.reference
     return out
@@ -349,7 +367,8 @@ def spec_from_args(args) -> RunSpec:
     model = resolve_model(args.model)
     prompt = list(args.prompt.encode("utf-8"))
     job = {"scheme": args.scheme, "prompt": prompt, "new_tokens": args.new_tokens, "draft": args.draft,
-           "seed": args.seed}
+           "seed": args.seed, "temperature": args.temperature}
+    check_temperature(job)                             # exit 2 before anything starts
     if args.repeat < 1:
         raise UserError("--repeat must be ≥ 1")
     jobs = [dict(job, seed=args.seed + i) for i in range(args.repeat)]
@@ -397,6 +416,7 @@ def print_results(results: list[dict], as_json: bool, trace_dir) -> None:
         f"  acceptance {out['acceptance_rate']:.3f} ({out['accepted']}/{out['accepted'] + out['rejected']})"
     print(f"{out['scheme']}  stages={out['stages']}  transport={out['transport']}  "
           f"{out['new_tokens']} new tokens" + (f"  draft={out['draft']}" if out["draft"] else "")
+          + (f"  temperature={out['temperature']:g}" if out.get("temperature") else "")
           + (f"  (median of {len(results)})" if len(results) > 1 else ""))
     print(f"tokens/s {out['tokens_per_s']:.1f}  ms/token {out['ms_per_token']:.2f}  "
           f"bubble {out['bubble_ratio']:.3f}  waste {out['waste_ratio']:.3f}" + acc)
