@@ -185,7 +185,7 @@ class SpecHead(nn.Module):
         q+1 as seen in the tick in which q enters stage 1."""
         n, T = self.cfg.stages, ckpts.shape[1]
         projected = torch.einsum("btci,cio->btco", _rms(ckpts, self.cfg.norm_eps), self.proj)
-        rows = projected.cumsum(2) + self.depth_emb            # [B, T, n+1, dim]: rows[:, j, d] at depth d
+        rows = projected.cumsum(2) + self.depth_emb            # [B, T, n+1, w]: rows[:, j, d] at depth d
         # Lists, not stacked tensors: indexing a stack costs a full-size zero tensor in backward.
         h = list(rows.unbind(2))                                # variant o = depth o
         if self.qwin is not None:                               # variant 0 is read only by its own query
@@ -338,7 +338,12 @@ def load_drafter(path: str | Path) -> nn.Module:
         raise FileNotFoundError(f"{path}: no such speculative module (expected {path} and {meta_path})")
     cfg = HeadConfig.from_json(json.loads(meta_path.read_text())["head"])
     module = build_drafter(cfg)
-    module.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    try:
+        module.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    except RuntimeError as e:      # a module saved by another version of this code
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ValueError(f"{path}: its weights do not fit this version of the {cfg.kind} module ({first}); "
+                         f"retrain it with the command in {meta_path.name}") from None
     return module.eval()
 
 
