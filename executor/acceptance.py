@@ -204,7 +204,7 @@ def acceptance_study(model: str, stages: list[int], out: Path, heads: Path, tabl
     label = "tiny" if model == "tiny" else Path(model).stem
     width_arg = " ".join(str((widths or {}).get(n, tc.width)) for n in stages)
     command = (f"executor acceptance --model {model} --stages {' '.join(map(str, stages))} --steps {tc.steps} "
-               f"--batch {tc.batch}" + (f" --width {width_arg}" if widths or tc.width else "")
+               f"--batch {tc.batch}" + (f" --width {width_arg}" if any((widths or {}).values()) or tc.width else "")
                + ("" if tc.query_window else " --no-query-window"))
     table_path = None if table == "none" else Path(table or f"scenarios/acceptance/{label}_head.yaml")
     write_outputs(rows, times, out, table_path, label, command)

@@ -1,0 +1,44 @@
+"""`executor acceptance` reuses a drafter file only when it was trained for this target, budget and shape."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from executor.acceptance import obtain_drafters
+from executor.model import ModelConfig, Transformer, save_checkpoint
+from executor.train_head import TrainHeadConfig
+
+TCFG = ModelConfig(vocab_size=256, n_layers=4, dim=32, n_heads=4, n_kv_heads=4, ffn_dim=64, max_seq_len=64)
+
+
+@pytest.fixture()
+def target(tmp_path):
+    model = Transformer(TCFG).init_weights(0).eval()
+    path = tmp_path / "target.safetensors"
+    save_checkpoint(model, path)
+    return model, path
+
+
+def test_drafters_are_reused_only_when_budget_and_shape_match(target, tmp_path):
+    torch.set_num_threads(1)
+    model, path = target
+    tc = TrainHeadConfig(stages=2, steps=1, batch=1, seq=32)
+    logs: list[str] = []
+    first = obtain_drafters(model, path, [2], tmp_path / "out", tmp_path / "heads", tc, log=logs.append)
+    assert any("training 4 drafters" in m for m in logs)                 # spd, k-ahead, window, early-exit
+    meta = json.loads((tmp_path / "heads" / "head_n2.safetensors.json").read_text())
+    assert meta["head"]["kind"] == "spd" and meta["steps"] == 1
+    logs.clear()
+    again = obtain_drafters(model, path, [2], tmp_path / "out", tmp_path / "heads", tc, log=logs.append)
+    assert not any("training" in m for m in logs)
+    assert set(again) == set(first)
+    logs.clear()                                                          # a narrower module: spd and window only
+    obtain_drafters(model, path, [2], tmp_path / "out", tmp_path / "heads", tc, log=logs.append, widths={2: 16})
+    assert any("training 2 drafters" in m for m in logs)
+    assert json.loads((tmp_path / "heads" / "head_n2.safetensors.json").read_text())["head"]["width"] == 16
+    logs.clear()                                                          # another budget: everything again
+    obtain_drafters(model, path, [2], tmp_path / "out", tmp_path / "heads",
+                    TrainHeadConfig(stages=2, steps=2, batch=1, seq=32), log=logs.append, widths={2: 16})
+    assert any("training 4 drafters" in m for m in logs)
