@@ -23,9 +23,12 @@ TRACE_DIR is what `executor profile` writes: profile.json (microbenchmarks) and 
                    on shared cores waking an idle receiver can cost the sender its core for a while; the
                    simulator charges it on the first device after each ACT (it delays the next issue)
   head       the speculative module's draft time, mean of `head` events, per drafter kind (oracle / head)
-  jitter     quantiles of each forward's time ÷ its run's mean, per regime and stage role: forwards vary
-                   (preemption), and a pipeline whose stages run at once waits for the slower one each
-                   tick; a simulated point draws every forward from them (seeded: reproducible)
+  spread     each forward's time ÷ its run's mean, per regime and stage role: printed, not simulated.
+                   Drawing every simulated forward from these quantiles (independently, or correlated
+                   across concurrent ranks) made SPD predictions 3-14% slow on this host: measured
+                   concurrent forwards wait for the slower one only 3-7% of a tick, their slow spells
+                   coincide, and one preemption spike as the top quantile biased every draw up. The
+                   simulator uses the regime means (κ per regime and role), whose errors have both signs.
   tick, message and the compute factor are also kept per regime (for_point picks the point's)
 
 Every component's fit error is printed (relative RMS of the fit against the samples it was fitted to).
@@ -75,14 +78,8 @@ class CalibratedCosts:
     role_scale: dict[str, float] = field(default_factory=dict)   # ... per stage role, where measured
     tick_by: dict[str, float] = field(default_factory=dict)   # tick_overhead_s per regime, where measured
     msg_by: dict[str, float] = field(default_factory=dict)    # msg_overhead_s per regime, where measured
-    # Forward-to-forward variability (preemption, shared cores): quantiles of measured ÷ mean per regime and
-    # stage role. A pipeline of variable stages idles more than one of constant stages (the slower of two
-    # stages sets each tick), so for_point draws each forward's time from them (seeded per point).
-    jitter: dict[str, list[float]] = field(default_factory=dict)
-    rng: object = None                    # random.Random, set by for_point when jitter is known
     head_kind: str = "oracle"             # which drafter head_s stands for
     source: dict = field(default_factory=dict)
-    _jitter_q: dict[str, list[float]] = field(default_factory=dict)   # the picked regime's, by role
 
     def layer_s(self, layer: int, ctx: int) -> float:
         return self.scale * (self.layer_a_s + self.layer_b_s * ctx)
@@ -109,14 +106,7 @@ class CalibratedCosts:
             t += self.embed_s_
         if last:
             t += self.lm_head_s_
-        role = stage_role(first, last)
-        t *= self.role_scale.get(role, self.scale)
-        q = self._jitter_q.get(role) if self.rng is not None else None
-        if q:
-            u = self.rng.random() * (len(q) - 1)          # inverse CDF, linear between quantiles
-            i = int(u)
-            t *= q[i] + (q[min(i + 1, len(q) - 1)] - q[i]) * (u - i)
-        return t
+        return t * self.role_scale.get(stage_role(first, last), self.scale)
 
     def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]:
         return nbytes / self.link_bandwidth, self.link_latency_s
@@ -132,12 +122,7 @@ class CalibratedCosts:
         scale = self.contention_by.get(regime, 1.0)
         roles = {r: self.contention_by[f"{regime}:{r}"] for r in ("only", "first", "middle", "last")
                  if f"{regime}:{r}" in self.contention_by}
-        import random
-        import zlib
-        jq = {r: self.jitter[f"{regime}:{r}"] for r in ("only", "first", "middle", "last")
-              if f"{regime}:{r}" in self.jitter}
-        rng = random.Random(zlib.crc32(f"{scheme}:{stages}".encode())) if jq else None
-        return replace(self, scale=scale, role_scale=roles, rng=rng, _jitter_q=jq,
+        return replace(self, scale=scale, role_scale=roles,
                        tick_overhead_s=self.tick_by.get(regime, self.tick_overhead_s),
                        msg_overhead_s=self.msg_by.get(regime, self.msg_overhead_s))
 
@@ -153,7 +138,7 @@ class CalibratedCosts:
                 "contention": self.contention, "contention_by": dict(self.contention_by),
                 "tick_by_ms": {k: v * 1e3 for k, v in self.tick_by.items()},
                 "msg_by_ms": {k: v * 1e3 for k, v in self.msg_by.items()},
-                "jitter_quantiles": {k: [round(x, 4) for x in v] for k, v in self.jitter.items()}, "fit_error_pct": fit_error or {}, "source": self.source}
+                "fit_error_pct": fit_error or {}, "source": self.source}
 
     @classmethod
     def from_yaml_dict(cls, d: dict, where: str = "calibration") -> "CalibratedCosts":
@@ -175,7 +160,6 @@ class CalibratedCosts:
                         contention_by={str(k): float(v) for k, v in (d.get("contention_by") or {}).items()},
                         tick_by={str(k): float(v) * 1e-3 for k, v in (d.get("tick_by_ms") or {}).items()},
                         msg_by={str(k): float(v) * 1e-3 for k, v in (d.get("msg_by_ms") or {}).items()},
-                        jitter={str(k): [float(x) for x in v] for k, v in (d.get("jitter_quantiles") or {}).items()},
                         source=dict(d.get("source") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: malformed calibration ({e.__class__.__name__}: {e})") from None
@@ -346,7 +330,6 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
     contention_by: dict[str, float] = {}
     tick_by: dict[str, float] = {}
     msg_by: dict[str, float] = {}
-    jitter: dict[str, list[float]] = {}
     tick = msg = 0.0
     heads: dict[str, list[float]] = {}
     blocks: list[float] = []
@@ -397,9 +380,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
                 heads.setdefault(kind, []).extend(e.duration_ns * 1e-9 for e in _decode(tr.events, "head"))
         kappa = sum(m for m, _ in ratios) / sum(p for _, p in ratios)
         contention_by = {k: sum(m for m, _ in v) / sum(p for _, p in v) / kappa for k, v in by_regime.items() if v}
-        for k, v in within.items():             # forward-to-forward variability, not run-to-run drift
-            if len(v) >= 10:
-                jitter[k] = [float(x) for x in np.quantile(v, np.linspace(0, 1, 21))]
+        spread = {k: np.quantile(v, [0.05, 0.5, 0.95]) for k, v in within.items() if len(v) >= 10}
         regime_pred = [contention_by[f"{regime_of(t.header.scheme, t.header.stages)}:"
                                      f"{stage_role(e.stage == 0, e.stage == t.header.stages - 1)}"]
                        for t in runs for e in _decode(t.events, "compute")]
@@ -413,6 +394,9 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
         if alone and shared:
             lines.append(f"sharing   a forward takes {statistics.fmean(shared) / statistics.fmean(alone):.2f}× its time "
                          f"alone while another rank computes ({len(shared)} overlapped vs {len(alone)} alone)")
+        if spread:
+            lines.append("spread    forward ÷ its run's mean, p5 / p50 / p95 (not simulated: means are): "
+                         + ", ".join(f"{k} {a:.2f}/{b:.2f}/{c:.2f}" for k, (a, b, c) in spread.items()))
         if ticks:
             tick = statistics.fmean(ticks)
             err["tick_overhead"] = _rel_rms([tick] * len(ticks), ticks)
@@ -454,7 +438,6 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
                             lm_head_s_=lm_head * kappa, head_s_by_kind=head_by_kind, link_latency_s=lat,
                             link_bandwidth=bw, tick_overhead_s=tick, msg_overhead_s=msg, send_block_s=send_block,
                             contention=kappa, contention_by=contention_by, tick_by=tick_by, msg_by=msg_by,
-                            jitter=jitter,
                             source=source)
     return costs, err, lines
 

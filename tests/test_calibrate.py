@@ -213,19 +213,28 @@ def test_compute_regimes_one_rank_versus_a_pipeline(tmp_path):
         assert predicted.tokens_per_s == pytest.approx(measured.tokens_per_s, rel=0.01), name
 
 
-def test_forward_variability_costs_a_pipeline_throughput_but_not_a_sequence(tmp_path):
-    """Variable forwards (same mean) slow SPD, whose stages run at once (each tick waits for the slower),
-    and leave PP, whose stages take turns, unchanged on average."""
+def test_simulated_forwards_cost_the_calibrated_mean(tmp_path):
+    """No random draw inflates a forward: every simulated compute of a stage costs its calibrated mean for
+    its context, so the simulated total is what the calibration's means say (a quantile draw with a long
+    tail once biased SPD predictions by ~9% on the validation host). Old files with jitter quantiles load."""
     from spdsim.acceptance import iid
     costs, err, _ = calibrate(make_trace_dir(tmp_path))
-    const = write_calibration(tmp_path / "const.yaml", costs, err)
-    spread = [0.5 + i * 0.05 for i in range(21)]            # uniform on [0.5, 1.5]: mean 1
-    costs.jitter = {f"{reg}:{role}": spread for reg in ("serial", "overlapped") for role in ("first", "last")}
-    noisy = write_calibration(tmp_path / "noisy.yaml", costs, err)
-    tps = {}
-    for name, calib in (("const", const), ("noisy", noisy)):
-        sc = parse_scenario(scenario_text(calib).replace("new_tokens: %d" % N, "new_tokens: 200"))
-        tps[name, "pp"] = simulate_point(sc, Point("pp", 2, "uniform", None)).metrics.tokens_per_s
-        tps[name, "spd"] = simulate_point(sc, Point("spd", 2, "uniform", iid(1.0))).metrics.tokens_per_s
-    assert tps["noisy", "pp"] == pytest.approx(tps["const", "pp"], rel=0.03)
-    assert tps["noisy", "spd"] < 0.97 * tps["const", "spd"]
+    calib = write_calibration(tmp_path / "c.yaml", costs, err)
+    sc = parse_scenario(scenario_text(calib))
+    r = simulate_point(sc, Point("spd", 2, "uniform", iid(1.0)), keep_events=True)
+    point_costs = load_calibration(calib).for_point("spd", 2)
+    layers = sc.model.layers
+    checked = 0
+    for e in r.events:
+        if e.kind == "compute" and e.phase == "decode":
+            first, last = e.stage == 0, e.stage == 1
+            lo, hi = (0, layers // 2) if first else (layers // 2, layers)
+            want = point_costs.stage_s(e.stage, lo, hi, e.position + 1, first, last)
+            assert (e.end_ns - e.start_ns) * 1e-9 == pytest.approx(want, rel=1e-6, abs=2e-9)
+            checked += 1
+    assert checked > 10
+    old = yaml.safe_load(calib.read_text())
+    old["jitter_quantiles"] = {"overlapped:first": [0.5 + i * 0.05 for i in range(21)]}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    again = simulate_point(parse_scenario(scenario_text(tmp_path / "old.yaml")), Point("spd", 2, "uniform", iid(1.0)))
+    assert again.metrics.tokens_per_s == pytest.approx(r.metrics.tokens_per_s, rel=1e-9)
