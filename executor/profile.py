@@ -86,17 +86,24 @@ def compute_benchmarks(cfg: ProfileConfig) -> dict:
     model.setup_cache()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x = torch.randn(1, 1, mc.dim, device=device)
-    layers = []
+    # Each timed pass runs every layer in order, as a decode step does (a layer timed alone in a hot loop
+    # finds its weights in cache), and the passes go round-robin over the contexts so that warm-up and
+    # slow spells hit every context alike (measured one context after another, the slope came out 0).
+    samples: dict[tuple[int, int], list[float]] = {(i, c): [] for c in contexts for i in range(mc.n_layers)}
     with torch.no_grad():
-        for ctx in contexts:
-            pos = torch.tensor([ctx - 1], device=device)     # attends to ctx cached positions
-            cos, sin = model.rope_cos[pos], model.rope_sin[pos]
-            for i, layer in enumerate(model.layers):
-                def step(layer=layer, cos=cos, sin=sin, pos=pos):
-                    layer(x, cos, sin, pos)
+        for rep in range(cfg.warmup + cfg.repeats):
+            for ctx in contexts[rep % len(contexts):] + contexts[:rep % len(contexts)]:
+                pos = torch.tensor([ctx - 1], device=device)     # attends to ctx cached positions
+                cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+                h = x
+                for i, layer in enumerate(model.layers):
+                    t0 = time.perf_counter_ns()
+                    h = layer(h, cos, sin, pos)
                     sync()
-                med, samples = _median_s(step, cfg.repeats, cfg.warmup)
-                layers.append({"layer": i, "ctx": ctx, "median_s": med, "samples_s": samples})
+                    if rep >= cfg.warmup:
+                        samples[(i, ctx)].append((time.perf_counter_ns() - t0) * 1e-9)
+    layers = [{"layer": i, "ctx": c, "median_s": statistics.median(v), "samples_s": v} for (i, c), v in samples.items()]
+    with torch.no_grad():
         tok = torch.tensor([[1]], device=device)
         embed, _ = _median_s(lambda: (model.tok_embeddings(tok), sync()), cfg.repeats, cfg.warmup)
         lm_head, _ = _median_s(lambda: (model.output(model.norm(x)), sync()), cfg.repeats, cfg.warmup)
