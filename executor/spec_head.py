@@ -128,12 +128,11 @@ class SpecHead(nn.Module):
         self.cfg = cfg
         n, dim, w = cfg.stages, cfg.dim, cfg.module_width
         g = torch.Generator().manual_seed(seed)
-        # One projection per checkpoint, shared by every depth that includes it, plus a learned depth
-        # embedding: the row of a position at depth d is sum_{c<=d} W_c rms(checkpoint c) + e_d. Each
-        # checkpoint is projected once, when it arrives, so a drafter call costs O(n) projections
-        # (one projection per depth over the concatenated checkpoints cost O(n^2): slower than a stage
-        # beyond n = 2). W_0 starts as the identity, deeper ones near zero: the untrained module reads
-        # the embedding and learns what depth adds.
+        # One projection per checkpoint level, shared by every depth that includes it, plus a learned
+        # depth embedding: the row of a position at depth d is sum_{c<=d} W_c rms(checkpoint c) + e_d.
+        # HeadDrafter projects each checkpoint once and keeps running sums: O(n) per call (a projection
+        # per depth over the concatenated checkpoints cost O(n^2)). W_0 starts as the identity, deeper
+        # ones near zero: the untrained module reads the embedding and learns what depth adds.
         # Stored [level, in, out]: a batch of row vectors times it is one fast bmm at decode time.
         eye = torch.eye(dim, w) if w == dim else torch.randn(dim, w, generator=g) / dim ** 0.5
         init = torch.stack([eye if c == 0 else 0.1 * eye for c in range(n + 1)])
