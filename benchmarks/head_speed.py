@@ -7,11 +7,16 @@ Untrained modules of the right shape are timed (the weights' values do not chang
 runs without any committed head. One thread, context 128, median of `--calls` calls, features delivered
 as the pipeline delivers them (outside the timer, as a dict insert each).
 
-Run: python benchmarks/head_speed.py [--widths 256 128] [--calls 150] [--rounds 3]
+`--layers L` times against an untrained target of the tiny model's width with L layers instead (a
+deeper model has more layers per stage at the same n; the cost of a stage or a module call does not
+depend on the weights' values).
+
+Run: python benchmarks/head_speed.py [--widths 256 128] [--calls 150] [--rounds 3] [--layers 32]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -22,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from executor.acceptance import time_head  # noqa: E402
-from executor.model import load_checkpoint  # noqa: E402
+from executor.model import Transformer, load_checkpoint  # noqa: E402
 from executor.train_head import DEFAULT_TINY, TrainHeadConfig  # noqa: E402
 from executor.spec_head import SpecHead  # noqa: E402
 
@@ -33,9 +38,13 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--calls", type=int, default=150)
     ap.add_argument("--rounds", type=int, default=3, help="repeat the whole table; medians are printed")
+    ap.add_argument("--layers", type=int, default=0, help="an untrained target with this many layers (default: "
+                                                          "the shipped tiny model)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     target = load_checkpoint(DEFAULT_TINY).eval()
+    if args.layers:
+        target = Transformer(dataclasses.replace(target.cfg, n_layers=args.layers)).init_weights(0).eval()
     heads = {(n, w): SpecHead(TrainHeadConfig(stages=n, width=w).head_config(target.cfg, "spd"), target).eval()
              for n in args.stages for w in args.widths}
     samples: dict[tuple[int, int], list[tuple[float, float]]] = {k: [] for k in heads}
