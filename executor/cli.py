@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--model", default="tiny", help="'tiny' (the shipped checkpoint) or a checkpoint path")
     h.add_argument("--out", type=Path, required=True, help="output .safetensors (+ .json)")
     h.add_argument("--kind", default="spd", help="spd (default) | window | k-ahead | early-exit")
-    h.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    h.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600, the committed modules)")
     h.add_argument("--batch", type=int, default=4, help="windows of 256 bytes per step (default 4)")
     h.add_argument("--layers", type=int, default=1, help="transformer layers in the module (default 1)")
     h.add_argument("--width", type=int, default=0,
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where head_n<N>.safetensors live (default executor/weights)")
     a.add_argument("--table", default=None, help="per-n acceptance table for scenarios (default "
                                                   "scenarios/acceptance/<model>_head.yaml; 'none' to skip)")
-    a.add_argument("--steps", type=int, default=200, help="training steps of any missing drafter (default 200)")
+    a.add_argument("--steps", type=int, default=600, help="training steps of any missing drafter (default 600, as the committed modules)")
     a.add_argument("--batch", type=int, default=4, help="windows of 256 bytes per step (default 4)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--threads", type=int, default=1)

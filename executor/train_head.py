@@ -28,7 +28,7 @@ DEFAULT_TINY = Path(__file__).parent / "weights" / "tiny.safetensors"
 class TrainHeadConfig:
     stages: int
     kind: str = "spd"
-    steps: int = 200
+    steps: int = 600
     batch: int = 4
     seq: int = 256
     lr: float = 2e-3
