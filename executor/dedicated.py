@@ -28,7 +28,7 @@ from torch import Tensor
 
 from executor.drafters import make_drafter, parse_draft
 from executor.model import Stage, greedy_decode
-from executor.pipeline import Job, JobResult, Worker, _event, clock
+from executor.pipeline import Job, JobResult, Worker, _event, apply_verdict, clock
 from executor.transport import ACT, BLOB, KIND_NAMES, PREFILL, READY, RESULT, STOP, Message
 from spdsim.errors import UserError
 from spdsim.protocol import CycleController
@@ -199,16 +199,7 @@ def lead_dedicated(w: Worker, job: Job, idle_timeout: float) -> JobResult:
         v = cc.end(lambda: drafts.get(out.position + 1) == token)
         if v is None or v.stale:
             continue
-        now, p = clock(), v.position
-        seq[p + 1] = token
-        for kind, pos, acc in v.marks():
-            w.rec.add(kind, now, now, position=pos, epoch=out.epoch, accepted=acc)
-        if v.accepted is not None:
-            accepts.append(int(v.accepted))
-        if v.accepted is False:
-            restarts.append(p + 1)
-            if drafter:
-                drafter.rollback(p + 1)
+        apply_verdict(w.rec, v, token, out.epoch, seq, accepts, restarts, drafter, clock())
 
     rows = w.rec.take()
     w.tr.send(1, Message(STOP, position=cc.cycle))

@@ -107,6 +107,23 @@ class Recorder:
         return rows
 
 
+def apply_verdict(rec: Recorder, verdict, token: int, epoch: int, seq: list, accepts: list[int],
+                  restarts: list[int], drafter: Drafter | None, now: int) -> None:
+    """Rank 0's bookkeeping for a result that counts (both layouts): commit the true token at p+1, log
+    the verdict's verify / flush / commit marks, and on a rejection open a new epoch at p+1 and roll the
+    drafter back."""
+    p = verdict.position
+    seq[p + 1] = token
+    for kind, pos, acc in verdict.marks():
+        rec.add(kind, now, now, position=pos, epoch=epoch, accepted=acc)
+    if verdict.accepted is not None:
+        accepts.append(int(verdict.accepted))
+    if verdict.accepted is False:
+        restarts.append(p + 1)
+        if drafter:
+            drafter.rollback(p + 1)
+
+
 # Purposes of a draw (part of its seed).
 DRAW_DRAFT, DRAW_VERIFY = 1, 2
 _MASK64 = (1 << 64) - 1
@@ -324,18 +341,11 @@ class Worker:
                 return
             if sampler and verdict.accepted is None:
                 token = sampler.token(logits, msg.epoch, p + 1)
-            seq[p + 1] = token
-            for kind, pos, acc in verdict.marks():
-                self.rec.add(kind, now, now, position=pos, epoch=msg.epoch, accepted=acc)
-            if verdict.accepted is not None:
-                accepts.append(int(verdict.accepted))
-            if verdict.accepted is False:
-                restarts.append(p + 1)
+            apply_verdict(self.rec, verdict, token, msg.epoch, seq, accepts, restarts, drafter, now)
+            if verdict.accepted is False:                # features of the voided positions go too
                 for key in [k for k in buffered if k[1] > p]:
                     del buffered[key]
                 given.difference_update({k for k in given if k[1] > p})
-                if drafter:
-                    drafter.rollback(p + 1)
 
         def features_ready(q: int) -> bool:
             # the draft for q+1 needs depth d of position q-d (d = 1..n) for decode positions

@@ -6,7 +6,7 @@ embedding only (the newest position), d = s the output of stage s, d = n the fin
 of a position is the target's hidden state at the boundary of stage c (c = 0: the embedding). A position
 at depth d contributes one input row: sum over c ≤ d of W_c · rms(checkpoint c), plus a learned depth
 embedding e_d. One projection per checkpoint level (not per depth over the concatenated checkpoints, which
-costs O(n²) per call): each checkpoint is projected once, when a call first needs it, and added to its
+costs O(n²) per call): in steady decoding each checkpoint is projected once and added to its
 position's running sum, so a call costs O(n) small products. The module may be narrower than the target
 (`width`): the cost per call must stay below a stage's, and at n = 8 the tiny model's stage is one layer.
 
@@ -174,7 +174,7 @@ class SpecHead(nn.Module):
         return torch.bmm(r, self.proj[torch.tensor(levels)])[:, 0]
 
     def window_summary(self, window: Tensor) -> Tensor:
-        """window [..., k, dim]: rows of positions q-1..q-k at depths 1..k → the query's extra input."""
+        """window [..., k, w]: rows of positions q-1..q-k at depths 1..k → the query's extra input."""
         k = window.shape[-2]
         return self.qwin((self.qwin_gate[:k] * window).sum(-2))
 
@@ -375,7 +375,6 @@ class HeadDrafter(Drafter):
         self.summed: list[int] = [-1] * head.cfg.max_seq_len  # deepest level in sums[j] (-1: none)
         self.top = -1             # the highest position holding anything
         self.stable = 0           # the module's KV cache holds final (depth-n) rows for positions < stable
-        self.last_logits: Tensor | None = None
 
     @torch.no_grad()
     def start(self, prompt_tokens: list[int], features: dict[int, Tensor] | None = None) -> None:
@@ -440,7 +439,6 @@ class HeadDrafter(Drafter):
         out = self.head.step(rows[None], first)
         if spd:   # positions ≤ q - n were written at depth n; later ones are transient
             self.stable = max(0, q - n + 1)
-        self.last_logits = out
         return out
 
     def draft(self, position: int, token: int) -> int:
