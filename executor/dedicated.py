@@ -28,8 +28,8 @@ from torch import Tensor
 
 from executor.drafters import make_drafter, parse_draft
 from executor.model import Stage, greedy_decode
-from executor.pipeline import Job, JobResult, Worker, _event, apply_verdict, clock
-from executor.transport import ACT, BLOB, KIND_NAMES, PREFILL, READY, RESULT, STOP, Message
+from executor.pipeline import _NAMES, Job, JobResult, Worker, _act, _event, apply_verdict, clock
+from executor.transport import ACT, BLOB, PREFILL, READY, RESULT, STOP, Message
 from spdsim.errors import UserError
 from spdsim.protocol import CycleController
 
@@ -37,7 +37,7 @@ SCHEME = "spd_dedicated"
 # The slot table's entry for one stage rank: epoch, position, aux = 1 when the slot is filled, token =
 # the cycle. A kind of its own, outside the transport's list (which passes unknown kinds through).
 CONTROL = 10
-_NAMES = {**{k: v.lower() for k, v in KIND_NAMES.items()}, CONTROL: "control"}
+_NAMES[CONTROL] = "control"
 
 
 @torch.no_grad()
@@ -47,17 +47,6 @@ def layers_forward(stage: Stage, x: Tensor, positions: Tensor) -> Tensor:
     for layer in stage.layers:
         x = layer(x, cos, sin, positions)
     return x
-
-
-def _send(w: Worker, dst: int, msg: Message, stage: int, phase: str = "decode") -> None:
-    t0 = clock()
-    w.tr.send(dst, msg)
-    w.rec.add("send", t0, clock(), stage=stage, position=msg.position, epoch=msg.epoch, nbytes=msg.nbytes,
-              phase=phase, name=f"{_NAMES.get(msg.kind, msg.kind)} {w.rank}->{dst}")
-
-
-def _tensor_msg(kind: int, h: Tensor, epoch: int = 0, position: int = 0, token: int = 0) -> Message:
-    return Message(kind, epoch, position, token, tensor=h.reshape(-1, h.shape[-1]))
 
 
 # --- ranks 1..n -------------------------------------------------------------------------------------
@@ -88,9 +77,9 @@ def serve_dedicated(w: Worker, idle_timeout: float) -> None:
             h = layers_forward(w.stage, x, torch.tensor([msg.position], device=w.device))
             w.rec.add("compute", t0, clock(), stage=stage, position=msg.position, epoch=msg.epoch)
             if last:
-                _send(w, 0, _tensor_msg(RESULT, h, msg.epoch, msg.position), stage)
+                w.send(0, _act(RESULT, h, msg.epoch, msg.position), stage)
             else:
-                _send(w, r + 1, _tensor_msg(ACT, h, msg.epoch, msg.position, msg.token), stage)
+                w.send(r + 1, _act(ACT, h, msg.epoch, msg.position, msg.token), stage)
 
     while True:
         _, msg = w.tr.recv(sources, w.timeout if in_job else idle_timeout)
@@ -110,7 +99,7 @@ def serve_dedicated(w: Worker, idle_timeout: float) -> None:
             if last:
                 w.tr.send(0, Message(READY))
             else:
-                _send(w, r + 1, _tensor_msg(PREFILL, h, position=msg.position), stage, "prefill")
+                w.send(r + 1, _act(PREFILL, h, position=msg.position), stage, "prefill")
         elif msg.kind == STOP:
             while msg.aux != 1 and seen < msg.position:     # every CONTROL of the job, before the STOP
                 _, extra = w.tr.recv([0], w.timeout)
@@ -159,7 +148,7 @@ def lead_dedicated(w: Worker, job: Job, idle_timeout: float) -> JobResult:
     t0 = clock()
     x = model.tok_embeddings(torch.tensor([job.prompt[:-1]], device=dev))
     head("embed", t0, 0, phase="prefill")
-    _send(w, 1, _tensor_msg(PREFILL, x, position=0), -1, "prefill")
+    w.send(1, _act(PREFILL, x, position=0), -1, "prefill")
     _, msg = w.tr.recv([n], idle_timeout)
     assert msg.kind == READY, msg.kind
     if drafter:
@@ -173,7 +162,7 @@ def lead_dedicated(w: Worker, job: Job, idle_timeout: float) -> JobResult:
     while not cc.done:
         c = cc.begin()
         for s, slot in enumerate(c.slots, start=1):
-            _send(w, s, Message(CONTROL, slot.epoch if slot else 0, slot.position if slot else -1, c.cycle,
+            w.send(s, Message(CONTROL, slot.epoch if slot else 0, slot.position if slot else -1, c.cycle,
                                 aux=int(slot is not None)), -1)
         new = c.slots[0]
         if new is not None:
@@ -182,7 +171,7 @@ def lead_dedicated(w: Worker, job: Job, idle_timeout: float) -> JobResult:
             t0 = clock()
             x = model.tok_embeddings(torch.tensor([[tok]], device=dev))
             head("embed", t0, q, new.epoch)
-            _send(w, 1, _tensor_msg(ACT, x, new.epoch, q, tok), -1)
+            w.send(1, _act(ACT, x, new.epoch, q, tok), -1)
             if c.draft_for is not None:
                 t0 = clock()
                 drafts[q + 1] = drafter.draft(q, tok)

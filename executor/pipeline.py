@@ -63,7 +63,7 @@ from torch import Tensor
 
 from executor.drafters import Drafter, make_drafter, parse_draft
 from executor.model import Stage, Transformer, greedy_decode
-from executor.transport import ACT, BLOB, FEAT, PREFILL, READY, RESULT, STOP, Message, Transport
+from executor.transport import ACT, BLOB, FEAT, KIND_NAMES, PREFILL, READY, RESULT, STOP, Message, Transport
 from spdsim.protocol import SpdController
 from spdsim.trace import TraceEvent
 
@@ -414,7 +414,9 @@ class Worker:
             self.tr.send(1, Message(STOP, aux=1))
 
 
-_NAMES = {ACT: "act", RESULT: "result", FEAT: "feat", PREFILL: "prefill", BLOB: "blob", READY: "ready"}
+# Trace names of sends: the transport's kind names; layouts with kinds of their own (spd_dedicated's
+# CONTROL) add them here.
+_NAMES = {k: v.lower() for k, v in KIND_NAMES.items()}
 
 
 def _event(row: dict, restarts: list[int]) -> TraceEvent:

@@ -178,8 +178,7 @@ class SocketTransport(Transport):
                     raise PeerClosed(j, "died (connection closed)")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise PeerLost(sources[0] if len(sources) == 1 else sources[-1],
-                               f"sent nothing for {timeout:.0f} s (hung or dead)")
+                raise PeerLost(sources[-1], f"sent nothing for {timeout:.0f} s (hung or dead)")
             # Watch every peer, not just `sources`: an ABORT or a closed connection can come from anyone.
             for key, _ in self.selector.select(left):
                 try:
@@ -289,8 +288,7 @@ class DistTransport(Transport):
             try:
                 work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
             except RuntimeError:
-                who = sources[0] if len(sources) == 1 else sources[-1]
-                raise PeerLost(who, f"sent nothing for {timeout:.0f} s (hung or dead)") from None
+                raise PeerLost(sources[-1], f"sent nothing for {timeout:.0f} s (hung or dead)") from None
             j = work._source_rank()
             self.inbox.setdefault(j, deque()).append(self._finish(j, buf))
 

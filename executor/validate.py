@@ -38,7 +38,8 @@ COLUMNS = ["scheme", "stages", "partition", "acceptance", "metric", "predicted",
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One measurable configuration: a scenario point as the executor runs it."""
+    """One measurable configuration: a scenario point as the executor runs it (`runnable_cases` makes spd
+    cases for n > 1 only, and measures any one-rank point as ar)."""
     scheme: str
     stages: int
     draft: str | None          # oracle:ALPHA | head:PATH | None
@@ -119,8 +120,8 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
                              "seed": 100 + i})
                 kinds.append(("calib", f"{name}-r{i}"))
             for c in group:
-                jobs.append({"scheme": "ar" if n == 1 else c.scheme, "prompt": prompt, "new_tokens": new_tokens,
-                             "draft": c.draft if n > 1 else None, "seed": 1000 + i})
+                jobs.append({"scheme": c.scheme, "prompt": prompt, "new_tokens": new_tokens, "draft": c.draft,
+                             "seed": 1000 + i})
                 kinds.append(("case", c))
         tmp = Path(tempfile.mkdtemp(prefix="spd-validate.")) if calib else None
         t0 = time.time()
@@ -158,11 +159,8 @@ def predict(scenario, case: Case, calibration: Path, prompt_tokens: int, new_tok
     sc = dataclasses.replace(scenario, calibration=str(calibration), path=None,
                              workload=Workload(prompt_tokens=prompt_tokens, new_tokens=new_tokens),
                              head=dataclasses.replace(scenario.head, features=features, placement="colocated"))
-    acc = None
-    if case.scheme == "spd" and case.stages > 1:
-        acc = replay(sequence=accepts or [1])
-    scheme = "ar" if case.stages == 1 and case.scheme != "pp" else case.scheme
-    r = simulate_point(sc, Point(scheme, case.stages, "uniform", acc))
+    acc = replay(sequence=accepts or [1]) if case.scheme == "spd" else None   # spd cases have n > 1
+    r = simulate_point(sc, Point(case.scheme, case.stages, "uniform", acc))
     m = r.metrics
     return {"tokens_per_s": m.tokens_per_s, "bubble_ratio": m.bubble_ratio, "acceptance_rate": m.acceptance_rate,
             "accepted": m.accepted, "rejected": m.rejected}
@@ -178,9 +176,7 @@ def _median(xs):
 def _paired_ratios(runs: list[dict], base: list[dict]) -> list[float]:
     """tokens/s of each repeat over the base case's in the same round (measure() runs the cases round-
     robin in one launch): a slow spell hits both sides of a ratio alike."""
-    if len(runs) != len(base):
-        base = [{"tokens_per_s": _median([b["tokens_per_s"] for b in base])}] * len(runs)
-    return [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs, base)]
+    return [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs, base, strict=True)]
 
 
 def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict[Case, list[dict]]) -> list[dict]:
@@ -359,7 +355,7 @@ def validate_command(args) -> int:
     predicted = {c: [predict(scenario, c, calib, len(prompt), N, r["accepts"]) for r in measured[c]] for c in cases}
     for c in cases:                                   # the replay must reproduce the measured verdicts
         for m, p in zip(measured[c], predicted[c]):
-            if c.scheme == "spd" and c.stages > 1 and (m["accepted"], m["rejected"]) != (p["accepted"], p["rejected"]):
+            if c.scheme == "spd" and (m["accepted"], m["rejected"]) != (p["accepted"], p["rejected"]):
                 print(f"executor: warning: {c.label}: replayed verdicts {p['accepted']}/{p['rejected']} differ from "
                       f"the measured {m['accepted']}/{m['rejected']}", file=sys.stderr)
     rows = compare(cases, measured, predicted)

@@ -26,7 +26,7 @@ hardware:
 model: {name: small, layers: 8, hidden: 64, ffn: 128, heads: 4, kv_heads: 2, vocab: 256, dtype_bytes: 4}
 workload: {prompt_tokens: 32, new_tokens: 6}
 head: {features: false}
-sweep: {stages: STAGES, partition: PARTS, acceptance: [1.0], schemes: [ar, pp, spd]}
+sweep: {stages: STAGES, partition: PARTS, acceptance: [0.5, 1.0], schemes: [ar, pp, spd]}
 """
 
 
@@ -129,6 +129,7 @@ def test_validate_catches_an_obviously_wrong_calibration(tmp_path):
     meas = json.loads((out / "measured.json").read_text())
     spd = next(c for c in meas["cases"] if c["scheme"] == "spd" and c["stages"] == 2)
     m, p = spd["measured"][0], spd["predicted"][0]
+    assert spd["acceptance"] == "0.5" and m["rejected"] > 0 and m["accepted"] > 0   # a mixed sequence to replay
     assert (p["accepted"], p["rejected"]) == (m["accepted"], m["rejected"])   # the replayed verdicts
     assert "median |error|" in r.stdout and "load average" in r.stdout
 
