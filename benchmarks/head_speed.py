@@ -2,7 +2,8 @@
 stage's forward of one token, for the shipped tiny model at n = 2, 4, 8 and a few module widths (not a
 timed test: this machine's timings are noisy, so compare the ratios printed by one run).
 
-The module must stay below a stage's time (issue 5): rank 0 runs stage 1 *and* the module every tick.
+The module must stay below the slowest stage's time (issue 5, DESIGN §2): the first (embedding + layers)
+or the last (layers + norm + LM head) of a uniform partition, whichever is slower.
 Untrained modules of the right shape are timed (the weights' values do not change the cost), so this
 runs without any committed head. One thread, context 128, median of `--calls` calls, features delivered
 as the pipeline delivers them (outside the timer, as a dict insert each).
@@ -40,18 +41,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="repeat the whole table; medians are printed")
     ap.add_argument("--layers", type=int, default=0, help="an untrained target with this many layers (default: "
                                                           "the shipped tiny model)")
+    ap.add_argument("--proj", choices=["level", "shared"], default="level", help="input projection (spec_head)")
+    ap.add_argument("--ffn-dim", type=int, default=-1, help="feed-forward size (-1: the target's ratio; 0: none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     target = load_checkpoint(DEFAULT_TINY).eval()
     if args.layers:
         target = Transformer(dataclasses.replace(target.cfg, n_layers=args.layers)).init_weights(0).eval()
-    heads = {(n, w): SpecHead(TrainHeadConfig(stages=n, width=w).head_config(target.cfg, "spd"), target).eval()
+    heads = {(n, w): SpecHead(TrainHeadConfig(stages=n, width=w, proj=args.proj, ffn_dim=args.ffn_dim).head_config(target.cfg, "spd"), target).eval()
              for n in args.stages for w in args.widths}
     samples: dict[tuple[int, int], list[tuple[float, float]]] = {k: [] for k in heads}
     for _ in range(args.rounds):            # interleaved: a slow spell hits every configuration alike
         for key, head in heads.items():
             samples[key].append(time_head(head, target, calls=args.calls))
-    print(f"{'n':>3} {'width':>6} {'module ms':>10} {'stage ms':>9} {'module/stage':>13}  (stage = {target.cfg.n_layers} layers / n)")
+    print(f"{'n':>3} {'width':>6} {'module ms':>10} {'stage ms':>9} {'module/stage':>13}  (stage: the slowest of a uniform partition of {target.cfg.n_layers} layers)")
     for (n, w), xs in samples.items():
         head_ms = statistics.median(h for h, _ in xs)
         stage_ms = statistics.median(s for _, s in xs)

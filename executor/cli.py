@@ -37,18 +37,31 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return validate_command(args)
 
 
-def _cmd_train_head(args: argparse.Namespace) -> int:
+def _module_shape(args: argparse.Namespace) -> dict:
+    """--proj / --ffn-dim as given; left out, TrainHeadConfig's defaults (the committed modules') apply."""
+    if args.ffn_dim is not None and args.ffn_dim < 0:
+        raise UserError("--ffn-dim must be ≥ 0 (0: attention-only layers)")
+    return {k: v for k, v in (("proj", args.proj), ("ffn_dim", args.ffn_dim)) if v is not None}
+
+
+def train_head_config(args: argparse.Namespace):
+    """`train-head`'s options → its TrainHeadConfig (also how a recorded command is checked to reproduce)."""
     from executor.spec_head import KINDS
-    from executor.train_head import TrainHeadConfig, train_head
+    from executor.train_head import TrainHeadConfig
     if args.stages < 1 or args.steps < 1 or args.batch < 1 or args.layers < 1:
         raise UserError("--stages, --steps, --batch and --layers must be ≥ 1")
     if args.kind not in KINDS or args.kind == "early-exit-raw":
         raise UserError(f"--kind {args.kind!r}: expected one of spd, window, k-ahead, early-exit")
-    tc = TrainHeadConfig(stages=args.stages, kind=args.kind, steps=args.steps, batch=args.batch, seed=args.seed,
-                         threads=args.threads, n_layers=args.layers, grad_checkpoint=args.grad_checkpoint,
-                         query_window=args.query_window, width=args.width)
     if args.width < 0 or (args.width and args.width % 4):
         raise UserError("--width must be 0 (the target's) or a positive multiple of 4 (the module's heads)")
+    return TrainHeadConfig(stages=args.stages, kind=args.kind, steps=args.steps, batch=args.batch, seed=args.seed,
+                           threads=args.threads, n_layers=args.layers, grad_checkpoint=args.grad_checkpoint,
+                           query_window=args.query_window, width=args.width, **_module_shape(args))
+
+
+def _cmd_train_head(args: argparse.Namespace) -> int:
+    from executor.train_head import train_head
+    tc = train_head_config(args)
     try:
         train_head(args.model, args.out, tc)
     except (FileNotFoundError, ValueError) as e:
@@ -62,7 +75,7 @@ def _cmd_acceptance(args: argparse.Namespace) -> int:
     if not args.stages or min(args.stages) < 1 or args.steps < 1 or args.windows < 1:
         raise UserError("--stages, --steps and --windows must be ≥ 1")
     tc = TrainHeadConfig(stages=max(args.stages), steps=args.steps, batch=args.batch, seed=args.seed,
-                         threads=args.threads, query_window=args.query_window)
+                         threads=args.threads, query_window=args.query_window, **_module_shape(args))
     if len(args.width) not in (1, len(args.stages)) or any(w < 0 or w % 4 for w in args.width):
         raise UserError("--width: one value, or one per --stages value; each 0 (the target's) or a multiple of 4")
     widths = dict(zip(args.stages, args.width * len(args.stages) if len(args.width) == 1 else args.width))
@@ -144,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (memory)")
     h.add_argument("--query-window", action=argparse.BooleanOptionalAction, default=True,
                    help="spd/window: a linear path from the window's rows to the query row (default on)")
+    h.add_argument("--proj", choices=["level", "shared"], default=None,
+                   help="spd/window input rows: 'shared' (one map over a per-level gated sum of the checkpoints; "
+                        "a call reads one matrix whatever n is) or 'level' (one map per checkpoint level); "
+                        "default: as the committed modules")
+    h.add_argument("--ffn-dim", type=int, default=None, metavar="F",
+                   help="spd/window feed-forward size (0: attention-only layers, cheaper per call); default: "
+                        "as the committed modules")
     h.set_defaults(func=_cmd_train_head)
 
     a = sub.add_parser("acceptance", help="acceptance of each drafter vs pipeline depth on held-out files",
@@ -168,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-timing", action="store_true", help="skip the per-call timing of the module")
     a.add_argument("--query-window", action=argparse.BooleanOptionalAction, default=True,
                    help="spd/window modules with the query-window path (see train-head; default on)")
+    a.add_argument("--proj", choices=["level", "shared"], default=None,
+                   help="spd/window input rows: 'shared' (one map over a per-level gated sum of the checkpoints; "
+                        "a call reads one matrix whatever n is) or 'level' (one map per checkpoint level); "
+                        "default: as the committed modules")
+    a.add_argument("--ffn-dim", type=int, default=None, metavar="F",
+                   help="spd/window feed-forward size (0: attention-only layers, cheaper per call); default: "
+                        "as the committed modules")
     a.set_defaults(func=_cmd_acceptance)
 
     pr = sub.add_parser("profile", help="layer, head and link microbenchmarks plus AR / PP / SPD run traces",

@@ -58,22 +58,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+    def forward(self, x: Tensor) -> Tensor:     # normalised in fp32 whatever x's dtype
+        if x.dtype == self.weight.dtype == torch.float32:           # one operator call
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """[max_seq_len, head_dim] tables for `apply_rope`: (cos, cos) and (-sin, sin) over the two halves."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
     angles = torch.outer(torch.arange(cfg.max_seq_len).float(), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles.cos()] * 2, -1), torch.cat([-angles.sin(), angles.sin()], -1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim/2]. Rotates halves (the HF Llama layout)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    """x: [..., seq, head_dim]; cos/sin: [seq, head_dim] from `rope_tables`. Rotates halves (the HF Llama
+    layout): (x1, x2) → (x1 cos - x2 sin, x2 cos + x1 sin), written as x·cos + roll(x)·sin: four
+    operator calls instead of nine, the same arithmetic bit for bit."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class KVCache(nn.Module):
@@ -135,16 +137,21 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """A decoder layer. cfg.ffn_dim == 0 makes it attention-only (the speculative module's option)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.ffn_dim else None
+        self.feed_forward = FeedForward(cfg) if cfg.ffn_dim else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, input_pos)
-        return x + self.feed_forward(self.ffn_norm(x))
+        return self.mlp(x + self.attention(self.attention_norm(x), cos, sin, input_pos))
+
+    def mlp(self, x: Tensor) -> Tensor:
+        """The residual feed-forward (identity in an attention-only layer)."""
+        return x if self.feed_forward is None else x + self.feed_forward(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):

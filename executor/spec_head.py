@@ -7,8 +7,10 @@ of a position is the target's hidden state at the boundary of stage c (c = 0: th
 at depth d contributes one input row: sum over c ≤ d of W_c · rms(checkpoint c), plus a learned depth
 embedding e_d. One projection per checkpoint level (not per depth over the concatenated checkpoints, which
 costs O(n²) per call): in steady decoding each checkpoint is projected once and added to its
-position's running sum, so a call costs O(n) small products. The module may be narrower than the target
-(`width`): the cost per call must stay below a stage's, and at n = 8 the tiny model's stage is one layer.
+position's running sum, so a call costs O(n) small products. With `proj="shared"` the row is instead
+W · sum_{c<=d} g_c ⊙ rms(checkpoint c) + e_d (one map, per-level gains): a call then reads one matrix
+whatever n is. The module may be narrower than the target (`width`) or attention-only (`ffn_dim=0`): the
+cost per call must stay below the slowest stage's, and at n = 8 the tiny model's stage is one layer.
 
 The module is a small causal transformer over those rows (the target's `Block`, RoPE, its own KV cache)
 and an LM head initialised from the target's final norm and output. With `query_window` (the committed
@@ -50,6 +52,7 @@ from executor.drafters import Drafter
 from executor.model import Block, KVCache, ModelConfig, RMSNorm, Transformer, apply_rope, rope_tables, uniform_partition
 
 KINDS = ("spd", "window", "k-ahead", "early-exit", "early-exit-raw")
+PROJS = ("level", "shared")
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,15 @@ class HeadConfig:
     n_heads: int = 4
     ffn_dim: int = 688
     width: int = 0                 # the module's own width (0: the target's); narrower is cheaper per call
+    proj: str = "level"            # input rows: "level" (a projection per checkpoint level) or "shared"
     max_seq_len: int = 1024
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown drafter kind {self.kind!r} (one of {', '.join(KINDS)})")
+        if self.proj not in PROJS:
+            raise ValueError(f"unknown input projection {self.proj!r} (one of {', '.join(PROJS)})")
         if self.width < 0 or (self.width or self.dim) % self.n_heads:
             raise ValueError(f"module width {self.width} must be ≥ 0 and divisible by {self.n_heads} heads")
         if len(self.checkpoints) != self.stages + 1:
@@ -135,8 +141,16 @@ class SpecHead(nn.Module):
         # ones near zero: the untrained module reads the embedding and learns what depth adds.
         # Stored [level, in, out]: a batch of row vectors times it is one fast bmm at decode time.
         eye = torch.eye(dim, w) if w == dim else torch.randn(dim, w, generator=g) / dim ** 0.5
-        init = torch.stack([eye if c == 0 else 0.1 * eye for c in range(n + 1)])
-        self.proj = nn.Parameter(init + 0.01 * torch.randn(init.shape, generator=g))    # [n+1, dim, w]
+        if cfg.proj == "level":
+            init = torch.stack([eye if c == 0 else 0.1 * eye for c in range(n + 1)])
+            self.proj = nn.Parameter(init + 0.01 * torch.randn(init.shape, generator=g))    # [n+1, dim, w]
+            self.level_gain = None
+        else:
+            # "shared": one map for every level, applied to a gated sum of the checkpoints (g_c ⊙ rms(x_c)).
+            # The residual stream keeps one basis across depths, and a call reads one matrix instead of
+            # n + 1: at n = 8 the per-level matrices were most of the bytes a call moves.
+            self.proj = nn.Parameter(eye + 0.01 * torch.randn(eye.shape, generator=g))      # [dim, w]
+            self.level_gain = nn.Parameter(torch.tensor([1.0] + [0.1] * n)[:, None].repeat(1, dim))  # [n+1, dim]
         self.depth_emb = nn.Parameter(torch.zeros(n + 1, w))
         # Optional direct path from the window to the query: a gated sum of the window's rows (position
         # q-d at depth d, d = 1..n) through one linear map, zero at init. Attention alone must otherwise
@@ -157,7 +171,7 @@ class SpecHead(nn.Module):
         self.up = nn.Linear(w, dim, bias=False) if w != dim else nn.Identity()
         if w != dim:
             with torch.no_grad():
-                self.up.weight.copy_(torch.linalg.pinv(self.proj[0].T))   # undo W_0 at init
+                self.up.weight.copy_(torch.linalg.pinv((self.proj if cfg.proj == "shared" else self.proj[0]).T))   # undo W_0
         self.norm, self.output = _lm_head(cfg, target)
         cos, sin = rope_tables(bc)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -165,13 +179,26 @@ class SpecHead(nn.Module):
         self.grad_checkpoint = False
 
     # --- input rows ----------------------------------------------------------------------------
-    def project(self, x: Tensor, levels: list[int]) -> Tensor:
-        """x [k, dim]: checkpoint levels[i] of some position → its contribution W_c rms(x) [k, w]."""
-        r = _rms(x, self.cfg.norm_eps)[:, None, :]
+    @property
+    def sum_width(self) -> int:
+        """Width of a position's running sum: the module's (level) or the target's (shared, mapped later)."""
+        return self.cfg.module_width if self.level_gain is None else self.cfg.dim
+
+    def contribution(self, x: Tensor, levels: list[int]) -> Tensor:
+        """x [k, dim]: checkpoint levels[i] of some position → what it adds to that position's running
+        sum [k, sum_width]: W_c rms(x) (level) or g_c ⊙ rms(x) (shared)."""
+        r = _rms(x, self.cfg.norm_eps)
         m = len(levels)
-        if levels == list(range(m - 1, -1, -1)):   # steady decoding: levels m-1..0, W needs no gather
-            return torch.bmm(r.flip(0), self.proj[:m]).flip(0)[:, 0]
-        return torch.bmm(r, self.proj[torch.tensor(levels)])[:, 0]
+        steady = levels == list(range(m - 1, -1, -1))   # steady decoding: levels m-1..0, no gather needed
+        if self.level_gain is not None:
+            return r * (self.level_gain[:m].flip(0) if steady else self.level_gain[levels])
+        if steady:
+            return torch.bmm(r[:, None, :].flip(0), self.proj[:m]).flip(0)[:, 0]
+        return torch.bmm(r[:, None, :], self.proj[torch.tensor(levels)])[:, 0]
+
+    def rows(self, sums: Tensor, depth: list[int]) -> Tensor:
+        """Running sums [k, sum_width] of positions at depths `depth` → their input rows [k, w]."""
+        return (sums if self.level_gain is None else sums @ self.proj) + self.depth_emb[depth]
 
     def window_summary(self, window: Tensor) -> Tensor:
         """window [..., k, w]: rows of positions q-1..q-k at depths 1..k → the query's extra input."""
@@ -183,8 +210,11 @@ class SpecHead(nn.Module):
         """ckpts [B, T, n+1, dim] (positions 0..T-1) → logits [B, T, vocab]; row q drafts the token at
         q+1 as seen in the tick in which q enters stage 1."""
         n, T = self.cfg.stages, ckpts.shape[1]
-        projected = torch.einsum("btci,cio->btco", _rms(ckpts, self.cfg.norm_eps), self.proj)
-        rows = projected.cumsum(2) + self.depth_emb            # [B, T, n+1, w]: rows[:, j, d] at depth d
+        r = _rms(ckpts, self.cfg.norm_eps)
+        if self.level_gain is None:
+            rows = torch.einsum("btci,cio->btco", r, self.proj).cumsum(2) + self.depth_emb
+        else:
+            rows = (r * self.level_gain).cumsum(2) @ self.proj + self.depth_emb   # [B, T, n+1, w]: depth d
         # Lists, not stacked tensors: indexing a stack costs a full-size zero tensor in backward.
         h = list(rows.unbind(2))                                # variant o = depth o
         if self.qwin is not None:                               # variant 0 is read only by its own query
@@ -227,7 +257,7 @@ class SpecHead(nn.Module):
                 y = y + w[..., None] * shift(v[o + d], d)
             y = att.wo(y.transpose(1, 2).reshape(B, T, nh * hd))
             res = h[o] + y
-            out.append(res + layer.feed_forward(layer.ffn_norm(res)))
+            out.append(layer.mlp(res))
         return out
 
     def _too_far(self, lag: Tensor, o: int) -> Tensor:
@@ -237,40 +267,46 @@ class SpecHead(nn.Module):
 
     # --- inference: one tick ---------------------------------------------------------------------
     def setup_cache(self) -> None:
+        """Before decoding: fresh KV caches, and the last layer's q/k/v weights fused into one matrix
+        (built here, once the weights are final: one product per call instead of three)."""
         p = self.output.weight
         for layer in self.layers:     # the window kind keeps no sequence, so no cache
             layer.attention.kv_cache = (KVCache(self.cfg.block_config(), 1, p.dtype).to(p.device)
                                         if self.cfg.kind == "spd" else None)
+        att = self.layers[-1].attention
+        self._wqkv = torch.cat([att.wq.weight, att.wk.weight, att.wv.weight]).detach()
 
     def step(self, rows: Tensor, first: int) -> Tensor:
         """rows [1, m, dim] for positions first..first+m-1 (the last one is the query) → logits [vocab].
         The spd kind reads cached keys for positions < first; the window kind sees only these rows."""
         m = rows.shape[1]
-        pos = torch.arange(first, first + m, device=rows.device)
         cos, sin = self.rope_cos[first:first + m], self.rope_sin[first:first + m]
-        cached = pos if self.cfg.kind == "spd" else None
+        spd = self.cfg.kind == "spd"
         x = rows
-        for layer in self.layers[:-1]:
-            x = layer(x, cos, sin, cached)
-        return self._query_through(self.layers[-1], x, cos, sin, cached)
+        if len(self.layers) > 1:
+            pos = torch.arange(first, first + m, device=rows.device) if spd else None
+            for layer in self.layers[:-1]:
+                x = layer(x, cos, sin, pos)
+        return self._query_through(self.layers[-1], x[0], cos, sin, first if spd else None)
 
-    def _query_through(self, layer: Block, x: Tensor, cos: Tensor, sin: Tensor, cached: Tensor | None) -> Tensor:
-        """The last layer for the query alone: every row gives its key and value, only the newest one is
-        read (the other rows' outputs feed nothing), so their query, output and FFN are skipped."""
-        att, (b, m, _) = layer.attention, x.shape
+    def _query_through(self, layer: Block, x: Tensor, cos: Tensor, sin: Tensor, first: int | None) -> Tensor:
+        """The last layer for the query alone: every row x [m, w] gives its key and value, only the newest
+        one is read (the other rows' outputs feed nothing), so their output and FFN are skipped. Written
+        for few operator calls (on a CPU a call costs more than its arithmetic): one fused q/k/v product
+        and one rotation for all rows, the heads as the batch dimension."""
+        att, m = layer.attention, x.shape[0]
         nh, hd = att.cfg.n_heads, att.cfg.head_dim
-        xn = layer.attention_norm(x)
-        k = apply_rope(att.wk(xn).view(b, m, nh, hd).transpose(1, 2), cos, sin)
-        v = att.wv(xn).view(b, m, nh, hd).transpose(1, 2)
-        q = apply_rope(att.wq(xn[:, -1:]).view(b, 1, nh, hd).transpose(1, 2), cos[-1:], sin[-1:])
-        if cached is not None:
-            k, v = att.kv_cache.update(cached, k, v)
-            end = int(cached[-1]) + 1
-            k, v = k[:, :, :end], v[:, :, :end]
-        y = F.scaled_dot_product_attention(q, k, v)          # the newest position sees every key
-        h = x[:, -1:] + att.wo(y.transpose(1, 2).reshape(b, 1, nh * hd))
-        h = h + layer.feed_forward(layer.ffn_norm(h))
-        return self.output(self.norm(self.up(h[0, -1])))
+        qkv = F.linear(layer.attention_norm(x), self._wqkv).view(m, 3 * nh, hd)
+        qk = apply_rope(qkv[:, : 2 * nh], cos[:, None], sin[:, None])        # [m, 2 nh, hd]
+        q, k, v = qk[-1:, :nh].transpose(0, 1), qk[:, nh:].transpose(0, 1), qkv[:, 2 * nh:].transpose(0, 1)
+        if first is not None:                 # keys of earlier positions come from the cache
+            cache = att.kv_cache
+            cache.k[0, :, first:first + m] = k
+            cache.v[0, :, first:first + m] = v
+            k, v = cache.k[0, :, :first + m], cache.v[0, :, :first + m]
+        y = F.scaled_dot_product_attention(q, k, v)          # [nh, 1, hd]: the newest position sees every key
+        h = layer.mlp(x[-1] + F.linear(y.reshape(-1), att.wo.weight))
+        return self.output(self.norm(self.up(h)))
 
 
 class KAheadHead(nn.Module):
@@ -369,9 +405,9 @@ class HeadDrafter(Drafter):
             raise ValueError("the speculative module was trained for a different target model")
         self.head = head.eval()
         self.n = head.cfg.stages
-        self.embed = target.tok_embeddings
+        self.embed = target.tok_embeddings.weight.detach().float()      # a view when already fp32
         self.feats: dict[tuple[int, int], Tensor] = {}      # (position, level) → hidden state, as delivered
-        self.sums = torch.zeros(head.cfg.max_seq_len, head.cfg.module_width)
+        self.sums = torch.zeros(head.cfg.max_seq_len, head.sum_width)
         self.summed: list[int] = [-1] * head.cfg.max_seq_len  # deepest level in sums[j] (-1: none)
         self.top = -1             # the highest position holding anything
         self.stable = 0           # the module's KV cache holds final (depth-n) rows for positions < stable
@@ -386,7 +422,7 @@ class HeadDrafter(Drafter):
         for depth, h in (features or {}).items():
             for j, row in enumerate(h.reshape(-1, self.head.cfg.dim).detach().float()):
                 self.feats[(j, depth)] = row
-        emb = self.embed.weight[torch.tensor(prompt_tokens, dtype=torch.long)].detach().float()
+        emb = self.embed[torch.tensor(prompt_tokens, dtype=torch.long)]
         for j, row in enumerate(emb):
             self.feats[(j, 0)] = row
         self.top = len(prompt_tokens) - 1
@@ -412,7 +448,7 @@ class HeadDrafter(Drafter):
     def logits(self, position: int, token: int) -> Tensor:
         """The module's logits for the token at position+1, drafted as `position` enters stage 1."""
         q, n, feats = position, self.n, self.feats
-        self.add_features(0, q, self.embed.weight[token].detach().float())
+        self.add_features(0, q, self.embed[token])
         spd = self.head.cfg.kind == "spd"
         # spd: recompute from the first position not yet final in the cache; window: the n + 1 newest.
         first = max(0, min(self.stable, q - n) if spd else q - n)
@@ -423,19 +459,19 @@ class HeadDrafter(Drafter):
                                f"position j in [{first}, {q}] were not delivered")
         if all(self.summed[j] == d - 1 for j, d in zip(window, depth)):     # steady: one level each
             self.sums[q].zero_()
-            self.sums[first:q + 1] += self.head.project(torch.stack([feats[(j, d)] for j, d in zip(window, depth)]), depth)
+            self.sums[first:q + 1] += self.head.contribution(torch.stack([feats[(j, d)] for j, d in zip(window, depth)]), depth)
         else:                                                    # rebuild the window's sums
             pairs = [(i, c) for i, d in enumerate(depth) for c in range(d + 1)]
-            contrib = self.head.project(torch.stack([feats[(first + i, c)] for i, c in pairs]), [c for _, c in pairs])
+            contrib = self.head.contribution(torch.stack([feats[(first + i, c)] for i, c in pairs]), [c for _, c in pairs])
             self.sums[first:q + 1] = torch.zeros(len(depth), contrib.shape[1]).index_add_(
                 0, torch.tensor([i for i, _ in pairs]), contrib)
         for j, d in zip(window, depth):
             self.summed[j] = d
-        rows = self.sums[first:q + 1] + self.head.depth_emb[depth]
+        rows = self.head.rows(self.sums[first:q + 1], depth)
         if self.head.qwin is not None:      # rows[-1 - d] is position q - d at depth d, d = 1..k
             k = min(n, len(rows) - 1)
             if k:
-                rows[-1] = rows[-1] + self.head.window_summary(rows[-1 - k:-1].flip(0))
+                rows[-1] += self.head.window_summary(rows[-1 - k:-1].flip(0))
         out = self.head.step(rows[None], first)
         if spd:   # positions ≤ q - n were written at depth n; later ones are transient
             self.stable = max(0, q - n + 1)

@@ -39,16 +39,29 @@ class TrainHeadConfig:
     n_layers: int = 1
     width: int = 0                    # spd/window module width (0: the target's); narrower is cheaper per call
     query_window: bool = True         # spd/window modules: the query row also sums the window's rows
+    proj: str = "level"               # spd/window input rows: "level" or "shared" (executor.spec_head)
+    ffn_dim: int = -1                 # spd/window feed-forward size (-1: the target's ratio; 0: attention only)
     grad_checkpoint: bool = False     # recompute the variant attention in backward (multi-layer, long seq)
+
+    def shape_flags(self, with_width: bool = True) -> str:
+        """This budget's module-shape options as `train-head` flags (those off their defaults)."""
+        d = TrainHeadConfig(stages=self.stages)
+        flags = [f"--layers {self.n_layers}" if self.n_layers != d.n_layers else "",
+                 f"--width {self.width}" if with_width and self.width else "",
+                 f"--proj {self.proj}" if self.proj != d.proj else "",
+                 f"--ffn-dim {self.ffn_dim}" if self.ffn_dim != d.ffn_dim else "",
+                 ("--query-window" if self.query_window else "--no-query-window") if self.query_window != d.query_window else ""]
+        return "".join(f" {f}" for f in flags if f)
 
     def head_config(self, target_cfg, kind: str, stages: int | None = None) -> HeadConfig:
         """The drafter this budget trains for `kind` (the size options apply to spd/window modules only)."""
         module = kind in ("spd", "window")
         width = (self.width or target_cfg.dim) if module else target_cfg.dim
-        # the feed-forward keeps the target's width ratio (688 / 256 for the tiny model)
-        ffn = round(width * target_cfg.ffn_dim / target_cfg.dim)
+        # by default the feed-forward keeps the target's width ratio (688 / 256 for the tiny model)
+        ffn = round(width * target_cfg.ffn_dim / target_cfg.dim) if self.ffn_dim < 0 or not module else self.ffn_dim
         return HeadConfig.for_target(target_cfg, stages or self.stages, kind=kind, n_layers=self.n_layers,
                                      query_window=self.query_window and module, ffn_dim=ffn,
+                                     proj=self.proj if module else "level",
                                      width=width if width != target_cfg.dim else 0)
 
 
@@ -148,7 +161,6 @@ def train_drafters(target: Transformer, heads: list[HeadConfig], tc: TrainHeadCo
 def train_head(model: str | Path, out: Path, tc: TrainHeadConfig, log=print) -> dict:
     """`executor train-head`: one drafter, saved to `out` (+ .json with the command that made it)."""
     target, tpath = resolve_target(model)
-    qw = tc.query_window and tc.kind in ("spd", "window")
     hc = tc.head_config(target.cfg, tc.kind)
     (run,) = train_drafters(target, [hc], tc, log)
     meta = {"target": str(tpath), "target_id": target_id(tpath), "seed": tc.seed, "steps": tc.steps, "batch": tc.batch, "seq": tc.seq, "lr": tc.lr,
@@ -156,8 +168,7 @@ def train_head(model: str | Path, out: Path, tc: TrainHeadConfig, log=print) -> 
             "final_train_kl": round(float(np.mean(run.losses[-25:])), 4) if run.losses else None,
             "final_train_greedy_acc": round(float(np.mean(run.accs[-25:])), 4) if run.accs else None,
             "command": f"executor train-head --stages {tc.stages} --kind {tc.kind} --model {model} --out {out} "
-                       f"--steps {tc.steps} --batch {tc.batch} --seed {tc.seed} --layers {tc.n_layers}"
-                       + (f" --width {tc.width}" if tc.width else "") + ("" if qw else " --no-query-window")}
+                       f"--steps {tc.steps} --batch {tc.batch} --seed {tc.seed}" + tc.shape_flags()}
     save_drafter(run.module, out, meta)
     log(f"saved {out}: {meta}")
     return meta

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 import torch
 
 from executor.acceptance import obtain_drafters
+from executor.cli import build_parser, train_head_config
 from executor.model import ModelConfig, Transformer, save_checkpoint
+from executor.spec_head import HeadConfig
 from executor.train_head import TrainHeadConfig
 
 TCFG = ModelConfig(vocab_size=256, n_layers=4, dim=32, n_heads=4, n_kv_heads=4, ffn_dim=64, max_seq_len=64)
@@ -42,3 +45,28 @@ def test_drafters_are_reused_only_when_budget_and_shape_match(target, tmp_path):
     obtain_drafters(model, path, [2], tmp_path / "out", tmp_path / "heads",
                     TrainHeadConfig(stages=2, steps=2, batch=1, seq=32), log=logs.append, widths={2: 16})
     assert any("training 4 drafters" in m for m in logs)
+
+
+def test_the_recorded_command_reproduces_the_module_and_older_files_still_match(target, tmp_path):
+    torch.set_num_threads(1)
+    model, path = target
+    tc = TrainHeadConfig(stages=2, steps=1, batch=1, seq=32, proj="shared", ffn_dim=0, query_window=False)
+    heads = tmp_path / "heads"
+    obtain_drafters(model, path, [2], tmp_path / "out", heads, tc, log=lambda m: None, model_arg=str(path),
+                    widths={2: 16})
+    meta_path = heads / "head_n2.safetensors.json"
+    meta = json.loads(meta_path.read_text())
+    argv = shlex.split(meta["command"])
+    assert argv[:2] == ["executor", "train-head"]
+    args = build_parser().parse_args(argv[1:])
+    assert train_head_config(args).head_config(model.cfg, args.kind) == HeadConfig.from_json(meta["head"])
+    assert HeadConfig.from_json(meta["head"]).proj == "shared" and meta["head"]["ffn_dim"] == 0
+    # a file written before a field existed was trained with that field's default: still reused
+    plain = TrainHeadConfig(stages=2, steps=1, batch=1, seq=32)
+    obtain_drafters(model, path, [2], tmp_path / "out", heads, plain, log=lambda m: None)
+    meta = json.loads(meta_path.read_text())
+    del meta["head"]["proj"]
+    meta_path.write_text(json.dumps(meta))
+    logs: list[str] = []
+    obtain_drafters(model, path, [2], tmp_path / "out", heads, plain, log=logs.append)
+    assert not any("training" in m for m in logs)

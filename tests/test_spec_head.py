@@ -28,9 +28,9 @@ def _features(target: Transformer, cfg: HeadConfig, T: int, seed: int):
     return toks, hidden, target_checkpoints(hidden, cfg)
 
 
-def _head(target, n, kind="spd", layers=1, seed=1, query_window=False, width=0):
-    cfg = HeadConfig.for_target(TCFG, n, kind=kind, n_layers=layers, ffn_dim=96, query_window=query_window,
-                                width=width)
+def _head(target, n, kind="spd", layers=1, seed=1, query_window=False, width=0, proj="level", ffn=96):
+    cfg = HeadConfig.for_target(TCFG, n, kind=kind, n_layers=layers, ffn_dim=ffn, query_window=query_window,
+                                width=width, proj=proj)
     head = SpecHead(cfg, target, seed=seed).eval()
     with torch.no_grad():      # move every weight off its init so nothing is accidentally symmetric
         for p in head.parameters():
@@ -39,9 +39,12 @@ def _head(target, n, kind="spd", layers=1, seed=1, query_window=False, width=0):
 
 
 @pytest.mark.parametrize("kind,query_window", [("spd", False), ("window", False), ("spd", True), ("window", True)])
-@pytest.mark.parametrize("n,layers,width", [(1, 1, 0), (2, 1, 0), (2, 2, 32), (4, 1, 32), (4, 3, 0)])
-def test_parallel_forward_equals_step_by_step_drafter(target, kind, query_window, n, layers, width):
-    head = _head(target, n, kind, layers, query_window=query_window, width=width)
+@pytest.mark.parametrize("n,layers,width,proj,ffn", [
+    (1, 1, 0, "level", 96), (2, 1, 0, "level", 96), (2, 2, 32, "level", 96), (4, 1, 32, "level", 96),
+    (4, 3, 0, "level", 96), (1, 1, 0, "shared", 0), (2, 2, 32, "shared", 0), (4, 1, 0, "shared", 96),
+    (4, 3, 32, "shared", 0)])
+def test_parallel_forward_equals_step_by_step_drafter(target, kind, query_window, n, layers, width, proj, ffn):
+    head = _head(target, n, kind, layers, query_window=query_window, width=width, proj=proj, ffn=ffn)
     T, P = 26, 6
     toks, hidden, ck = _features(target, head.cfg, T, seed=n + 10 * layers)
     with torch.no_grad():
@@ -67,10 +70,10 @@ def test_parallel_forward_equals_step_by_step_drafter(target, kind, query_window
     assert worst < 1e-4
 
 
-@pytest.mark.parametrize("query_window", [False, True])
-def test_training_mask_shows_each_position_at_its_depth(target, query_window):
+@pytest.mark.parametrize("query_window,proj", [(False, "level"), (True, "level"), (True, "shared")])
+def test_training_mask_shows_each_position_at_its_depth(target, query_window, proj):
     n, q = 3, 12
-    head = _head(target, n, layers=2, query_window=query_window)
+    head = _head(target, n, layers=2, query_window=query_window, proj=proj)
     toks, hidden, ck = _features(target, head.cfg, 16, seed=3)
     with torch.no_grad():
         base = head(ck)[0, q]
