@@ -461,7 +461,8 @@ def in_sample(trace_dir: Path, calib: Path) -> list[str]:
                                           "count": n_max, "topology": {"kind": "full"}},
         "model": {"name": "profiled", "layers": m["layers"], "hidden": m["dim"], "ffn": m["ffn"], "heads": m["heads"],
                   "kv_heads": m["kv_heads"], "vocab": m["vocab"], "dtype_bytes": m.get("dtype_bytes", 4)},
-        "sweep": {"stages": [1], "schemes": ["ar"]}, "calibration": str(calib)}))
+        # spd in the sweep: the plan places the drafter only for sweeps that draft (engine.plan_inputs)
+        "sweep": {"stages": [1], "schemes": ["ar", "pp", "spd"]}, "calibration": str(calib)}))
     out = []
     for tr in runs:
         h = tr.header

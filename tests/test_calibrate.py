@@ -238,3 +238,27 @@ def test_simulated_forwards_cost_the_calibrated_mean(tmp_path):
     (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
     again = simulate_point(parse_scenario(scenario_text(tmp_path / "old.yaml")), Point("spd", 2, "uniform", iid(1.0)))
     assert again.metrics.tokens_per_s == pytest.approx(r.metrics.tokens_per_s, rel=1e-9)
+
+
+def test_in_sample_charges_the_trained_module_its_draft_time(tmp_path):
+    """`spdsim calibrate`'s in-sample check predicts a head run with the module's calibrated draft time
+    (it once planned no drafter, so head runs were predicted as free oracle drafts)."""
+    from dataclasses import replace
+    from spdsim.calibrate import in_sample
+    d = make_trace_dir(tmp_path)
+    prof = json.loads((d / "profile.json").read_text())
+    prof["model"] = {"layers": 8, "dim": 64, "ffn": 128, "heads": 4, "kv_heads": 2, "vocab": 256, "dtype_bytes": 4}
+    (d / "profile.json").write_text(json.dumps(prof))
+    h, ev = pp_trace()
+    for draft in ("oracle:1", "head:module.safetensors"):
+        spd = replace(h, scheme="spd", extra={"draft": draft, "accepts": [1] * N})
+        for r in range(2):
+            write_trace(d / "runs" / f"spd-n2-{draft[:4]}" / f"rank{r}.jsonl", spd,
+                        [e for e in ev if e.device == f"rank{r}"])
+    costs, err, _ = calibrate(d)
+    costs = replace(costs, head_s_by_kind={"oracle": 1e-5, "head": 20e-3})
+    calib = write_calibration(tmp_path / "calib.yaml", costs, err)
+    pred = {line.split()[2].split(":")[0]: float(line.split("predicted ")[1].split()[0])
+            for line in in_sample(d, calib) if line.startswith("in-sample spd")}
+    assert set(pred) == {"oracle", "head"}
+    assert pred["head"] < 0.5 * pred["oracle"]          # a 20 ms draft on the first rank dominates its tick
