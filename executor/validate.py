@@ -330,8 +330,7 @@ def validate_command(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    calib = args.calibration or (scenario.path.parent / scenario.calibration if scenario.calibration and scenario.path
-                                 else scenario.calibration)
+    calib = args.calibration or scenario.calibration_path()
     if calib is not None:
         calib = Path(calib)
         load_calibration(calib)                       # a bad file fails now, not after the measurements

@@ -101,11 +101,8 @@ class CalibratedCosts:
         return self.head_s(ctx)
 
     def stage_s(self, stage: int, first_layer: int, last_layer: int, ctx: int, first: bool, last: bool) -> float:
-        t = (last_layer - first_layer) * (self.layer_a_s + self.layer_b_s * ctx)
-        if first:
-            t += self.embed_s_
-        if last:
-            t += self.lm_head_s_
+        t = _micro_stage_s(self.layer_a_s, self.layer_b_s, self.embed_s_, self.lm_head_s_, (first_layer, last_layer),
+                           ctx, first, last)
         return t * self.role_scale.get(stage_role(first, last), self.scale)
 
     def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]:
@@ -274,6 +271,8 @@ def run_gaps(trace: Trace) -> dict[str, list[float]]:
 
 def _micro_stage_s(a: float, b: float, embed: float, lm_head: float, layers: tuple[int, int], ctx: int,
                    first: bool, last: bool) -> float:
+    """A stage's forward from the microbenchmark fits alone (no contention factor): the one formula
+    `CalibratedCosts.stage_s` scales and `calibrate` divides run forwards by."""
     return (layers[1] - layers[0]) * (a + b * ctx) + (embed if first else 0.0) + (lm_head if last else 0.0)
 
 

@@ -129,13 +129,19 @@ class Scenario:
     notes: list[str] = field(default_factory=list)   # things skipped, said once on stderr
     baselines: Baselines = Baselines()
 
+    def calibration_path(self) -> Path | None:
+        """The `calibration:` file: as written when it exists from here, else next to the scenario file."""
+        if not self.calibration:
+            return None
+        path = Path(self.calibration)
+        if not path.is_absolute() and self.path is not None and not path.exists():
+            path = self.path.parent / path
+        return path
+
     def cost_model(self) -> RooflineCosts:
         if self.calibration:        # a `spdsim calibrate` file replaces the roofline (spdsim/calibrate.py)
             from spdsim.calibrate import load_calibration
-            path = Path(self.calibration)
-            if not path.is_absolute() and self.path is not None and not path.exists():
-                path = self.path.parent / path
-            return load_calibration(path, head_kind="head" if self.head.features else "oracle")
+            return load_calibration(self.calibration_path(), head_kind="head" if self.head.features else "oracle")
         return RooflineCosts(self.model, self.hardware.gpu, self.hardware.graph, self.costs,
                              head_layers=self.head.layers)
 
