@@ -100,6 +100,12 @@ class CalibratedCosts:
     def draft_s(self, ctx: int) -> float:
         return self.head_s(ctx)
 
+    def control_s(self) -> float:      # spd_dedicated's phases: not profiled (the executor runs it, validate does not)
+        return 0.0
+
+    def sync_s(self) -> float:
+        return 0.0
+
     def stage_s(self, stage: int, first_layer: int, last_layer: int, ctx: int, first: bool, last: bool) -> float:
         t = _micro_stage_s(self.layer_a_s, self.layer_b_s, self.embed_s_, self.lm_head_s_, (first_layer, last_layer),
                            ctx, first, last)

@@ -48,16 +48,24 @@ class CostOverrides:
 
 
 class CostModel(Protocol):
+    """What the engine and the schemes ask of a cost model: `RooflineCosts` (here) or `CalibratedCosts`
+    (spdsim/calibrate.py), every figure in seconds."""
     tick_overhead_s: float
     msg_overhead_s: float
+    send_block_s: float                # the first rank blocks this long after each ACT send under SPD
 
     def layer_s(self, layer: int, ctx: int) -> float: ...
     def embed_s(self) -> float: ...
     def lm_head_s(self) -> float: ...
     def head_s(self, ctx: int) -> float: ...
+    def draft_s(self, ctx: int) -> float: ...
+    def verify_s(self) -> float: ...
+    def control_s(self) -> float: ...  # spd_dedicated: build + broadcast the control message
+    def sync_s(self) -> float: ...     # spd_dedicated: wait for outstanding point-to-point operations
     def stage_s(self, stage: int, first_layer: int, last_layer: int, ctx: int,
                 first: bool, last: bool) -> float: ...
     def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]: ...
+    def for_point(self, scheme: str, stages: int) -> "CostModel": ...   # the costs one point runs with
 
 
 @dataclass
@@ -73,6 +81,7 @@ class RooflineCosts:
         o = self.overrides
         self.tick_overhead_s = o.tick_overhead_ms * 1e-3
         self.msg_overhead_s = o.msg_overhead_ms * 1e-3
+        self.send_block_s = 0.0
         self._bw = self.gpu.hbm_gbps * 1e9 * o.hbm_efficiency
         self._flops = self.gpu.bf16_tflops * 1e12 * FLOP_EFFICIENCY
         self._layer_overhead = o.layer_overhead_us * 1e-6
@@ -115,6 +124,15 @@ class RooflineCosts:
         if self.overrides.draft_ms is not None:
             return self.overrides.draft_ms * 1e-3
         return self.head_s(ctx)
+
+    def control_s(self) -> float:
+        return self.overrides.control_ms * 1e-3
+
+    def sync_s(self) -> float:
+        return self.overrides.sync_ms * 1e-3
+
+    def for_point(self, scheme: str, stages: int) -> "RooflineCosts":
+        return self                    # a roofline does not depend on what else runs on the host
 
     def stage_s(self, stage: int, first_layer: int, last_layer: int, ctx: int,
                 first: bool, last: bool) -> float:

@@ -97,7 +97,7 @@ class Sim:
         self._msg = cfg.costs.msg_overhead_s * NS
         # the first rank's blocking send of an ACT (a calibrated cost; the executor sends synchronously and
         # on shared cores the woken receiver can take the sender's core); 0 for the roofline
-        self._send_block = getattr(cfg.costs, "send_block_s", 0.0) * NS
+        self._send_block = cfg.costs.send_block_s * NS
         self._paths: dict[tuple[str, str], list[tuple[str, str, float, float]]] = {}
 
     # --- costs ------------------------------------------------------------------------------------
@@ -274,9 +274,7 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
     drafts = scheme.drafts and n > 1
     accept = (sampler(point.acceptance, point_rng(scenario.seed, point))
               if drafts and point.acceptance is not None else (lambda: True))
-    costs = scenario.cost_model()
-    if hasattr(costs, "for_point"):   # a calibration measured per scheme (ranks share this host's cores)
-        costs = costs.for_point(point.scheme, n)
+    costs = scenario.cost_model().for_point(point.scheme, n)   # a calibration differs per scheme (shared cores)
     cfg = RunConfig(costs=costs, topology=scenario.hardware.graph,
                     prompt_tokens=scenario.workload.prompt_tokens, new_tokens=scenario.workload.new_tokens,
                     window=scheme.window(n), drafts=drafts, features=scenario.head.features,

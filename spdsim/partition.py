@@ -111,7 +111,7 @@ def balanced_layers(inp: PlanInputs, lm_head_last: bool = True) -> tuple[tuple[i
     prefix = [0.0]
     for t in lt:
         prefix.append(prefix[-1] + t)
-    draft = getattr(inp.costs, "draft_s", inp.costs.head_s)(inp.ctx)
+    draft = inp.costs.draft_s(inp.ctx)
     first_extra = inp.costs.embed_s() + (draft if inp.has_head and not inp.dedicated_head else 0.0)
     last_extra = inp.costs.lm_head_s() if lm_head_last else 0.0
 

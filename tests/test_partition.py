@@ -37,6 +37,9 @@ class UnevenCosts:
     def head_s(self, ctx):
         return self.head
 
+    def draft_s(self, ctx):
+        return self.head
+
     def stage_s(self, stage, a, b, ctx, first, last):
         return sum(self.times[a:b]) + (self.embed if first else 0) + (self.lm_head if last else 0)
 

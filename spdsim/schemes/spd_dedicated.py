@@ -64,8 +64,8 @@ class CycleSim(Sim):
         self.accept = accept
         self.control_boxes = [Mailbox(self.env) for _ in range(self.n)]
         c = cfg.costs
-        self._control = c.overrides.control_ms * 1e-3 * NS if hasattr(c, "overrides") else 0.0
-        self._sync = c.overrides.sync_ms * 1e-3 * NS if hasattr(c, "overrides") else 0.0
+        self._control = c.control_s() * NS
+        self._sync = c.sync_s() * NS
         self._verify = c.verify_s() * NS
         self._embed = c.embed_s() * NS
         self.cycles: list[tuple[float, float, float, int, float]] = []  # start, end, draft, cycle, fixed
