@@ -150,13 +150,15 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
 # --- predicting ----------------------------------------------------------------------------------------
 
 def predict(scenario, case: Case, calibration: Path, prompt_tokens: int, new_tokens: int,
-            accepts: list[int]) -> dict:
-    """One simulated decode of `case` with the calibrated costs, replaying `accepts`."""
+            accepts: list[int], seed: int = 0) -> dict:
+    """One simulated decode of `case` with the calibrated costs, replaying `accepts`; `seed` picks the
+    forward-to-forward jitter draws (validate passes the repeat's index: round i of every case shares
+    them, as the measured round shares the machine's state)."""
     from spdsim.acceptance import replay
     from spdsim.engine import simulate_point
     from spdsim.scenario import Point, Workload
     features = bool(case.draft and case.draft.startswith("head:"))
-    sc = dataclasses.replace(scenario, calibration=str(calibration), path=None,
+    sc = dataclasses.replace(scenario, calibration=str(calibration), path=None, seed=seed,
                              workload=Workload(prompt_tokens=prompt_tokens, new_tokens=new_tokens),
                              head=dataclasses.replace(scenario.head, features=features, placement="colocated"))
     acc = replay(sequence=accepts or [1]) if case.scheme == "spd" else None   # spd cases have n > 1
@@ -351,7 +353,8 @@ def validate_command(args) -> int:
             print("  " + line)
         calib = write_calibration(out / "calibration.yaml", costs, err)
         print(f"validate: calibrated on the calibration prompt's runs (interleaved, never the measured ones) -> {calib}")
-    predicted = {c: [predict(scenario, c, calib, len(prompt), N, r["accepts"]) for r in measured[c]] for c in cases}
+    predicted = {c: [predict(scenario, c, calib, len(prompt), N, r["accepts"], seed=i) for i, r in enumerate(measured[c])]
+                 for c in cases}
     for c in cases:                                   # the replay must reproduce the measured verdicts
         for m, p in zip(measured[c], predicted[c]):
             if c.scheme == "spd" and (m["accepted"], m["rejected"]) != (p["accepted"], p["rejected"]):

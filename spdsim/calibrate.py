@@ -23,12 +23,14 @@ TRACE_DIR is what `executor profile` writes: profile.json (microbenchmarks) and 
                    on shared cores waking an idle receiver can cost the sender its core for a while; the
                    simulator charges it on the first device after each ACT (it delays the next issue)
   head       the speculative module's draft time, mean of `head` events, per drafter kind (oracle / head)
-  spread     each forward's time ÷ its run's mean, per regime and stage role: printed, not simulated.
-                   Drawing every simulated forward from these quantiles (independently, or correlated
-                   across concurrent ranks) made SPD predictions 3-14% slow on this host: measured
-                   concurrent forwards wait for the slower one only 3-7% of a tick, their slow spells
-                   coincide, and one preemption spike as the top quantile biased every draw up. The
-                   simulator uses the regime means (κ per regime and role), whose errors have both signs.
+  spread     each forward's time ÷ its run's mean, per regime and stage role, p5 / p50 / p95: printed.
+  jitter     what the simulator draws (spdsim/jitter.py), per regime: the sd of forward time ÷ run mean
+                   (context growth divided out), its lag-1 autocorrelation and the correlation of two
+                   ranks' k-th forwards, medians over runs. Each simulated forward costs its mean × (1 + x),
+                   x an AR(1) process per stage with those three figures: the mean is kept, and SPD ticks
+                   wait for the slower rank as measured ones do. (Means alone left SPD 3-9% fast and its
+                   bubble 3-4 pp low; an earlier draw from interpolated quantiles was biased 9% slow by one
+                   preemption spike as the top quantile.)
   tick, message and the compute factor are also kept per regime (for_point picks the point's)
 
 Every component's fit error is printed (relative RMS of the fit against the samples it was fitted to).
@@ -49,6 +51,7 @@ import numpy as np
 import yaml
 
 from spdsim.errors import UserError
+from spdsim.jitter import Jitter, estimate as estimate_jitter
 from spdsim.trace import Trace, TraceEvent, read_trace
 
 CALIBRATION_KIND = "spdsim-calibration"
@@ -78,6 +81,8 @@ class CalibratedCosts:
     role_scale: dict[str, float] = field(default_factory=dict)   # ... per stage role, where measured
     tick_by: dict[str, float] = field(default_factory=dict)   # tick_overhead_s per regime, where measured
     msg_by: dict[str, float] = field(default_factory=dict)    # msg_overhead_s per regime, where measured
+    jitter_by: dict[str, Jitter] = field(default_factory=dict)   # forward variability per regime
+    jitter: Jitter | None = None          # the picked regime's (None: every forward costs its mean)
     head_kind: str = "oracle"             # which drafter head_s stands for
     source: dict = field(default_factory=dict)
 
@@ -126,6 +131,7 @@ class CalibratedCosts:
         roles = {r: self.contention_by[f"{regime}:{r}"] for r in ("only", "first", "middle", "last")
                  if f"{regime}:{r}" in self.contention_by}
         return replace(self, scale=scale, role_scale=roles,
+                       jitter=self.jitter_by.get(regime),
                        tick_overhead_s=self.tick_by.get(regime, self.tick_overhead_s),
                        msg_overhead_s=self.msg_by.get(regime, self.msg_overhead_s))
 
@@ -140,6 +146,7 @@ class CalibratedCosts:
                 "send_block_ms": self.send_block_s * 1e3,
                 "contention": self.contention, "contention_by": dict(self.contention_by),
                 "tick_by_ms": {k: v * 1e3 for k, v in self.tick_by.items()},
+                "jitter_by": {k: v.to_dict() for k, v in self.jitter_by.items()},
                 "msg_by_ms": {k: v * 1e3 for k, v in self.msg_by.items()},
                 "fit_error_pct": fit_error or {}, "source": self.source}
 
@@ -162,6 +169,7 @@ class CalibratedCosts:
                         contention=float(d.get("contention", 1.0)),
                         contention_by={str(k): float(v) for k, v in (d.get("contention_by") or {}).items()},
                         tick_by={str(k): float(v) * 1e-3 for k, v in (d.get("tick_by_ms") or {}).items()},
+                        jitter_by={str(k): Jitter.from_dict(v) for k, v in (d.get("jitter_by") or {}).items()},
                         msg_by={str(k): float(v) * 1e-3 for k, v in (d.get("msg_by_ms") or {}).items()},
                         source=dict(d.get("source") or {}))
         except (KeyError, TypeError, ValueError) as e:
@@ -333,6 +341,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
     runs = load_runs(trace_dir)
     kappa = 1.0
     contention_by: dict[str, float] = {}
+    jitter_by: dict[str, Jitter] = {}
     tick_by: dict[str, float] = {}
     msg_by: dict[str, float] = {}
     tick = msg = 0.0
@@ -342,6 +351,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
         ratios, per_run = [], {}
         by_regime: dict[str, list[tuple[float, float]]] = {}
         within: dict[str, list[float]] = {}
+        series_by: dict[str, list[list[np.ndarray]]] = {}   # per regime, per run: each rank's forwards
         ticks_by: dict[str, list[float]] = {}
         overlap: list[tuple[float, float]] = []      # (measured ÷ microbenchmark, fraction overlapped)
         ticks: list[float] = []
@@ -371,6 +381,9 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
             for key, v in run_roles.items():   # variability within this run, around its own level
                 mean = statistics.fmean(v)
                 within.setdefault(key, []).extend(r / mean for r in v)
+            # measured ÷ microbenchmark: context growth divided out before the variability is taken
+            series_by.setdefault(regime, []).append(
+                [np.array([m / p for e, (m, p) in zip(comps, rr) if e.stage == s]) for s in range(n)])
             per_run[f"{h.scheme}-n{n}:{h.extra.get('draft') or ''}"] = (
                 sum(m for m, _ in rr) / sum(p for _, p in rr) if rr else float("nan"))
             g = run_gaps(tr)
@@ -386,6 +399,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
         kappa = sum(m for m, _ in ratios) / sum(p for _, p in ratios)
         contention_by = {k: sum(m for m, _ in v) / sum(p for _, p in v) / kappa for k, v in by_regime.items() if v}
         spread = {k: np.quantile(v, [0.05, 0.5, 0.95]) for k, v in within.items() if len(v) >= 10}
+        jitter_by = {k: j for k, v in series_by.items() if (j := estimate_jitter(v)) is not None}
         regime_pred = [contention_by[f"{regime_of(t.header.scheme, t.header.stages)}:"
                                      f"{stage_role(e.stage == 0, e.stage == t.header.stages - 1)}"]
                        for t in runs for e in _decode(t.events, "compute")]
@@ -400,8 +414,12 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
             lines.append(f"sharing   a forward takes {statistics.fmean(shared) / statistics.fmean(alone):.2f}× its time "
                          f"alone while another rank computes ({len(shared)} overlapped vs {len(alone)} alone)")
         if spread:
-            lines.append("spread    forward ÷ its run's mean, p5 / p50 / p95 (not simulated: means are): "
+            lines.append("spread    forward ÷ its run's mean, p5 / p50 / p95: "
                          + ", ".join(f"{k} {a:.2f}/{b:.2f}/{c:.2f}" for k, (a, b, c) in spread.items()))
+        if jitter_by:
+            lines.append("jitter    simulated per forward (sd of time ÷ run mean, lag-1 autocorrelation, correlation "
+                         "across ranks): " + ", ".join(f"{k} {j.sd:.3f}/{j.lag1:.2f}/{j.cross:.2f}"
+                                                      for k, j in jitter_by.items()))
         if ticks:
             tick = statistics.fmean(ticks)
             err["tick_overhead"] = _rel_rms([tick] * len(ticks), ticks)
@@ -443,6 +461,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
                             lm_head_s_=lm_head * kappa, head_s_by_kind=head_by_kind, link_latency_s=lat,
                             link_bandwidth=bw, tick_overhead_s=tick, msg_overhead_s=msg, send_block_s=send_block,
                             contention=kappa, contention_by=contention_by, tick_by=tick_by, msg_by=msg_by,
+                            jitter_by=jitter_by,
                             source=source)
     return costs, err, lines
 

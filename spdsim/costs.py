@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from spdsim.hardware import GPU, Topology
+from spdsim.jitter import Jitter
 from spdsim.models import ModelShape
 
 # Roofline defaults. HBM efficiency 0.75 and 20 µs per layer reproduce two reference points of
@@ -53,6 +54,7 @@ class CostModel(Protocol):
     tick_overhead_s: float
     msg_overhead_s: float
     send_block_s: float                # the first rank blocks this long after each ACT send under SPD
+    jitter: "Jitter | None"            # forward-to-forward variability the engine draws (spdsim/jitter.py)
 
     def layer_s(self, layer: int, ctx: int) -> float: ...
     def embed_s(self) -> float: ...
@@ -82,6 +84,7 @@ class RooflineCosts:
         self.tick_overhead_s = o.tick_overhead_ms * 1e-3
         self.msg_overhead_s = o.msg_overhead_ms * 1e-3
         self.send_block_s = 0.0
+        self.jitter = None             # a roofline is deterministic
         self._bw = self.gpu.hbm_gbps * 1e9 * o.hbm_efficiency
         self._flops = self.gpu.bf16_tflops * 1e12 * FLOP_EFFICIENCY
         self._layer_overhead = o.layer_overhead_us * 1e-6

@@ -26,6 +26,7 @@ import simpy
 from spdsim.acceptance import sampler
 from spdsim.costs import CostModel
 from spdsim.hardware import Topology
+from spdsim.jitter import JitterProcess
 from spdsim.metrics import RunMetrics, run_metrics
 from spdsim.partition import RESULT_BYTES, Plan, PlanInputs, make_plan
 from spdsim.trace import TraceEvent, TraceHeader
@@ -75,6 +76,7 @@ class RunConfig:
     activation_bytes: int = 8192
     feature_bytes: int = 8192
     accept: Callable[[], bool] = lambda: True
+    rng: np.random.Generator | None = None   # draws of the costs' jitter (None: seed 0)
 
 
 class Sim:
@@ -98,13 +100,17 @@ class Sim:
         # the first rank's blocking send of an ACT (a calibrated cost; the executor sends synchronously and
         # on shared cores the woken receiver can take the sender's core); 0 for the roofline
         self._send_block = cfg.costs.send_block_s * NS
+        jitter = cfg.costs.jitter       # a calibrated host's forward-to-forward variability (spdsim/jitter.py)
+        self._jitter = (JitterProcess(jitter, self.n, cfg.rng or np.random.default_rng(0))
+                        if jitter is not None and jitter.sd > 0 else None)
         self._paths: dict[tuple[str, str], list[tuple[str, str, float, float]]] = {}
 
     # --- costs ------------------------------------------------------------------------------------
     def stage_ns(self, s: int, position: int) -> float:
         a, b = self.plan.layers[s]
         # position q attends to positions 0..q: context length q + 1
-        return self.cfg.costs.stage_s(s, a, b, position + 1, s == 0, s == self.n - 1) * NS
+        t = self.cfg.costs.stage_s(s, a, b, position + 1, s == 0, s == self.n - 1) * NS
+        return t * self._jitter.factor(s) if self._jitter is not None else t
 
     def head_ns(self, position: int) -> float:
         return self.cfg.costs.head_s(position + 1) * NS
@@ -247,6 +253,12 @@ def point_rng(seed: int, point) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(key.encode())]))
 
 
+def jitter_rng(seed: int) -> np.random.Generator:
+    """The jitter draws of a run: one stream per seed for every point (common random numbers again:
+    PP and SPD at one seed see the same forward-to-forward draws)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, 0x6A17]))
+
+
 def plan_inputs(scenario, n: int) -> PlanInputs:
     alphas = [a.alpha for a in scenario.sweep.acceptance_for(n) if a.alpha is not None] if n > 1 else []
     w = scenario.workload
@@ -280,7 +292,7 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
                     window=scheme.window(n), drafts=drafts, features=scenario.head.features,
                     activation_bytes=m.activation_bytes,
                     feature_bytes=m.activation_bytes * scenario.head.checkpoints_per_stage,
-                    accept=accept)
+                    accept=accept, rng=jitter_rng(scenario.seed))
     extra: dict = {}
     if scheme.simulate is not None:      # schemes with their own process (spd_dedicated, sd, chain)
         events, plan, extra = scheme.simulate(scenario, point, plan, cfg, env, keep_events)

@@ -214,9 +214,10 @@ def test_compute_regimes_one_rank_versus_a_pipeline(tmp_path):
 
 
 def test_simulated_forwards_cost_the_calibrated_mean(tmp_path):
-    """No random draw inflates a forward: every simulated compute of a stage costs its calibrated mean for
-    its context, so the simulated total is what the calibration's means say (a quantile draw with a long
-    tail once biased SPD predictions by ~9% on the validation host). Old files with jitter quantiles load."""
+    """Without forward-to-forward variability (these synthetic traces have none, so the fitted jitter has
+    sd 0) every simulated compute of a stage costs exactly its calibrated mean for its context (a quantile
+    draw with a long tail once biased SPD predictions by ~9%; tests/test_jitter.py checks that the jitter
+    drawn now keeps the mean). Old files with jitter quantiles load."""
     from spdsim.acceptance import iid
     costs, err, _ = calibrate(make_trace_dir(tmp_path))
     calib = write_calibration(tmp_path / "c.yaml", costs, err)
