@@ -87,6 +87,17 @@ def _cmd_acceptance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _module_shape_options(p: argparse.ArgumentParser) -> None:
+    """--proj / --ffn-dim, shared by train-head and acceptance (read back by `_module_shape`)."""
+    p.add_argument("--proj", choices=["level", "shared"], default=None,
+                   help="spd/window input rows: 'shared' (one map over a per-level gated sum of the checkpoints; "
+                        "a call reads one matrix whatever n is) or 'level' (one map per checkpoint level); "
+                        "default: as the committed modules")
+    p.add_argument("--ffn-dim", type=int, default=None, metavar="F",
+                   help="spd/window feed-forward size (0: attention-only layers, cheaper per call); default: "
+                        "as the committed modules")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="executor",
                                 description="A real PyTorch pipeline executor for AR / PP / SPD decoding.")
@@ -151,19 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--layers", type=int, default=1, help="transformer layers in the module (default 1)")
     h.add_argument("--width", type=int, default=0,
                    help="module width (default 0: the target's); narrower is cheaper per call, it must stay "
-                        "below a stage's time (see `executor acceptance`'s head_timing.csv)")
+                        "below the slowest stage's time (see `executor acceptance`'s head_timing.csv)")
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--threads", type=int, default=1)
     h.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (memory)")
     h.add_argument("--query-window", action=argparse.BooleanOptionalAction, default=True,
                    help="spd/window: a linear path from the window's rows to the query row (default on)")
-    h.add_argument("--proj", choices=["level", "shared"], default=None,
-                   help="spd/window input rows: 'shared' (one map over a per-level gated sum of the checkpoints; "
-                        "a call reads one matrix whatever n is) or 'level' (one map per checkpoint level); "
-                        "default: as the committed modules")
-    h.add_argument("--ffn-dim", type=int, default=None, metavar="F",
-                   help="spd/window feed-forward size (0: attention-only layers, cheaper per call); default: "
-                        "as the committed modules")
+    _module_shape_options(h)
     h.set_defaults(func=_cmd_train_head)
 
     a = sub.add_parser("acceptance", help="acceptance of each drafter vs pipeline depth on held-out files",
@@ -188,13 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-timing", action="store_true", help="skip the per-call timing of the module")
     a.add_argument("--query-window", action=argparse.BooleanOptionalAction, default=True,
                    help="spd/window modules with the query-window path (see train-head; default on)")
-    a.add_argument("--proj", choices=["level", "shared"], default=None,
-                   help="spd/window input rows: 'shared' (one map over a per-level gated sum of the checkpoints; "
-                        "a call reads one matrix whatever n is) or 'level' (one map per checkpoint level); "
-                        "default: as the committed modules")
-    a.add_argument("--ffn-dim", type=int, default=None, metavar="F",
-                   help="spd/window feed-forward size (0: attention-only layers, cheaper per call); default: "
-                        "as the committed modules")
+    _module_shape_options(a)
     a.set_defaults(func=_cmd_acceptance)
 
     pr = sub.add_parser("profile", help="layer, head and link microbenchmarks plus AR / PP / SPD run traces",
