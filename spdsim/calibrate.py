@@ -51,7 +51,7 @@ import numpy as np
 import yaml
 
 from spdsim.errors import UserError
-from spdsim.jitter import Jitter, estimate as estimate_jitter
+from spdsim.jitter import Jitter, estimate as estimate_jitter, overlapping
 from spdsim.trace import Trace, TraceEvent, read_trace
 
 CALIBRATION_KIND = "spdsim-calibration"
@@ -352,6 +352,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
         by_regime: dict[str, list[tuple[float, float]]] = {}
         within: dict[str, list[float]] = {}
         series_by: dict[str, list[list[np.ndarray]]] = {}   # per regime, per run: each rank's forwards
+        concurrent_by: dict[str, list[list[tuple[int, int, int, int]]]] = {}   # ... which ran together
         ticks_by: dict[str, list[float]] = {}
         overlap: list[tuple[float, float]] = []      # (measured ÷ microbenchmark, fraction overlapped)
         ticks: list[float] = []
@@ -384,6 +385,8 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
             # measured ÷ microbenchmark: context growth divided out before the variability is taken
             series_by.setdefault(regime, []).append(
                 [np.array([m / p for e, (m, p) in zip(comps, rr) if e.stage == s]) for s in range(n)])
+            concurrent_by.setdefault(regime, []).append(
+                overlapping([[(e.start_ns, e.end_ns) for e in comps if e.stage == s] for s in range(n)]))
             per_run[f"{h.scheme}-n{n}:{h.extra.get('draft') or ''}"] = (
                 sum(m for m, _ in rr) / sum(p for _, p in rr) if rr else float("nan"))
             g = run_gaps(tr)
@@ -399,7 +402,7 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
         kappa = sum(m for m, _ in ratios) / sum(p for _, p in ratios)
         contention_by = {k: sum(m for m, _ in v) / sum(p for _, p in v) / kappa for k, v in by_regime.items() if v}
         spread = {k: np.quantile(v, [0.05, 0.5, 0.95]) for k, v in within.items() if len(v) >= 10}
-        jitter_by = {k: j for k, v in series_by.items() if (j := estimate_jitter(v)) is not None}
+        jitter_by = {k: j for k, v in series_by.items() if (j := estimate_jitter(v, concurrent_by[k])) is not None}
         regime_pred = [contention_by[f"{regime_of(t.header.scheme, t.header.stages)}:"
                                      f"{stage_role(e.stage == 0, e.stage == t.header.stages - 1)}"]
                        for t in runs for e in _decode(t.events, "compute")]

@@ -44,24 +44,51 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def estimate(runs: list[list[np.ndarray]]) -> Jitter | None:
+def estimate(runs: list[list[np.ndarray]], concurrent: list[list[tuple[int, int, int, int]]] | None = None
+             ) -> Jitter | None:
     """runs: per run, each rank's forward times in order (any unit; context growth already divided out).
+    concurrent: per run, (rank a, forward i, rank b, forward j) for forwards that ran at the same time
+    (`overlapping`); without it ranks' k-th forwards are paired, which is right for draws made in lock
+    step but not for a pipeline, where rank 1's k-th forward runs beside rank 0's (k+1)-th.
     Medians over runs of each rank's sd and lag-1 autocorrelation of time ÷ run mean, and of the
-    correlation between ranks' k-th forwards. None without enough forwards to say."""
+    correlation between concurrent forwards. None without enough forwards to say."""
     sds, lags, cross = [], [], []
-    for ranks in runs:
-        xs = [np.asarray(r, float) / np.mean(r) - 1 for r in ranks if len(r) >= 10]
+    for k, ranks in enumerate(runs):
+        xs = [np.asarray(r, float) / np.mean(r) - 1 if len(r) >= 10 else None for r in ranks]
         for x in xs:
-            sds.append(float(x.std()))
-            lags.append(_corr(x[:-1], x[1:]))
+            if x is not None:
+                sds.append(float(x.std()))
+                lags.append(_corr(x[:-1], x[1:]))
+        if concurrent is not None:
+            pairs = [(xs[a][i], xs[b][j]) for a, i, b, j in concurrent[k] if xs[a] is not None and xs[b] is not None]
+            if len(pairs) >= 10:
+                cross.append(_corr(np.array([p for p, _ in pairs]), np.array([q for _, q in pairs])))
+            continue
         for i in range(len(xs)):
             for j in range(i + 1, len(xs)):
-                m = min(len(xs[i]), len(xs[j]))
-                cross.append(_corr(xs[i][:m], xs[j][:m]))
+                if xs[i] is not None and xs[j] is not None:
+                    m = min(len(xs[i]), len(xs[j]))
+                    cross.append(_corr(xs[i][:m], xs[j][:m]))
     if not sds:
         return None
     return Jitter(sd=statistics.median(sds), lag1=min(max(statistics.median(lags), -0.99), 0.99),
                   cross=min(max(statistics.median(cross), 0.0), 1.0) if cross else 0.0)
+
+
+def overlapping(ranks: list[list[tuple[int, int]]]) -> list[tuple[int, int, int, int]]:
+    """ranks: each rank's forwards as (start, end), in start order. (r-1, i, r, j) for every forward j of
+    rank r > 0 that shares more than half its time with forward i of rank r-1."""
+    import bisect
+    out = []
+    for r in range(1, len(ranks)):
+        prev = ranks[r - 1]
+        starts = [s for s, _ in prev]
+        for j, (s, e) in enumerate(ranks[r]):
+            k = bisect.bisect_right(starts, e)           # forwards of r-1 that start before this one ends
+            best = max(range(max(0, k - 3), k), key=lambda i: min(e, prev[i][1]) - max(s, prev[i][0]), default=None)
+            if best is not None and min(e, prev[best][1]) - max(s, prev[best][0]) > (e - s) / 2:
+                out.append((r - 1, best, r, j))
+    return out
 
 
 class JitterProcess:
