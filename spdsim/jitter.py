@@ -11,6 +11,7 @@ quantile's spike biased the mean up 9%. Here the draws are Gaussian around the m
 """
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from dataclasses import dataclass
@@ -78,7 +79,6 @@ def estimate(runs: list[list[np.ndarray]], concurrent: list[list[tuple[int, int,
 def overlapping(ranks: list[list[tuple[int, int]]]) -> list[tuple[int, int, int, int]]:
     """ranks: each rank's forwards as (start, end), in start order. (r-1, i, r, j) for every forward j of
     rank r > 0 that shares more than half its time with forward i of rank r-1."""
-    import bisect
     out = []
     for r in range(1, len(ranks)):
         prev = ranks[r - 1]
