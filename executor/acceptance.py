@@ -23,7 +23,8 @@ from executor.data import load_corpus
 from executor.model import Stage, Transformer, uniform_partition
 from executor.spec_head import (HeadConfig, HeadDrafter, SpecHead, build_drafter, load_drafter, save_drafter,
                                 target_checkpoints)
-from executor.train_head import TrainHeadConfig, resolve_target, shown, target_id, train_drafters
+from executor.train_head import (TrainHeadConfig, resolve_target, shown, target_id, train_drafters,
+                                 train_head_command)
 
 DRAFTERS = ("spd", "k-ahead", "window", "early-exit", "early-exit-raw")
 
@@ -97,9 +98,8 @@ def obtain_drafters(target: Transformer, target_path: Path, stages: list[int], o
                 "target": str(target_path), "target_id": tid, "seed": tc.seed, "steps": tc.steps, "batch": tc.batch, "seq": tc.seq,
                 "lr": tc.lr, "train_minutes": round(run.seconds / 60, 2),
                 "final_train_kl": round(float(np.mean(run.losses[-25:])), 4),
-                "command": f"executor train-head --stages {run.cfg.stages} --kind {run.cfg.kind} --model {model_arg} "
-                           f"--out {path} --steps {tc.steps} --batch {tc.batch} --seed {tc.seed}"
-                           + dataclasses.replace(tc, width=run.cfg.width).shape_flags()})
+                "command": train_head_command(dataclasses.replace(tc, stages=run.cfg.stages, width=run.cfg.width),
+                                              run.cfg.kind, model_arg, path)})
             found[(run.cfg.kind, run.cfg.stages)] = load_drafter(path)     # evaluate what was saved (fp16)
     return found
 

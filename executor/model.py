@@ -90,6 +90,14 @@ class KVCache(nn.Module):
         self.v[:, :, input_pos] = v
         return self.k, self.v
 
+    def update_range(self, first: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v [batch, heads, m, head_dim] for the contiguous positions first..first+m-1 (slice writes, no
+        index tensor) → the cached keys and values of positions 0..first+m-1."""
+        end = first + k.shape[2]
+        self.k[:, :, first:end] = k
+        self.v[:, :, first:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:

@@ -102,11 +102,10 @@ def compute_benchmarks(cfg: ProfileConfig) -> dict:
                     sync()
                     if rep >= cfg.warmup:
                         samples[(i, ctx)].append((time.perf_counter_ns() - t0) * 1e-9)
-    layers = [{"layer": i, "ctx": c, "median_s": statistics.median(v), "samples_s": v} for (i, c), v in samples.items()]
-    with torch.no_grad():
         tok = torch.tensor([[1]], device=device)
         embed, _ = _median_s(lambda: (model.tok_embeddings(tok), sync()), cfg.repeats, cfg.warmup)
         lm_head, _ = _median_s(lambda: (model.output(model.norm(x)), sync()), cfg.repeats, cfg.warmup)
+    layers = [{"layer": i, "ctx": c, "median_s": statistics.median(v), "samples_s": v} for (i, c), v in samples.items()]
     return {"model": {"layers": mc.n_layers, "dim": mc.dim, "ffn": mc.ffn_dim, "heads": mc.n_heads,
                       "kv_heads": mc.n_kv_heads, "vocab": mc.vocab_size, "max_seq_len": mc.max_seq_len,
                       "dtype_bytes": next(model.parameters()).element_size()},

@@ -115,7 +115,8 @@ def target_checkpoints(hidden: list[Tensor], cfg: HeadConfig) -> Tensor:
 
 
 def _rms(x: Tensor, eps: float = 1e-5) -> Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    """RMS normalisation without a weight (one operator call, as RMSNorm's)."""
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def _lm_head(cfg: HeadConfig, target: Transformer | None) -> tuple[RMSNorm, nn.Linear]:
@@ -300,10 +301,7 @@ class SpecHead(nn.Module):
         qk = apply_rope(qkv[:, : 2 * nh], cos[:, None], sin[:, None])        # [m, 2 nh, hd]
         q, k, v = qk[-1:, :nh].transpose(0, 1), qk[:, nh:].transpose(0, 1), qkv[:, 2 * nh:].transpose(0, 1)
         if first is not None:                 # keys of earlier positions come from the cache
-            cache = att.kv_cache
-            cache.k[0, :, first:first + m] = k
-            cache.v[0, :, first:first + m] = v
-            k, v = cache.k[0, :, :first + m], cache.v[0, :, :first + m]
+            k, v = (t[0] for t in att.kv_cache.update_range(first, k[None], v[None]))
         y = F.scaled_dot_product_attention(q, k, v)          # [nh, 1, hd]: the newest position sees every key
         h = layer.mlp(x[-1] + F.linear(y.reshape(-1), att.wo.weight))
         return self.output(self.norm(self.up(h)))

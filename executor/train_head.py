@@ -65,6 +65,13 @@ class TrainHeadConfig:
                                      width=width if width != target_cfg.dim else 0)
 
 
+def train_head_command(tc: TrainHeadConfig, kind: str, model: str | Path, out: str | Path) -> str:
+    """The `executor train-head` command that retrains a drafter of `kind` with budget `tc` (recorded in
+    its .json; tests/test_acceptance_study.py checks it rebuilds the same module)."""
+    return (f"executor train-head --stages {tc.stages} --kind {kind} --model {model} --out {out} "
+            f"--steps {tc.steps} --batch {tc.batch} --seed {tc.seed}" + tc.shape_flags())
+
+
 def resolve_target(model: str | Path) -> tuple[Transformer, Path]:
     """`tiny` → the committed checkpoint; anything else is a checkpoint path."""
     path = DEFAULT_TINY if str(model) == "tiny" else Path(model)
@@ -167,8 +174,7 @@ def train_head(model: str | Path, out: Path, tc: TrainHeadConfig, log=print) -> 
             "train_minutes": round(run.seconds / 60, 2),
             "final_train_kl": round(float(np.mean(run.losses[-25:])), 4) if run.losses else None,
             "final_train_greedy_acc": round(float(np.mean(run.accs[-25:])), 4) if run.accs else None,
-            "command": f"executor train-head --stages {tc.stages} --kind {tc.kind} --model {model} --out {out} "
-                       f"--steps {tc.steps} --batch {tc.batch} --seed {tc.seed}" + tc.shape_flags()}
+            "command": train_head_command(tc, tc.kind, model, out)}
     save_drafter(run.module, out, meta)
     log(f"saved {out}: {meta}")
     return meta

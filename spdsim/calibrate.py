@@ -26,7 +26,7 @@ TRACE_DIR is what `executor profile` writes: profile.json (microbenchmarks) and 
   spread     each forward's time ÷ its run's mean, per regime and stage role, p5 / p50 / p95: printed.
   jitter     what the simulator draws (spdsim/jitter.py), per regime: the sd of forward time ÷ run mean
                    (context growth divided out), its lag-1 autocorrelation and the correlation of two
-                   ranks' k-th forwards, medians over runs. Each simulated forward costs its mean × (1 + x),
+                   ranks' concurrent forwards (paired by time), medians over runs. Each simulated forward costs its mean × (1 + x),
                    x an AR(1) process per stage with those three figures: the mean is kept, and SPD ticks
                    wait for the slower rank as measured ones do. (Means alone left SPD 3-9% fast and its
                    bubble 3-4 pp low; an earlier draw from interpolated quantiles was biased 9% slow by one
