@@ -276,8 +276,9 @@ def plan_point(scenario, point) -> Plan:
 
 
 def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None = None,
-                   env: simpy.Environment | None = None) -> PointResult:
-    """Simulate one sweep point of a scenario: (scheme, stages, partition, acceptance)."""
+                   env: simpy.Environment | None = None, costs: CostModel | None = None) -> PointResult:
+    """Simulate one sweep point of a scenario: (scheme, stages, partition, acceptance). `costs` replaces
+    the scenario's cost model for the run (calibrate tries candidate models on the traced runs)."""
     from spdsim.schemes import SCHEMES
     scheme = SCHEMES[point.scheme]
     plan = plan or plan_point(scenario, point)
@@ -286,7 +287,7 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
     drafts = scheme.drafts and n > 1
     accept = (sampler(point.acceptance, point_rng(scenario.seed, point))
               if drafts and point.acceptance is not None else (lambda: True))
-    costs = scenario.cost_model().for_point(point.scheme, n)   # a calibration differs per scheme (shared cores)
+    costs = (costs or scenario.cost_model()).for_point(point.scheme, n)   # a calibration differs per scheme
     cfg = RunConfig(costs=costs, topology=scenario.hardware.graph,
                     prompt_tokens=scenario.workload.prompt_tokens, new_tokens=scenario.workload.new_tokens,
                     window=scheme.window(n), drafts=drafts, features=scenario.head.features,

@@ -92,3 +92,25 @@ def test_overlapping_pairs_each_forward_with_the_one_beside_it():
     pairs = [(0, k + 1, 1, k) for k in range(399)]
     assert estimate([[x0, x1]], [pairs]).cross == pytest.approx(0.64, abs=0.1)
     assert estimate([[x0, x1]]).cross < 0.2
+
+
+def test_calibrate_fits_the_drawn_spread_to_the_runs_idle_time(tmp_path):
+    """calibrate scales the traced forward spread so that the simulated SPD runs idle as much as the traced
+    ones (on shared cores the traced spread overstated the wait for the slower rank). Runs the simulator
+    made with a known spread: the fit finds the factor that made them, and leaves regimes without runs."""
+    from spdsim.calibrate import _replay, _replay_scenario, fit_jitter_scale
+    from spdsim.trace import Trace, TraceHeader
+    costs, _, _ = calibrate(make_trace_dir(tmp_path))          # synthetic: no spread of their own
+    base = _replay_scenario({"layers": 8, "dim": 64, "ffn": 128, "heads": 4, "kv_heads": 2, "vocab": 256}, 2)
+    traced = Jitter(0.16, 0.5, 0.3)
+    accepts = [int(k % 5 != 0) for k in range(300)]
+    runs = []
+    for i in range(6):
+        h = TraceHeader("spd", 2, 80, source="simulator", partition=[[0, 4], [4, 8]], placement=["gpu0", "gpu1"],
+                        prompt_tokens=20, extra={"draft": "oracle:0.8", "accepts": accepts})
+        made = dataclasses.replace(costs, jitter_by={"overlapped": Jitter(0.16 * 0.6, 0.5, 0.3)})
+        runs.append(Trace(h, _replay(base, Trace(h, []), made, seed=i, keep_events=True).events))
+    with_spread = dataclasses.replace(costs, jitter_by={"overlapped": traced, "serial": traced})
+    assert fit_jitter_scale(base, runs, with_spread, "overlapped") == pytest.approx(0.6, abs=0.08)
+    assert fit_jitter_scale(base, runs, with_spread, "drafting") is None        # no runs with a module
+    assert fit_jitter_scale(base, runs, with_spread, "serial") is None          # no PP runs
