@@ -30,8 +30,11 @@ TRACE_DIR is what `executor profile` writes: profile.json (microbenchmarks) and 
                    x an AR(1) process per stage with those three figures: the mean is kept, and SPD ticks
                    wait for the slower rank as measured ones do. (Means alone left SPD 3-9% fast and its
                    bubble 3-4 pp low; an earlier draw from interpolated quantiles was biased 9% slow by one
-                   preemption spike as the top quantile.)
-  tick, message and the compute factor are also kept per regime (for_point picks the point's)
+                   preemption spike as the top quantile.) For SPD the drawn sd is the traced one times
+                   the factor at which the simulated calibration runs idle as much as the traced ones
+                   (fit_jitter_scale; 0.63-0.87 with oracle drafts, 0 with the module on this host)
+  tick, message and the compute factor are also kept per regime (for_point picks the point's; SPD with a
+                   trained module drafting on the first rank is a regime of its own)
 
 Every component's fit error is printed (relative RMS of the fit against the samples it was fitted to).
 This module must not import torch.
