@@ -6,7 +6,8 @@ The module must stay below the slowest stage's time (issue 5, DESIGN §2): the f
 or the last (layers + norm + LM head) of a uniform partition, whichever is slower.
 Untrained modules of the right shape are timed (the weights' values do not change the cost), so this
 runs without any committed head. One thread, context 128, median of `--calls` calls, features delivered
-as the pipeline delivers them (outside the timer, as a dict insert each).
+as the pipeline delivers them (outside the timer, as a dict insert each); module and stage calls
+alternate (`executor.acceptance.time_head`), so a slow spell of the host hits both sides of the ratio.
 
 `--layers L` times against an untrained target of the tiny model's width with L layers instead (a
 deeper model has more layers per stage at the same n; the cost of a stage or a module call does not
@@ -41,14 +42,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="repeat the whole table; medians are printed")
     ap.add_argument("--layers", type=int, default=0, help="an untrained target with this many layers (default: "
                                                           "the shipped tiny model)")
-    ap.add_argument("--proj", choices=["level", "shared"], default="level", help="input projection (spec_head)")
+    ap.add_argument("--proj", choices=["level", "shared", "none"], default="level", help="input projection (spec_head)")
     ap.add_argument("--ffn-dim", type=int, default=-1, help="feed-forward size (-1: the target's ratio; 0: none)")
+    ap.add_argument("--query-window", action=argparse.BooleanOptionalAction, default=True,
+                    help="the query-window path (spec_head; default on, as the committed modules)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     target = load_checkpoint(DEFAULT_TINY).eval()
     if args.layers:
         target = Transformer(dataclasses.replace(target.cfg, n_layers=args.layers)).init_weights(0).eval()
-    heads = {(n, w): SpecHead(TrainHeadConfig(stages=n, width=w, proj=args.proj, ffn_dim=args.ffn_dim).head_config(target.cfg, "spd"), target).eval()
+    heads = {(n, w): SpecHead(TrainHeadConfig(stages=n, width=w, proj=args.proj, ffn_dim=args.ffn_dim,
+                                         query_window=args.query_window).head_config(target.cfg, "spd"), target).eval()
              for n in args.stages for w in args.widths}
     samples: dict[tuple[int, int], list[tuple[float, float]]] = {k: [] for k in heads}
     for _ in range(args.rounds):            # interleaved: a slow spell hits every configuration alike

@@ -89,10 +89,10 @@ def _cmd_acceptance(args: argparse.Namespace) -> int:
 
 def _module_shape_options(p: argparse.ArgumentParser) -> None:
     """--proj / --ffn-dim, shared by train-head and acceptance (read back by `_module_shape`)."""
-    p.add_argument("--proj", choices=["level", "shared"], default=None,
+    p.add_argument("--proj", choices=["level", "shared", "none"], default=None,
                    help="spd/window input rows: 'shared' (one map over a per-level gated sum of the checkpoints; "
-                        "a call reads one matrix whatever n is) or 'level' (one map per checkpoint level); "
-                        "default: as the committed modules")
+                        "a call reads one matrix whatever n is), 'none' (that gated sum is the row: no map, the "
+                        "cheapest) or 'level' (one map per checkpoint level); default: as the committed modules")
     p.add_argument("--ffn-dim", type=int, default=None, metavar="F",
                    help="spd/window feed-forward size (0: attention-only layers, cheaper per call); default: "
                         "as the committed modules")

@@ -9,7 +9,7 @@ embedding e_d. One projection per checkpoint level (not per depth over the conca
 costs O(n²) per call): in steady decoding each checkpoint is projected once and added to its
 position's running sum, so a call costs O(n) small products. With `proj="shared"` the row is instead
 W · sum_{c<=d} g_c ⊙ rms(checkpoint c) + e_d (one map, per-level gains): a call then reads one matrix
-whatever n is. The module may be narrower than the target (`width`) or attention-only (`ffn_dim=0`): the
+whatever n is; with `proj="none"` the gated sum itself (+ e_d) is the row, no map at all. The module may be narrower than the target (`width`) or attention-only (`ffn_dim=0`): the
 cost per call must stay below the slowest stage's, and at n = 8 the tiny model's stage is one layer.
 
 The module is a small causal transformer over those rows (the target's `Block`, RoPE, its own KV cache)
@@ -52,7 +52,7 @@ from executor.drafters import Drafter
 from executor.model import Block, KVCache, ModelConfig, RMSNorm, Transformer, apply_rope, rope_tables, uniform_partition
 
 KINDS = ("spd", "window", "k-ahead", "early-exit", "early-exit-raw")
-PROJS = ("level", "shared")
+PROJS = ("level", "shared", "none")
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,9 @@ class HeadConfig:
             raise ValueError(f"unknown input projection {self.proj!r} (one of {', '.join(PROJS)})")
         if self.width < 0 or (self.width or self.dim) % self.n_heads:
             raise ValueError(f"module width {self.width} must be ≥ 0 and divisible by {self.n_heads} heads")
+        if self.proj == "none" and self.width not in (0, self.dim):
+            raise ValueError(f"proj 'none' feeds the checkpoints in as they are: the module's width must be the "
+                             f"target's ({self.dim}), got {self.width}")
         if len(self.checkpoints) != self.stages + 1:
             raise ValueError(f"{self.stages} stages need {self.stages + 1} checkpoints, got {self.checkpoints}")
 
@@ -149,8 +152,10 @@ class SpecHead(nn.Module):
         else:
             # "shared": one map for every level, applied to a gated sum of the checkpoints (g_c ⊙ rms(x_c)).
             # The residual stream keeps one basis across depths, and a call reads one matrix instead of
-            # n + 1: at n = 8 the per-level matrices were most of the bytes a call moves.
-            self.proj = nn.Parameter(eye + 0.01 * torch.randn(eye.shape, generator=g))      # [dim, w]
+            # n + 1: at n = 8 the per-level matrices were most of the bytes a call moves. "none": the
+            # gated sum itself is the row (the block's q/k/v maps follow anyway): one product fewer per
+            # call, which is what a one-layer stage costs more or less than on a CPU.
+            self.proj = nn.Parameter(eye + 0.01 * torch.randn(eye.shape, generator=g)) if cfg.proj == "shared" else None
             self.level_gain = nn.Parameter(torch.tensor([1.0] + [0.1] * n)[:, None].repeat(1, dim))  # [n+1, dim]
         self.depth_emb = nn.Parameter(torch.zeros(n + 1, w))
         # Optional direct path from the window to the query: a gated sum of the window's rows (position
@@ -178,6 +183,7 @@ class SpecHead(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpoint = False
+        self._rev: dict[str, Tensor] = {}      # decode-time derived weights (setup_cache)
 
     # --- input rows ----------------------------------------------------------------------------
     @property
@@ -192,14 +198,22 @@ class SpecHead(nn.Module):
         m = len(levels)
         steady = levels == list(range(m - 1, -1, -1))   # steady decoding: levels m-1..0, no gather needed
         if self.level_gain is not None:
-            return r * (self.level_gain[:m].flip(0) if steady else self.level_gain[levels])
+            return r * (self._reversed("level_gain")[-m:] if steady else self.level_gain[levels])
         if steady:
             return torch.bmm(r[:, None, :].flip(0), self.proj[:m]).flip(0)[:, 0]
         return torch.bmm(r[:, None, :], self.proj[torch.tensor(levels)])[:, 0]
 
     def rows(self, sums: Tensor, depth: list[int]) -> Tensor:
         """Running sums [k, sum_width] of positions at depths `depth` → their input rows [k, w]."""
-        return (sums if self.level_gain is None else sums @ self.proj) + self.depth_emb[depth]
+        m = len(depth)
+        emb = self._reversed("depth_emb")[-m:] if depth == list(range(m - 1, -1, -1)) else self.depth_emb[depth]
+        return (sums if self.proj is None or self.level_gain is None else sums @ self.proj) + emb
+
+    def _reversed(self, name: str) -> Tensor:
+        """Parameter `name` [n+1, ...] in reverse level order: levels m-1..0 are its last m rows (a view:
+        steady decoding needs no gather). Built once by setup_cache, when the weights are final."""
+        rev = self._rev.get(name)
+        return rev if rev is not None else getattr(self, name).flip(0)
 
     def window_summary(self, window: Tensor) -> Tensor:
         """window [..., k, w]: rows of positions q-1..q-k at depths 1..k → the query's extra input."""
@@ -215,7 +229,8 @@ class SpecHead(nn.Module):
         if self.level_gain is None:
             rows = torch.einsum("btci,cio->btco", r, self.proj).cumsum(2) + self.depth_emb
         else:
-            rows = (r * self.level_gain).cumsum(2) @ self.proj + self.depth_emb   # [B, T, n+1, w]: depth d
+            rows = (r * self.level_gain).cumsum(2)
+            rows = (rows if self.proj is None else rows @ self.proj) + self.depth_emb   # [B, T, n+1, w]: depth d
         # Lists, not stacked tensors: indexing a stack costs a full-size zero tensor in backward.
         h = list(rows.unbind(2))                                # variant o = depth o
         if self.qwin is not None:                               # variant 0 is read only by its own query
@@ -276,6 +291,7 @@ class SpecHead(nn.Module):
                                         if self.cfg.kind == "spd" else None)
         att = self.layers[-1].attention
         self._wqkv = torch.cat([att.wq.weight, att.wk.weight, att.wv.weight]).detach()
+        self._rev = {k: getattr(self, k).detach().flip(0) for k in ("depth_emb", "level_gain") if getattr(self, k) is not None}
 
     def step(self, rows: Tensor, first: int) -> Tensor:
         """rows [1, m, dim] for positions first..first+m-1 (the last one is the query) → logits [vocab].
@@ -299,10 +315,11 @@ class SpecHead(nn.Module):
         nh, hd = att.cfg.n_heads, att.cfg.head_dim
         qkv = F.linear(layer.attention_norm(x), self._wqkv).view(m, 3 * nh, hd)
         qk = apply_rope(qkv[:, : 2 * nh], cos[:, None], sin[:, None])        # [m, 2 nh, hd]
-        q, k, v = qk[-1:, :nh].transpose(0, 1), qk[:, nh:].transpose(0, 1), qkv[:, 2 * nh:].transpose(0, 1)
+        q, k, v = qk[None, -1:, :nh].transpose(1, 2), qk[None, :, nh:].transpose(1, 2), qkv[None, :, 2 * nh:].transpose(1, 2)
         if first is not None:                 # keys of earlier positions come from the cache
-            k, v = (t[0] for t in att.kv_cache.update_range(first, k[None], v[None]))
-        y = F.scaled_dot_product_attention(q, k, v)          # [nh, 1, hd]: the newest position sees every key
+            k, v = att.kv_cache.update_range(first, k, v)
+        # [1, nh, 1, hd]: the newest position sees every key (4-D: the fused CPU kernel; 3-D took 2x as long)
+        y = F.scaled_dot_product_attention(q, k, v)
         h = layer.mlp(x[-1] + F.linear(y.reshape(-1), att.wo.weight))
         return self.output(self.norm(self.up(h)))
 

@@ -42,7 +42,7 @@ def _head(target, n, kind="spd", layers=1, seed=1, query_window=False, width=0, 
 @pytest.mark.parametrize("n,layers,width,proj,ffn", [
     (1, 1, 0, "level", 96), (2, 1, 0, "level", 96), (2, 2, 32, "level", 96), (4, 1, 32, "level", 96),
     (4, 3, 0, "level", 96), (1, 1, 0, "shared", 0), (2, 2, 32, "shared", 0), (4, 1, 0, "shared", 96),
-    (4, 3, 32, "shared", 0)])
+    (4, 3, 32, "shared", 0), (1, 1, 0, "none", 0), (4, 1, 0, "none", 0), (4, 2, 0, "none", 96)])
 def test_parallel_forward_equals_step_by_step_drafter(target, kind, query_window, n, layers, width, proj, ffn):
     head = _head(target, n, kind, layers, query_window=query_window, width=width, proj=proj, ffn=ffn)
     T, P = 26, 6
@@ -70,7 +70,7 @@ def test_parallel_forward_equals_step_by_step_drafter(target, kind, query_window
     assert worst < 1e-4
 
 
-@pytest.mark.parametrize("query_window,proj", [(False, "level"), (True, "level"), (True, "shared")])
+@pytest.mark.parametrize("query_window,proj", [(False, "level"), (True, "level"), (True, "shared"), (False, "none")])
 def test_training_mask_shows_each_position_at_its_depth(target, query_window, proj):
     n, q = 3, 12
     head = _head(target, n, layers=2, query_window=query_window, proj=proj)
@@ -252,3 +252,11 @@ def test_online_acceptance_matches_offline_and_output_is_lossless(target, traine
     online = float(np.mean(res["accepts"]))
     assert 0.0 < offline < 1.0                     # both outcomes occur, so the comparison means something
     assert abs(online - offline) <= 0.02
+
+
+def test_bad_module_shapes_are_refused():
+    """A module shape that cannot be built says why (proj 'none' feeds the checkpoints in as they are)."""
+    with pytest.raises(ValueError, match="width must be the target's"):
+        HeadConfig.for_target(TCFG, 2, proj="none", width=32)
+    with pytest.raises(ValueError, match="unknown input projection"):
+        HeadConfig.for_target(TCFG, 2, proj="diagonal")
