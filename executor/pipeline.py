@@ -342,6 +342,9 @@ class Worker:
             if sampler and verdict.accepted is None:
                 token = sampler.token(logits, msg.epoch, p + 1)
             apply_verdict(self.rec, verdict, token, msg.epoch, seq, accepts, restarts, drafter, now)
+            for k in [k for k in drafts if k <= p + 1]:  # the token at p+1 is known now: drafts up to it are done
+                del drafts[k]
+                qdists.pop(k, None)
             if verdict.accepted is False:                # features of the voided positions go too
                 for key in [k for k in buffered if k[1] > p]:
                     del buffered[key]
