@@ -70,3 +70,19 @@ def test_the_recorded_command_reproduces_the_module_and_older_files_still_match(
     logs: list[str] = []
     obtain_drafters(model, path, [2], tmp_path / "out", heads, plain, log=logs.append)
     assert not any("training" in m for m in logs)
+
+
+@pytest.mark.parametrize("name", ["head_n2", "head_n4", "head_n8", "head_n8_lean"])
+def test_committed_modules_load_and_their_recorded_command_rebuilds_them(name):
+    """Each committed module loads, and the command in its .json (how to retrain it) parses back to the
+    shape it was trained with."""
+    from pathlib import Path
+    from executor.model import load_checkpoint
+    from executor.spec_head import load_drafter
+    weights = Path(__file__).resolve().parents[1] / "executor" / "weights"
+    meta = json.loads((weights / f"{name}.safetensors.json").read_text())
+    head = load_drafter(weights / f"{name}.safetensors")
+    args = build_parser().parse_args(shlex.split(meta["command"])[1:])
+    target = load_checkpoint(weights / "tiny.safetensors")
+    assert train_head_config(args).head_config(target.cfg, args.kind) == head.cfg == HeadConfig.from_json(meta["head"])
+    assert head.cfg.stages == args.stages
