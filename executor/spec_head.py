@@ -9,8 +9,9 @@ embedding e_d. One projection per checkpoint level (not per depth over the conca
 costs O(n²) per call): in steady decoding each checkpoint is projected once and added to its
 position's running sum, so a call costs O(n) small products. With `proj="shared"` the row is instead
 W · sum_{c<=d} g_c ⊙ rms(checkpoint c) + e_d (one map, per-level gains): a call then reads one matrix
-whatever n is; with `proj="none"` the gated sum itself (+ e_d) is the row, no map at all. The module may be narrower than the target (`width`) or attention-only (`ffn_dim=0`): the
-cost per call must stay below the slowest stage's, and at n = 8 the tiny model's stage is one layer.
+whatever n is; with `proj="none"` the gated sum itself (+ e_d) is the row, no map at all. The module
+may be narrower than the target (`width`) or attention-only (`ffn_dim=0`): the cost per call must stay
+below the slowest stage's, and at n = 8 the tiny model's stage is one layer (`head_n8_lean`).
 
 The module is a small causal transformer over those rows (the target's `Block`, RoPE, its own KV cache)
 and an LM head initialised from the target's final norm and output. With `query_window` (the committed
@@ -154,7 +155,7 @@ class SpecHead(nn.Module):
             # The residual stream keeps one basis across depths, and a call reads one matrix instead of
             # n + 1: at n = 8 the per-level matrices were most of the bytes a call moves. "none": the
             # gated sum itself is the row (the block's q/k/v maps follow anyway): one product fewer per
-            # call, which is what a one-layer stage costs more or less than on a CPU.
+            # call, at n = 8 the margin between the module and a one-layer stage on a CPU.
             self.proj = nn.Parameter(eye + 0.01 * torch.randn(eye.shape, generator=g)) if cfg.proj == "shared" else None
             self.level_gain = nn.Parameter(torch.tensor([1.0] + [0.1] * n)[:, None].repeat(1, dim))  # [n+1, dim]
         self.depth_emb = nn.Parameter(torch.zeros(n + 1, w))
@@ -291,7 +292,8 @@ class SpecHead(nn.Module):
                                         if self.cfg.kind == "spd" else None)
         att = self.layers[-1].attention
         self._wqkv = torch.cat([att.wq.weight, att.wk.weight, att.wv.weight]).detach()
-        self._rev = {k: getattr(self, k).detach().flip(0) for k in ("depth_emb", "level_gain") if getattr(self, k) is not None}
+        self._rev = {k: getattr(self, k).detach().flip(0)
+                     for k in ("depth_emb", "level_gain") if getattr(self, k) is not None}
 
     def step(self, rows: Tensor, first: int) -> Tensor:
         """rows [1, m, dim] for positions first..first+m-1 (the last one is the query) → logits [vocab].
@@ -315,7 +317,8 @@ class SpecHead(nn.Module):
         nh, hd = att.cfg.n_heads, att.cfg.head_dim
         qkv = F.linear(layer.attention_norm(x), self._wqkv).view(m, 3 * nh, hd)
         qk = apply_rope(qkv[:, : 2 * nh], cos[:, None], sin[:, None])        # [m, 2 nh, hd]
-        q, k, v = qk[None, -1:, :nh].transpose(1, 2), qk[None, :, nh:].transpose(1, 2), qkv[None, :, 2 * nh:].transpose(1, 2)
+        q = qk[None, -1:, :nh].transpose(1, 2)                                  # [1, nh, 1, hd]
+        k, v = qk[None, :, nh:].transpose(1, 2), qkv[None, :, 2 * nh:].transpose(1, 2)   # [1, nh, m, hd]
         if first is not None:                 # keys of earlier positions come from the cache
             k, v = att.kv_cache.update_range(first, k, v)
         # [1, nh, 1, hd]: the newest position sees every key (4-D: the fused CPU kernel; 3-D took 2x as long)
