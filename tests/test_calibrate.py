@@ -263,3 +263,23 @@ def test_in_sample_charges_the_trained_module_its_draft_time(tmp_path):
             for line in in_sample(d, calib) if line.startswith("in-sample spd")}
     assert set(pred) == {"oracle", "head"}
     assert pred["head"] < 0.5 * pred["oracle"]          # a 20 ms draft on the first rank dominates its tick
+
+
+def test_concurrent_ns_equals_comparing_every_pair():
+    """calibrate's overlap per forward (how long other ranks computed beside it), from sorted starts,
+    equals the all-pairs sum it replaced, also for intervals of one device that overlap each other."""
+    import random
+    from spdsim.calibrate import concurrent_ns
+    rng = random.Random(0)
+    for trial in range(30):
+        evs = []
+        for d in range(rng.randint(1, 4)):
+            t = rng.randint(0, 50)
+            for _ in range(rng.randint(0, 25)):
+                start = t + rng.randint(-30 if trial % 3 == 0 else 0, 20)    # every third trial: self-overlap
+                dur = rng.randint(1, 60)
+                evs.append(TraceEvent("compute", start, start + dur, device=f"rank{d}"))
+                t = start + dur
+        want = [sum(max(0, min(e.end_ns, o.end_ns) - max(e.start_ns, o.start_ns)) for o in evs if o.device != e.device)
+                for e in evs]
+        assert concurrent_ns(evs) == want
