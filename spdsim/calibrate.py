@@ -559,7 +559,8 @@ def fit_jitter_scale(base, runs: list[Trace], costs: CalibratedCosts, regime: st
     Bisection on [0, 2]; None without runs of the regime or a spread to scale."""
     from spdsim.metrics import run_metrics
     from dataclasses import replace as dc_replace
-    mine = [t for t in runs if regime_of(t.header.scheme, t.header.stages, _draft_kind(t)) == regime]
+    mine = [t for t in runs if t.header.scheme == "spd"            # the engine's SPD: what the draws reach
+            and regime_of(t.header.scheme, t.header.stages, _draft_kind(t)) == regime]
     j = costs.jitter_by.get(regime)
     if not mine or j is None or j.sd == 0:
         return None
