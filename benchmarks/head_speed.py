@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from executor.acceptance import time_head  # noqa: E402
 from executor.model import Transformer, load_checkpoint  # noqa: E402
 from executor.train_head import DEFAULT_TINY, TrainHeadConfig  # noqa: E402
-from executor.spec_head import SpecHead  # noqa: E402
+from executor.spec_head import PROJS, SpecHead  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="repeat the whole table; medians are printed")
     ap.add_argument("--layers", type=int, default=0, help="an untrained target with this many layers (default: "
                                                           "the shipped tiny model)")
-    ap.add_argument("--proj", choices=["level", "shared", "none"], default="level", help="input projection (spec_head)")
+    ap.add_argument("--proj", choices=PROJS, default="level", help="input projection (spec_head)")
     ap.add_argument("--ffn-dim", type=int, default=-1, help="feed-forward size (-1: the target's ratio; 0: none)")
     ap.add_argument("--query-window", action=argparse.BooleanOptionalAction, default=True,
                     help="the query-window path (spec_head; default on, as the committed modules)")

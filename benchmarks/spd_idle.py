@@ -20,10 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spdsim.acceptance import replay  # noqa: E402
-from spdsim.engine import simulate_point  # noqa: E402
+from spdsim.calibrate import replay_point  # noqa: E402
 from spdsim.metrics import decode_window  # noqa: E402
-from spdsim.scenario import Point, Workload, load_scenario  # noqa: E402
+from spdsim.scenario import load_scenario  # noqa: E402
 from spdsim.trace import read_trace  # noqa: E402
 
 
@@ -46,17 +45,15 @@ def main() -> None:
     runs = sorted((args.dir / "profile" / "runs").glob("spd-n2-a*"))[: args.runs]
     if not runs:
         sys.exit(f"{args.dir}/profile/runs: no SPD oracle calibration runs (run executor validate first)")
-    base = load_scenario(ROOT / "scenarios" / "local-cpu.yaml")
+    base = dataclasses.replace(load_scenario(ROOT / "scenarios" / "local-cpu.yaml"),
+                               calibration=str(args.dir / "calibration.yaml"), path=None)
     gaps = {"measured": [], "simulated": []}
     print(f"{'run':<18}{'':>10}  rank 0 fwd / outside    rank 1 fwd / outside   |Δ fwd|  (ms per tick)")
     for rd in runs:
         tr = read_trace(rd)
         h = tr.header
-        sc = dataclasses.replace(base, calibration=str(args.dir / "calibration.yaml"), path=None,
-                                 workload=Workload(h.prompt_tokens, h.new_tokens),
-                                 head=dataclasses.replace(base.head, features=False, placement="colocated"))
-        sim = simulate_point(sc, Point("spd", 2, "uniform", replay(sequence=list(h.extra["accepts"]))),
-                             keep_events=True)
+        sim = replay_point(base, "spd", 2, h.prompt_tokens, h.new_tokens, list(h.extra["accepts"]), features=False,
+                           keep_events=True)
         for label, events in (("measured", tr.events), ("simulated", sim.events)):
             (f0, o0), (f1, o1) = per_tick(events, h.new_tokens)
             gaps[label].append(abs(f0 - f1))

@@ -154,15 +154,10 @@ def predict(scenario, case: Case, calibration: Path, prompt_tokens: int, new_tok
     """One simulated decode of `case` with the calibrated costs, replaying `accepts`; `seed` picks the
     forward-to-forward jitter draws (validate passes the repeat's index: round i of every case shares
     them, as the measured round shares the machine's state)."""
-    from spdsim.acceptance import replay
-    from spdsim.engine import simulate_point
-    from spdsim.scenario import Point, Workload
+    from spdsim.calibrate import replay_point
     features = bool(case.draft and case.draft.startswith("head:"))
-    sc = dataclasses.replace(scenario, calibration=str(calibration), path=None, seed=seed,
-                             workload=Workload(prompt_tokens=prompt_tokens, new_tokens=new_tokens),
-                             head=dataclasses.replace(scenario.head, features=features, placement="colocated"))
-    acc = replay(sequence=accepts or [1]) if case.scheme == "spd" else None   # spd cases have n > 1
-    r = simulate_point(sc, Point(case.scheme, case.stages, "uniform", acc))
+    sc = dataclasses.replace(scenario, calibration=str(calibration), path=None)
+    r = replay_point(sc, case.scheme, case.stages, prompt_tokens, new_tokens, accepts, features, seed=seed)
     m = r.metrics
     return {"tokens_per_s": m.tokens_per_s, "bubble_ratio": m.bubble_ratio, "acceptance_rate": m.acceptance_rate,
             "accepted": m.accepted, "rejected": m.rejected}

@@ -304,7 +304,7 @@ def regime_of(scheme: str, stages: int, drafter: str = "oracle") -> str:
     """How a scheme's ranks use the host's cores: one rank, one at a time, several at once, or several at
     once beside a trained drafter (SPD's first rank runs the module between its forwards; on shared cores
     that slows the ranks unevenly: rank 1's forward took 0.4-1.0 ms longer than rank 0's with the module,
-    0.0-0.3 ms without, so pooling the two put a false asymmetry into oracle points)."""
+    -0.1 to +0.3 ms without, so pooling the two put a false asymmetry into oracle points)."""
     if stages == 1:
         return "single"
     if scheme not in ("spd", "spd_dedicated"):
@@ -534,42 +534,65 @@ def _replay_scenario(model: dict, stages: int):
         "sweep": {"stages": [1], "schemes": ["ar", "pp", "spd"]}}))
 
 
-def _replay(base, tr: Trace, costs: CalibratedCosts, seed: int = 0, keep_events: bool = False):
-    """The simulator's run of one traced run (an engine.PointResult): same scheme, stages, lengths and
-    verdicts."""
+def replay_point(scenario, scheme: str, stages: int, prompt_tokens: int, new_tokens: int, accepts: list[int],
+                 features: bool, seed: int = 0, costs: CalibratedCosts | None = None, keep_events: bool = False):
+    """One simulated decode replaying a measured one (an engine.PointResult): the same scheme, stages,
+    lengths and accept/reject verdicts, the module co-located with stage 1 as the executor runs it, and
+    jitter draws `seed`. `costs` replaces the scenario's cost model (the calibration being fitted);
+    `executor validate`, calibrate's in-sample check and its spread fit all predict through here."""
     from dataclasses import replace as dc_replace
     from spdsim.acceptance import replay
     from spdsim.engine import simulate_point
     from spdsim.scenario import Point, Workload
+    acc = replay(sequence=accepts or [1]) if scheme == "spd" and stages > 1 else None
+    sc = dc_replace(scenario, seed=seed, workload=Workload(prompt_tokens, new_tokens),
+                    head=dc_replace(scenario.head, features=features, placement="colocated"))
+    return simulate_point(sc, Point(scheme, stages, "uniform", acc), keep_events=keep_events,
+                          costs=None if costs is None else costs.with_head("head" if features else "oracle"))
+
+
+def _replay(base, tr: Trace, costs: CalibratedCosts, seed: int = 0, keep_events: bool = False):
+    """`replay_point` for a traced run."""
     h = tr.header
-    features = _draft_kind(tr) not in ("", "oracle")
-    acc = replay(sequence=list(h.extra.get("accepts") or [1])) if h.scheme == "spd" and h.stages > 1 else None
-    sc = dc_replace(base, workload=Workload(h.prompt_tokens, h.new_tokens), seed=seed,
-                    head=dc_replace(base.head, features=features))
-    return simulate_point(sc, Point(h.scheme, h.stages, "uniform", acc), keep_events=keep_events,
-                          costs=costs.with_head("head" if features else "oracle"))
+    return replay_point(base, h.scheme, h.stages, h.prompt_tokens, h.new_tokens, list(h.extra.get("accepts") or []),
+                        _draft_kind(tr) not in ("", "oracle"), seed=seed, costs=costs, keep_events=keep_events)
+
+
+def replay_seeds(runs: list[Trace]) -> list[int]:
+    """The jitter seed each traced run is replayed with: its index among the runs of the same scheme,
+    stages and drafter (validate draws repeat i of every case with seed i), shared by the spread fit
+    and the in-sample check so that both see the same draws."""
+    seen: dict[tuple, int] = {}
+    out = []
+    for t in runs:
+        key = (t.header.scheme, t.header.stages, _draft_kind(t))
+        out.append(seen.get(key, 0))
+        seen[key] = out[-1] + 1
+    return out
 
 
 def fit_jitter_scale(base, runs: list[Trace], costs: CalibratedCosts, regime: str) -> float | None:
     """The factor on the measured forward spread at which the simulated runs of `regime` idle as much as
-    the traced ones did (mean bubble ratio; run i drawn with seed i, as validate draws repeat i). Why: the
-    simulator draws each rank's forwards independently of what the other rank is doing, but on shared
-    cores a rank left alone speeds up, so the traced spread overstates the wait for the slower rank (at
-    the full spread the calibration runs came out 2-5% slow, 1.5-2 pp too idle; with none, 3% fast).
+    the traced ones did (mean bubble ratio; seeds from `replay_seeds`). Why: the simulator draws each
+    rank's forwards independently of what the other rank is doing, but on shared cores a rank left alone
+    speeds up, so the traced spread overstates the wait for the slower rank (replaying one validation's
+    oracle calibration runs: at the full spread 2.3% slow and 1.7 pp too idle, with none 2.7% fast and
+    2.6 pp too busy).
     Bisection on [0, 2]; None without runs of the regime or a spread to scale."""
     from spdsim.metrics import run_metrics
     from dataclasses import replace as dc_replace
-    mine = [t for t in runs if t.header.scheme == "spd"            # the engine's SPD: what the draws reach
+    mine = [(t, seed) for t, seed in zip(runs, replay_seeds(runs))
+            if t.header.scheme == "spd"                                # the engine's SPD: what the draws reach
             and regime_of(t.header.scheme, t.header.stages, _draft_kind(t)) == regime]
     j = costs.jitter_by.get(regime)
     if not mine or j is None or j.sd == 0:
         return None
     measured = statistics.fmean(run_metrics(t.events, t.header.scheme, t.header.stages, t.header.new_tokens,
-                                            t.header.placement).bubble_ratio for t in mine)
+                                            t.header.placement).bubble_ratio for t, _ in mine)
 
     def bubble(k: float) -> float:
         c = dc_replace(costs, jitter_by={**costs.jitter_by, regime: Jitter(j.sd * k, j.lag1, j.cross)})
-        return statistics.fmean(_replay(base, t, c, seed=i).metrics.bubble_ratio for i, t in enumerate(mine))
+        return statistics.fmean(_replay(base, t, c, seed=seed).metrics.bubble_ratio for t, seed in mine)
 
     lo, hi = 0.0, 2.0
     if bubble(lo) >= measured:
@@ -593,10 +616,10 @@ def in_sample(trace_dir: Path, calib: Path) -> list[str]:
     base = _replay_scenario(prof["model"], max(t.header.stages for t in runs))
     costs = load_calibration(calib)
     out = []
-    for i, tr in enumerate(runs):
+    for tr, seed in zip(runs, replay_seeds(runs)):
         h = tr.header
         meas = run_metrics(tr.events, h.scheme, h.stages, h.new_tokens, h.placement)
-        pred = _replay(base, tr, costs, seed=i).metrics
+        pred = _replay(base, tr, costs, seed=seed).metrics
         out.append(f"in-sample {h.scheme}-n{h.stages} {h.extra.get('draft') or ''}: tokens/s predicted "
                    f"{pred.tokens_per_s:.2f} vs traced {meas.tokens_per_s:.2f} "
                    f"({100 * (pred.tokens_per_s / meas.tokens_per_s - 1):+.1f}%), "
