@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from executor.acceptance import time_head  # noqa: E402
-from executor.model import Transformer, load_checkpoint  # noqa: E402
+from executor.checkpoints import load_checkpoint  # noqa: E402
+from executor.model import Transformer  # noqa: E402
 from executor.train_head import DEFAULT_TINY, TrainHeadConfig  # noqa: E402
 from executor.spec_head import PROJS, SpecHead  # noqa: E402
 

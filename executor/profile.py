@@ -75,7 +75,7 @@ def default_contexts(max_seq_len: int) -> list[int]:
 def compute_benchmarks(cfg: ProfileConfig) -> dict:
     """Per-layer decode time vs context, embedding, final norm + LM head (one process, one thread)."""
     import torch
-    from executor.model import load_checkpoint
+    from executor.checkpoints import load_checkpoint
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     model = load_checkpoint(cfg.model).to(device).eval()

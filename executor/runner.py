@@ -149,7 +149,8 @@ def world_of(spec: RunSpec) -> int:
 def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
     """Run every job of `spec` as `rank`; rank 0 returns one summary per job (and writes the trace)."""
     import torch
-    from executor.model import Stage, load_checkpoint, uniform_partition
+    from executor.model import Stage, uniform_partition
+    from executor.checkpoints import load_checkpoint
     from executor.pipeline import Job, Worker
     from executor import dedicated as ded
     from executor.transport import PeerLost, connect

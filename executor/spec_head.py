@@ -49,7 +49,7 @@ from torch import Tensor
 
 from spdsim.errors import UserError
 
-from executor.drafters import Drafter
+from executor.drafter_base import Drafter
 from executor.model import Block, KVCache, ModelConfig, RMSNorm, Transformer, apply_rope, rope_tables, uniform_partition
 
 KINDS = ("spd", "window", "k-ahead", "early-exit", "early-exit-raw")

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from executor.data import batches, load_corpus
-from executor.model import CONFIGS, Transformer, save_checkpoint
+from executor.model import CONFIGS, Transformer
+from executor.checkpoints import save_checkpoint
 
 
 @dataclass

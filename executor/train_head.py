@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from executor.data import batches, load_corpus
-from executor.model import Transformer, load_checkpoint
+from executor.model import Transformer
+from executor.checkpoints import load_checkpoint
 from executor.spec_head import HeadConfig, build_drafter, save_drafter, target_checkpoints
 
 DEFAULT_TINY = Path(__file__).parent / "weights" / "tiny.safetensors"

@@ -9,7 +9,8 @@ import torch
 
 from executor.acceptance import obtain_drafters
 from executor.cli import build_parser, train_head_config
-from executor.model import ModelConfig, Transformer, save_checkpoint
+from executor.model import ModelConfig, Transformer
+from executor.checkpoints import save_checkpoint
 from executor.spec_head import HeadConfig
 from executor.train_head import TrainHeadConfig
 
@@ -77,7 +78,7 @@ def test_committed_modules_load_and_their_recorded_command_rebuilds_them(name):
     """Each committed module loads, and the command in its .json (how to retrain it) parses back to the
     shape it was trained with."""
     from pathlib import Path
-    from executor.model import load_checkpoint
+    from executor.checkpoints import load_checkpoint
     from executor.spec_head import load_drafter
     weights = Path(__file__).resolve().parents[1] / "executor" / "weights"
     meta = json.loads((weights / f"{name}.safetensors.json").read_text())

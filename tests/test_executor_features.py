@@ -10,7 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from executor.drafters import Drafter
-from executor.model import Stage, greedy_decode, load_checkpoint, uniform_partition
+from executor.model import Stage, greedy_decode, uniform_partition
+from executor.checkpoints import load_checkpoint
 from executor.pipeline import Job, Worker
 from executor.transport import SocketTransport
 from executor_helpers import PROMPT, small_model

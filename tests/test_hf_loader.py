@@ -8,7 +8,8 @@ torch = pytest.importorskip("torch")
 import torch.nn as nn
 
 from executor.hf_loader import hf_config, load_hf_checkpoint, our_name, save_hf_checkpoint
-from executor.model import ModelConfig, Transformer, load_checkpoint
+from executor.model import ModelConfig, Transformer
+from executor.checkpoints import load_checkpoint
 
 
 def _model(tie=False, bias=False, seed=0):

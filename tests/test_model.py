@@ -4,8 +4,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from executor.model import (ModelConfig, Stage, Transformer, greedy_decode, load_checkpoint, save_checkpoint,
-                            uniform_partition)
+from executor.model import ModelConfig, Stage, Transformer, greedy_decode, uniform_partition
+from executor.checkpoints import load_checkpoint, save_checkpoint
 
 CFG = ModelConfig(vocab_size=256, n_layers=4, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
 

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from executor.cli import main
-from executor.model import load_checkpoint
+from executor.checkpoints import load_checkpoint
 from executor.runner import RunSpec, launch
 from executor.transport import HEADER_BYTES
 from spdsim.trace import read_trace

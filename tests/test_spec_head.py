@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from executor.model import ModelConfig, Transformer, greedy_decode, save_checkpoint
+from executor.model import ModelConfig, Transformer, greedy_decode
+from executor.checkpoints import save_checkpoint
 from executor.spec_head import (HeadConfig, HeadDrafter, SpecHead, build_drafter, load_drafter, load_head_drafter,
                                 save_drafter, speculative_accept, target_checkpoints)
 from spdsim.errors import UserError
