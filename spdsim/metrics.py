@@ -26,6 +26,7 @@ class RunMetrics:
     accepted: int
     rejected: int
     utilization: tuple[float, ...] = field(default_factory=tuple)  # busy_s / T per stage
+    allreduce_share: float | None = None   # TP: all-reduce time ÷ compute time (None without TP)
 
 
 def decode_window(events: Sequence[TraceEvent], new_tokens: int | None = None) -> tuple[int, int, int]:
@@ -46,13 +47,31 @@ def _clipped(ev: TraceEvent, t0: int, t1: int) -> int:
     return max(0, min(ev.end_ns, t1) - max(ev.start_ns, t0))
 
 
+def _union_ns(intervals: list[tuple[int, int]]) -> int:
+    """Length of the union of [start, end) intervals."""
+    total, cur_start, cur_end = 0, None, None
+    for a, b in sorted(intervals):
+        if cur_end is None or a > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = a, b
+        elif b > cur_end:
+            cur_end = b
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
 def busy_per_stage(events: Iterable[TraceEvent], stages: int, t0: int, t1: int,
                    placement: Sequence[str] | None = None) -> list[int]:
-    """Busy ns of each stage's device inside [t0, t1]: any compute there, useful or wasted.
+    """Busy ns of each stage inside [t0, t1]: any compute there, useful or wasted.
 
     A `head` event counts toward every stage placed on its device (the module co-located with stage 1
-    shares that device's time); on a dedicated device it counts toward no stage."""
-    busy = [0] * stages
+    shares that device's time); on a dedicated device it counts toward no stage. A stage on a TP group
+    (DESIGN §3) is busy while any of its ranks computes: the union of its ranks' compute intervals. A
+    stage's own forwards never overlap, so with one rank per stage the union is the plain sum."""
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(stages)]
+    ranks: list[set[int]] = [set() for _ in range(stages)]
     stage_of_device: dict[str, list[int]] = {}
     if placement:
         for s, dev in enumerate(placement):
@@ -61,11 +80,34 @@ def busy_per_stage(events: Iterable[TraceEvent], stages: int, t0: int, t1: int,
         if ev.phase != "decode":
             continue
         if ev.kind == "compute" and 0 <= ev.stage < stages:
-            busy[ev.stage] += _clipped(ev, t0, t1)
+            targets = (ev.stage,)
         elif ev.kind == "head":
-            for s in stage_of_device.get(ev.device, []):
-                busy[s] += _clipped(ev, t0, t1)
-    return busy
+            targets = stage_of_device.get(ev.device, ())
+        else:
+            continue
+        a, b = max(ev.start_ns, t0), min(ev.end_ns, t1)
+        if b <= a:
+            continue
+        for s in targets:
+            spans[s].append((a, b))
+            ranks[s].add(ev.tp_rank)
+    return [_union_ns(sp) if len(ranks[s]) > 1 else sum(b - a for a, b in sp) for s, sp in enumerate(spans)]
+
+
+def allreduce_share(events: Iterable[TraceEvent], t0: int, t1: int) -> float | None:
+    """Fraction of the stages' compute time (summed over TP ranks) spent inside all-reduces / the LM
+    head's all-gather (DESIGN §2: they are nested in the compute events); None without TP."""
+    compute = reduce = 0
+    for ev in events:
+        if ev.phase != "decode":
+            continue
+        if ev.kind == "compute":
+            compute += _clipped(ev, t0, t1)
+        elif ev.kind == "allreduce":
+            reduce += _clipped(ev, t0, t1)
+    if not reduce:
+        return None
+    return reduce / compute if compute else None
 
 
 def run_metrics(events: Sequence[TraceEvent], scheme: str, stages: int,
@@ -90,6 +132,7 @@ def run_metrics(events: Sequence[TraceEvent], scheme: str, stages: int,
         acceptance_rate=(accepted / len(verdicts)) if verdicts else None,
         accepted=accepted, rejected=rejected,
         utilization=tuple(b / window for b in busy),
+        allreduce_share=allreduce_share(events, t0, t1),
     )
 
 

@@ -29,6 +29,20 @@ Rules.
      drafted token, that draft is verified: accepted → go on; rejected → epoch += 1, every in-flight
      position > p is void, and position p+1 is issued next with the true token t.
   5. Nothing past the last useful position (P+N-2) is issued; the run ends at the N-th commit.
+
+Tensor-parallel stages (DESIGN §2 ⚑, both halves do exactly this). A stage may be a TP group of t ranks
+(stage s, TP rank r = 0..t-1), Megatron-style: q/k/v and gate/up column-parallel, o and down
+row-parallel, each followed by an all-reduce of one token's hidden state (two per layer); the KV cache
+split by KV heads (replicated when kv_heads < t). The embedding is replicated (a lookup reads one row;
+splitting it would save memory only); the LM head is vocab-parallel and the last stage all-gathers the
+logits row (t × vocab/t values) so every rank of the group has the true token (and the logits at T > 0).
+  - ACT: every TP rank r of stage s sends its copy of the activation (identical on every rank after the
+    all-reduce) to TP rank r of stage s+1: t messages in parallel, no broadcast inside the next group.
+  - The protocol above (SpdController, the drafter, verification) runs on stage 1's TP rank 0, which
+    sends each issue (epoch, position, token) to the other TP ranks of stage 1 before its own forward.
+  - RESULT and the drafter's features leave from TP rank 0 of their stage.
+  - A stage's `compute` event spans its whole forward, all-reduces included; each all-reduce is also an
+    `allreduce` event (bytes set) inside it, so the all-reduce share can be read off either trace.
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ Event kinds:
   verify   the check of a drafted token against the true one; `accepted` is set
   flush    a rejection discarding every in-flight position > `position` (instant: start == end)
   commit   a token becoming final (instant); the N-th commit ends the decode window of DESIGN §3
+  allreduce  a tensor-parallel all-reduce (or the LM head's all-gather, name="allgather") of one stage's
+           TP group, inside that stage's compute event; `bytes` is the message, `tp_rank` the rank
 
 Times are integer nanoseconds on one clock per trace (the simulator's clock starts at 0).
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 SCHEMA_VERSION = 1
-EVENT_KINDS = ("compute", "send", "head", "verify", "flush", "commit")
+EVENT_KINDS = ("compute", "send", "head", "verify", "flush", "commit", "allreduce")
 PHASES = ("prefill", "decode")
 
 
@@ -40,6 +42,8 @@ class TraceEvent:
     accepted: bool | None = None  # verify only
     phase: str = "decode"      # "prefill" events are excluded from decode metrics
     name: str = ""             # free label (link name, message type, ...)
+    tp_rank: int = 0           # the rank's place in its stage's TP group (DESIGN §2); 0 without TP
+    request: int = -1          # the request it serves (serving runs); -1 for a single decode
 
     def __post_init__(self) -> None:
         if self.kind not in EVENT_KINDS:
@@ -84,6 +88,7 @@ class TraceHeader:
     model: str = ""
     device_kind: str = ""                             # "cpu", "cuda", a catalog GPU name, ...
     rank: int | None = None                           # executor: the rank that wrote this file
+    tp: int = 1                                       # ranks (GPUs) per stage: its TP group
     extra: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
