@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spdsim.calibrate import replay_point  # noqa: E402
+from spdsim.replay import replay_point  # noqa: E402
 from spdsim.metrics import decode_window  # noqa: E402
 from spdsim.scenario import load_scenario  # noqa: E402
 from spdsim.trace import read_trace  # noqa: E402

@@ -154,7 +154,7 @@ def predict(scenario, case: Case, calibration: Path, prompt_tokens: int, new_tok
     """One simulated decode of `case` with the calibrated costs, replaying `accepts`; `seed` picks the
     forward-to-forward jitter draws (validate passes the repeat's index: round i of every case shares
     them, as the measured round shares the machine's state)."""
-    from spdsim.calibrate import replay_point
+    from spdsim.replay import replay_point
     features = bool(case.draft and case.draft.startswith("head:"))
     sc = dataclasses.replace(scenario, calibration=str(calibration), path=None)
     r = replay_point(sc, case.scheme, case.stages, prompt_tokens, new_tokens, accepts, features, seed=seed)
@@ -291,7 +291,8 @@ def validate_command(args) -> int:
     import shutil
     from executor.profile import CALIBRATION_PROMPT, ProfileConfig, profile
     from executor.runner import resolve_model
-    from spdsim.calibrate import calibrate, load_calibration, write_calibration
+    from spdsim.calibrate import calibrate
+    from spdsim.calibration_file import load_calibration, write_calibration
     from spdsim.scenario import load_scenario
     scenario = load_scenario(args.scenario)
     if args.tolerance <= 0 or args.bubble_tolerance <= 0:

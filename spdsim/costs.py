@@ -50,7 +50,7 @@ class CostOverrides:
 
 class CostModel(Protocol):
     """What the engine and the schemes ask of a cost model: `RooflineCosts` (here) or `CalibratedCosts`
-    (spdsim/calibrate.py), every figure in seconds."""
+    (spdsim/calibration_file.py), every figure in seconds."""
     tick_overhead_s: float
     msg_overhead_s: float
     send_block_s: float                # the first rank blocks this long after each ACT send under SPD

@@ -1,226 +1,32 @@
-"""The discrete-event model: devices, links and pipeline stages as SimPy processes.
+"""Simulating one scenario point: plan (partition + placement), run the scheme's processes on the
+shared kernel (`spdsim.kernel`), measure with `spdsim.metrics.run_metrics`.
 
-One `Sim` holds the shared pieces of one run:
-  - a `Mailbox` per stage (ACT messages), one for the first device (RESULT, FEATURE, DRAFT messages) and
-    one for a dedicated speculative module (ISSUE, FEATURE);
-  - every directed link of the topology as a FIFO single server (`Sim._hop`): a message holds each
-    hop for bytes / bandwidth (concurrent messages on a link queue) and then pays the hop's latency;
-  - `stage` processes for stages 2..n (stage 1 and the protocol live in `spdsim.schemes.spd`);
-  - the event log, turned into `spdsim.trace.TraceEvent`s at the end (compute of a position in an epoch
-    that never committed is marked discarded: the waste of DESIGN §3).
-Simulated time is in nanoseconds (floats inside SimPy, rounded in the trace).
-
-`simulate_point(scenario, point)` is the public entry: plan (partition + placement), run, measure with
-`spdsim.metrics.run_metrics`.
+`simulate_point(scenario, point)` is the public entry. Data flows one way: scenario → plan → engine
+(kernel + schemes) → trace events → metrics.
 """
 from __future__ import annotations
 
-import zlib
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import simpy
 
 from spdsim.acceptance import sampler
+from spdsim.cost_choice import cost_model
 from spdsim.costs import CostModel
-from spdsim.hardware import Topology
-from spdsim.jitter import JitterProcess
+from spdsim.kernel import RunConfig, Sim, jitter_rng, point_rng
 from spdsim.metrics import RunMetrics, run_metrics
-from spdsim.partition import RESULT_BYTES, Plan, PlanInputs, make_plan
+from spdsim.partition import Plan, PlanInputs, make_plan
+from spdsim.schemes import SCHEMES
+from spdsim.schemes.spd import first_device, speculative_module
 from spdsim.trace import TraceEvent, TraceHeader
 
-NS = 1e9
-
-# message kinds
-ACT, RESULT, FEATURE, ISSUE, DRAFT = "act", "result", "feature", "issue", "draft"
-
-
-class Mailbox:
-    """A FIFO of messages with one waiter: cheaper than simpy.Store for the one-reader case."""
-    __slots__ = ("env", "items", "_waiter")
-
-    def __init__(self, env: simpy.Environment) -> None:
-        self.env = env
-        self.items: deque = deque()
-        self._waiter: simpy.Event | None = None
-
-    def put(self, msg: tuple) -> None:
-        self.items.append(msg)
-        w = self._waiter
-        if w is not None:
-            self._waiter = None
-            w.succeed()
-
-    def wait(self) -> simpy.Event:
-        """An event that fires once a message is (or already was) in the box."""
-        ev = self.env.event()
-        if self.items:
-            ev.succeed()
-        else:
-            self._waiter = ev
-        return ev
-
-
-@dataclass
-class RunConfig:
-    """Everything one run needs besides the plan."""
-    costs: CostModel
-    topology: Topology
-    prompt_tokens: int
-    new_tokens: int
-    window: int                     # W of the protocol: n for SPD, 1 for PP and AR
-    drafts: bool                    # SPD with n > 1: the speculative module drafts every issue
-    features: bool = True           # the module waits for pipeline features (a trained drafter)
-    activation_bytes: int = 8192
-    feature_bytes: int = 8192
-    accept: Callable[[], bool] = lambda: True
-    rng: np.random.Generator | None = None   # draws of the costs' jitter (None: seed 0)
-
-
-class Sim:
-    def __init__(self, plan: Plan, cfg: RunConfig, env: simpy.Environment | None = None,
-                 log_sends: bool = True) -> None:
-        self.env = env or simpy.Environment()
-        self.log_sends = log_sends        # link events are for timelines only; no metric uses them
-        self.plan = plan
-        self.cfg = cfg
-        self.n = plan.stages
-        self.link_free: dict[tuple[str, str], float] = {}   # directed link → time it is next free
-        self.first_box = Mailbox(self.env)
-        self.stage_boxes = [Mailbox(self.env) for _ in range(self.n)]
-        self.head_device = plan.head_device if cfg.drafts else None
-        self.head_box = Mailbox(self.env) if self.head_device and not plan.head_colocated else None
-        self.log: list[tuple] = []        # (kind, start, end, stage, device, position, epoch, bytes, name, accepted)
-        self.committed: set[tuple[int, int]] = set()    # (position, epoch) whose RESULT committed a token
-        self.done = self.env.event()
-        self._tick = cfg.costs.tick_overhead_s * NS
-        self._msg = cfg.costs.msg_overhead_s * NS
-        # the first rank's blocking send of an ACT (a calibrated cost; the executor sends synchronously and
-        # on shared cores the woken receiver can take the sender's core); 0 for the roofline
-        self._send_block = cfg.costs.send_block_s * NS
-        jitter = cfg.costs.jitter       # a calibrated host's forward-to-forward variability (spdsim/jitter.py)
-        self._jitter = (JitterProcess(jitter, self.n, cfg.rng or np.random.default_rng(0))
-                        if jitter is not None and jitter.sd > 0 else None)
-        self._paths: dict[tuple[str, str], list[tuple[str, str, float, float]]] = {}
-
-    # --- costs ------------------------------------------------------------------------------------
-    def stage_ns(self, s: int, position: int) -> float:
-        a, b = self.plan.layers[s]
-        # position q attends to positions 0..q: context length q + 1
-        t = self.cfg.costs.stage_s(s, a, b, position + 1, s == 0, s == self.n - 1) * NS
-        return t * self._jitter.factor(s) if self._jitter is not None else t
-
-    def head_ns(self, position: int) -> float:
-        return self.cfg.costs.head_s(position + 1) * NS
-
-    # --- links ------------------------------------------------------------------------------------
-    def _path(self, src: str, dst: str, nbytes: int) -> list[tuple[str, str, float, float]]:
-        key = (src, dst, nbytes)
-        p = self._paths.get(key)
-        if p is None:
-            p = []
-            for u, v in self.cfg.topology.path(src, dst):
-                ser, lat = self.cfg.costs.hop_s(u, v, nbytes)
-                p.append(((u, v), f"{u}->{v}", ser * NS, lat * NS))
-            self._paths[key] = p
-        return p
-
-    def send(self, src: str, dst: str, nbytes: int, box: Mailbox, msg: tuple, stage: int) -> None:
-        """Deliver msg to box over the topology (non-blocking for the sender)."""
-        path = self._path(src, dst, nbytes)
-        if not path and not self._msg:
-            box.put(msg)
-            return
-        if self._msg:
-            ev = self.env.timeout(self._msg)
-            ev.callbacks.append(lambda _e: self._hop(path, 0, src, nbytes, box, msg, stage))
-        else:
-            self._hop(path, 0, src, nbytes, box, msg, stage)
-
-    def _hop(self, path, i: int, src: str, nbytes: int, box: Mailbox, msg: tuple, stage: int) -> None:
-        """msg has reached hop i's link (or, past the last hop, its destination) now.
-
-        A link is a FIFO single server: a message holds it for bytes / bandwidth from the moment the
-        link is free, then travels for the hop's latency. Booking at the arrival instant in simulated
-        time gives exactly the schedule of a capacity-1 SimPy resource with a FIFO queue, with one
-        event per hop instead of four."""
-        env = self.env
-        while i < len(path):
-            link, name, ser, lat = path[i]
-            now = env.now
-            start = self.link_free.get(link, 0.0)
-            if start < now:
-                start = now
-            end = start + ser
-            self.link_free[link] = end
-            if self.log_sends:
-                self.log.append(("send", start, end, stage, src, msg[2], msg[1], nbytes, name, None))
-            i += 1
-            delay = end + lat - now
-            if delay > 0.5:     # below the trace's 1 ns resolution: deliver now (free links)
-                ev = env.timeout(delay)
-                ev.callbacks.append(lambda _e, i=i: self._hop(path, i, src, nbytes, box, msg, stage))
-                return
-        box.put(msg)
-
-    # --- stages 2..n ---------------------------------------------------------------------------------
-    def stage(self, s: int):
-        """Stage s ≥ 1: take ACTs in order, adopt newer epochs, drop older ones, compute, pass on."""
-        env, box, plan, cfg = self.env, self.stage_boxes[s], self.plan, self.cfg
-        dev = plan.placement[s]
-        last = s == self.n - 1
-        nxt = None if last else plan.placement[s + 1]
-        first_dev = plan.placement[0]
-        epoch = 0
-        log = self.log
-        feature_to = self.head_device if (cfg.features and self.head_device and self.head_device != dev) else None
-        feature_box = self.first_box if self.head_box is None else self.head_box
-        while True:
-            if not box.items:
-                yield box.wait()
-            _, e, q = box.items.popleft()
-            if e < epoch:            # an older epoch after a newer one: cannot happen on FIFO links
-                continue
-            epoch = e                # a newer epoch: roll back to q (the KV cache is not modelled further)
-            if self._tick:
-                yield env.timeout(self._tick)
-            t0 = env.now
-            yield env.timeout(self.stage_ns(s, q))
-            log.append(("compute", t0, env.now, s, dev, q, e, 0, "", None))
-            if feature_to is not None:
-                self.send(dev, feature_to, cfg.feature_bytes, feature_box, (FEATURE, e, q, s), s)
-            if last:
-                self.send(dev, first_dev, RESULT_BYTES, self.first_box, (RESULT, e, q), s)
-            else:
-                self.send(dev, nxt, cfg.activation_bytes, self.stage_boxes[s + 1], (ACT, e, q), s)
-
-    # --- the event log → trace events -------------------------------------------------------------
-    def trace_events(self, sends: bool = True) -> list[TraceEvent]:
-        """The log as trace events, in time order; sends=False leaves out link events (no metric uses them)."""
-        out = []
-        committed = self.committed
-        for kind, t0, t1, s, dev, q, e, nbytes, name, accepted in self.log:
-            if kind == "send" and not sends:
-                continue
-            if kind in ("compute", "send"):
-                discarded = (q, e) not in committed
-            elif kind == "head":
-                discarded = (q - 1, e) not in committed    # drafted on behalf of issue q-1
-            else:
-                discarded = False
-            out.append(TraceEvent(kind=kind, start_ns=int(round(t0)), end_ns=int(round(t1)), stage=s,
-                                  device=dev, position=q, bytes=nbytes, discarded=discarded,
-                                  accepted=accepted, name=name))
-        if sends:
-            out.sort(key=lambda ev: (ev.start_ns, ev.end_ns))
-        return out
+__all__ = ["PointResult", "plan_inputs", "plan_point", "point_rng", "run", "simulate_point"]
 
 
 def run(plan: Plan, cfg: RunConfig, env: simpy.Environment | None = None, log_sends: bool = True) -> Sim:
     """Run one decode to the N-th commit; returns the Sim (its log, its env)."""
-    from spdsim.schemes.spd import first_device, speculative_module
     sim = Sim(plan, cfg, env, log_sends)
     for s in range(1, sim.n):
         sim.env.process(sim.stage(s))
@@ -243,27 +49,11 @@ class PointResult:
     extra: dict = field(default_factory=dict)   # scheme-specific columns (per-cycle breakdown, ...)
 
 
-def point_rng(seed: int, point) -> np.random.Generator:
-    """Each point's RNG from (seed, point): the same seed gives the same verdicts, in any process order.
-
-    Only the point's acceptance setting enters the key, so every stage count and partitioner at one α
-    sees the same verdict sequence (common random numbers: their differences are not sampling noise)."""
-    a = point.acceptance
-    key = f"{a.kind}:{a.label}:{a.run_length}" if a is not None else "none"
-    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(key.encode())]))
-
-
-def jitter_rng(seed: int) -> np.random.Generator:
-    """The jitter draws of a run: one stream per seed for every point (common random numbers again:
-    PP and SPD at one seed see the same forward-to-forward draws)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, 0x6A17]))
-
-
 def plan_inputs(scenario, n: int) -> PlanInputs:
     alphas = [a.alpha for a in scenario.sweep.acceptance_for(n) if a.alpha is not None] if n > 1 else []
     w = scenario.workload
     return PlanInputs(
-        model=scenario.model, costs=scenario.cost_model(), topology=scenario.hardware.graph,
+        model=scenario.model, costs=cost_model(scenario), topology=scenario.hardware.graph,
         gpu=scenario.hardware.gpu, n=n, drafts="spd" in scenario.sweep.schemes,
         dedicated_head=scenario.head.placement == "dedicated", head_layers=scenario.head.layers,
         features=scenario.head.features, checkpoints_per_stage=scenario.head.checkpoints_per_stage,
@@ -279,7 +69,6 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
                    env: simpy.Environment | None = None, costs: CostModel | None = None) -> PointResult:
     """Simulate one sweep point of a scenario: (scheme, stages, partition, acceptance). `costs` replaces
     the scenario's cost model for the run (calibrate tries candidate models on the traced runs)."""
-    from spdsim.schemes import SCHEMES
     scheme = SCHEMES[point.scheme]
     plan = plan or plan_point(scenario, point)
     n = plan.stages
@@ -287,7 +76,7 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
     drafts = scheme.drafts and n > 1
     accept = (sampler(point.acceptance, point_rng(scenario.seed, point))
               if drafts and point.acceptance is not None else (lambda: True))
-    costs = (costs or scenario.cost_model()).for_point(point.scheme, n)   # a calibration differs per scheme
+    costs = (costs or cost_model(scenario)).for_point(point.scheme, n)   # a calibration differs per scheme
     cfg = RunConfig(costs=costs, topology=scenario.hardware.graph,
                     prompt_tokens=scenario.workload.prompt_tokens, new_tokens=scenario.workload.new_tokens,
                     window=scheme.window(n), drafts=drafts, features=scenario.head.features,

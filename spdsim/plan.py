@@ -32,6 +32,7 @@ import pandas as pd
 from spdsim import acceptance as acc
 from spdsim.acceptance import AcceptanceSpec
 from spdsim.costs import MEMORY_RESERVE, CostOverrides, StageMemory, stage_memory, usable_bytes
+from spdsim.cost_choice import cost_model
 from spdsim.engine import plan_point, simulate_point
 from spdsim.errors import UserError
 from spdsim.hardware import GPU, GPU_CATALOG, GPU_HOURLY_USD, TOPOLOGY_KINDS, Hardware, TopologySpec, \
@@ -165,7 +166,7 @@ def rate_bound(scenario: Scenario, plan: Plan, scheme: str) -> float:
     """Tokens/s no simulation of this plan can exceed (see the module docstring); inf if unknown."""
     if scheme not in ("ar", "pp", "spd"):
         return math.inf
-    costs = scenario.cost_model()
+    costs = cost_model(scenario)
     ctx = max(1, scenario.workload.prompt_tokens - 1)     # stage time grows with context: take the least
     n = plan.stages
     times = [costs.stage_s(s, a, b, ctx, s == 0, s == n - 1) for s, (a, b) in enumerate(plan.layers)]

@@ -25,7 +25,7 @@ import yaml
 
 from spdsim import acceptance as acc
 from spdsim.acceptance import AcceptanceSpec
-from spdsim.costs import CostOverrides, RooflineCosts, fits, stage_memory_bytes
+from spdsim.costs import CostOverrides, fits, stage_memory_bytes
 from spdsim.errors import UserError
 from spdsim.hardware import (GPU, GPU_CATALOG, TOPOLOGY_KEYS, TOPOLOGY_KINDS, Hardware, TopologySpec,
                              default_topology_params)
@@ -137,13 +137,6 @@ class Scenario:
         if not path.is_absolute() and self.path is not None and not path.exists():
             path = self.path.parent / path
         return path
-
-    def cost_model(self) -> RooflineCosts:
-        if self.calibration:        # a `spdsim calibrate` file replaces the roofline (spdsim/calibrate.py)
-            from spdsim.calibrate import load_calibration
-            return load_calibration(self.calibration_path(), head_kind="head" if self.head.features else "oracle")
-        return RooflineCosts(self.model, self.hardware.gpu, self.hardware.graph, self.costs,
-                             head_layers=self.head.layers)
 
     @property
     def max_ctx(self) -> int:

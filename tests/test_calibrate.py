@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spdsim.calibrate import CalibratedCosts, calibrate, load_calibration, write_calibration
+from spdsim.calibrate import calibrate
+from spdsim.calibration_file import CalibratedCosts, load_calibration, write_calibration
+from spdsim.cost_choice import cost_model
 from spdsim.engine import simulate_point
 from spdsim.errors import UserError
 from spdsim.metrics import run_metrics
@@ -118,7 +120,7 @@ def test_calibrated_scenario_predicts_the_synthetic_timeline(tmp_path):
     costs, err, _ = calibrate(d)
     calib = write_calibration(tmp_path / "calib.yaml", costs, err)
     sc = parse_scenario(scenario_text(calib))
-    assert isinstance(sc.cost_model(), CalibratedCosts)
+    assert isinstance(cost_model(sc), CalibratedCosts)
     for name, scheme, n in (("ar-n1", "ar", 1), ("pp-n2", "pp", 2)):
         tr = read_trace(d / "runs" / name)
         measured = run_metrics(tr.events, scheme, n, N, tr.header.placement)
@@ -151,7 +153,7 @@ def test_calibration_file_round_trip_and_relative_path(tmp_path):
     scen = tmp_path / "s.yaml"
     scen.write_text(scenario_text("c.yaml"))          # relative to the scenario's directory
     from spdsim.scenario import load_scenario
-    assert load_scenario(scen).cost_model().tick_overhead_s == pytest.approx(TICK, rel=1e-2)
+    assert cost_model(load_scenario(scen)).tick_overhead_s == pytest.approx(TICK, rel=1e-2)
 
 
 def test_bad_calibration_files_are_user_errors(tmp_path):
@@ -245,7 +247,7 @@ def test_in_sample_charges_the_trained_module_its_draft_time(tmp_path):
     """`spdsim calibrate`'s in-sample check predicts a head run with the module's calibrated draft time
     (it once planned no drafter, so head runs were predicted as free oracle drafts)."""
     from dataclasses import replace
-    from spdsim.calibrate import in_sample
+    from spdsim.replay import in_sample
     d = make_trace_dir(tmp_path)
     prof = json.loads((d / "profile.json").read_text())
     prof["model"] = {"layers": 8, "dim": 64, "ffn": 128, "heads": 4, "kv_heads": 2, "vocab": 256, "dtype_bytes": 4}

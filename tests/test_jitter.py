@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from spdsim.acceptance import iid
-from spdsim.calibrate import calibrate, load_calibration, write_calibration
+from spdsim.calibrate import calibrate
+from spdsim.calibration_file import load_calibration, write_calibration
 from spdsim.engine import simulate_point
 from spdsim.jitter import Jitter, JitterProcess, estimate
 from spdsim.scenario import Point, parse_scenario
@@ -98,7 +99,7 @@ def test_calibrate_fits_the_drawn_spread_to_the_runs_idle_time(tmp_path):
     """calibrate scales the traced forward spread so that the simulated SPD runs idle as much as the traced
     ones (on shared cores the traced spread overstated the wait for the slower rank). Runs the simulator
     made with a known spread: the fit finds the factor that made them, and leaves regimes without runs."""
-    from spdsim.calibrate import _replay, _replay_scenario, fit_jitter_scale
+    from spdsim.replay import _replay, _replay_scenario, fit_jitter_scale
     from spdsim.trace import Trace, TraceHeader
     costs, _, _ = calibrate(make_trace_dir(tmp_path))          # synthetic: no spread of their own
     base = _replay_scenario({"layers": 8, "dim": 64, "ffn": 128, "heads": 4, "kv_heads": 2, "vocab": 256}, 2)

@@ -12,25 +12,12 @@ Schemes with their own process (`simulate` set) run outside that first-device pr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
-
-
-@dataclass(frozen=True)
-class Scheme:
-    name: str
-    window: Callable[[int], int]     # W for n stages
-    drafts: bool
-    single_device: bool = False
-    # (scenario, point, plan, cfg, env, keep_events) -> (events, plan, extra columns); None = first_device
-    simulate: Callable[..., Any] | None = None
-
-
-from spdsim.schemes.ar import AR  # noqa: E402
-from spdsim.schemes.pp import PP  # noqa: E402
-from spdsim.schemes.spd import SPD  # noqa: E402
-from spdsim.schemes.spd_dedicated import SPD_DEDICATED  # noqa: E402
-from spdsim.schemes.sd import SD  # noqa: E402
-from spdsim.schemes.chain import CHAIN  # noqa: E402
+from spdsim.schemes.ar import AR
+from spdsim.schemes.base import Scheme
+from spdsim.schemes.pp import PP
+from spdsim.schemes.spd import SPD
+from spdsim.schemes.spd_dedicated import SPD_DEDICATED
+from spdsim.schemes.sd import SD
+from spdsim.schemes.chain import CHAIN
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (AR, PP, SPD, SPD_DEDICATED, SD, CHAIN)}

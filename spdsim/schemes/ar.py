@@ -4,7 +4,7 @@ The sweep gives AR a one-stage plan (every layer, embedding and LM head on gpu0)
 the device, so each token costs exactly one full forward."""
 from __future__ import annotations
 
-from spdsim.schemes import Scheme
+from spdsim.schemes.base import Scheme
 
 
 def _one(n: int) -> int:

@@ -13,9 +13,9 @@ probability table[k] / table[k-1], so the measured `acceptance_by_depth` column 
 """
 from __future__ import annotations
 
-from spdsim.engine import NS, RunConfig, point_rng
+from spdsim.kernel import NS, RunConfig, point_rng
 from spdsim.partition import Plan
-from spdsim.schemes import Scheme
+from spdsim.schemes.base import Scheme
 from spdsim.schemes.sd import _one, draft_verify
 
 

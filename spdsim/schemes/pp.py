@@ -3,7 +3,7 @@
 and n - 1 stages idle at any time: bubble ratio (n-1)/n with free links."""
 from __future__ import annotations
 
-from spdsim.schemes import Scheme
+from spdsim.schemes.base import Scheme
 
 
 def _one(n: int) -> int:

@@ -22,9 +22,9 @@ from __future__ import annotations
 from typing import Callable
 
 from spdsim.acceptance import sampler
-from spdsim.engine import NS, RunConfig, point_rng
+from spdsim.kernel import NS, RunConfig, point_rng
 from spdsim.partition import RESULT_BYTES, Plan
-from spdsim.schemes import Scheme
+from spdsim.schemes.base import Scheme
 from spdsim.trace import TraceEvent
 
 

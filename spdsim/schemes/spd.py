@@ -22,10 +22,10 @@ current epoch are there. With `features: false` (an oracle drafter) it waits for
 """
 from __future__ import annotations
 
-from spdsim.engine import ACT, DRAFT, FEATURE, ISSUE, RESULT, Sim
+from spdsim.kernel import ACT, DRAFT, FEATURE, ISSUE, RESULT, Sim
 from spdsim.partition import RESULT_BYTES
 from spdsim.protocol import SpdController
-from spdsim.schemes import Scheme
+from spdsim.schemes.base import Scheme
 
 
 def _window(n: int) -> int:

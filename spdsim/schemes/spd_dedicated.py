@@ -27,11 +27,11 @@ as short as one stage).
 from __future__ import annotations
 
 from spdsim.acceptance import sampler
-from spdsim.engine import ACT, NS, RESULT, Mailbox, RunConfig, Sim, point_rng
+from spdsim.kernel import ACT, NS, RESULT, Mailbox, RunConfig, Sim, point_rng
 from spdsim.errors import UserError
 from spdsim.partition import Plan
 from spdsim.protocol import CycleController
-from spdsim.schemes import Scheme
+from spdsim.schemes.base import Scheme
 
 CONTROL = "control"
 CONTROL_BYTES = 64 * 4     # a slot table of a few ints per stage: latency-bound whatever its size

@@ -1,0 +1,197 @@
+"""The calibrated cost model and its file: `CalibratedCosts`, the `spdsim.costs.CostModel` a scenario
+gets when it names `calibration: CALIB.yaml` (written by `spdsim calibrate`, fitted in
+`spdsim.calibrate`), how it is read and written, and the compute regimes it distinguishes.
+This module must not import torch, and imports nothing that simulates."""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from spdsim.errors import UserError
+from spdsim.jitter import Jitter
+
+
+CALIBRATION_KIND = "spdsim-calibration"
+VERSION = 1
+
+
+# --- the calibrated cost model ------------------------------------------------------------------------
+
+@dataclass
+class CalibratedCosts:
+    """`spdsim.costs.CostModel` from a calibration file. Times in seconds."""
+    layer_a_s: float
+    layer_b_s: float                      # per token of context
+    embed_s_: float
+    lm_head_s_: float
+    head_s_by_kind: dict[str, float]
+    link_latency_s: float
+    link_bandwidth: float                 # bytes / s
+    tick_overhead_s: float = 0.0
+    msg_overhead_s: float = 0.0
+    send_block_s: float = 0.0             # the first rank's blocking ACT send (spdsim.kernel charges it)
+    contention: float = 1.0               # κ, already folded into the figures above
+    # Compute slowdown per regime relative to κ: 'single' (one rank), 'serial' (PP: one rank computes at a
+    # time), 'overlapped' (SPD: ranks compute at once and share the cores), 'drafting' (SPD beside a trained
+    # drafter on the first rank). for_point picks one.
+    contention_by: dict[str, float] = field(default_factory=dict)
+    scale: float = 1.0                    # the picked regime's factor (applies to every compute cost)
+    role_scale: dict[str, float] = field(default_factory=dict)   # ... per stage role, where measured
+    tick_by: dict[str, float] = field(default_factory=dict)   # tick_overhead_s per regime, where measured
+    msg_by: dict[str, float] = field(default_factory=dict)    # msg_overhead_s per regime, where measured
+    jitter_by: dict[str, Jitter] = field(default_factory=dict)   # forward variability per regime
+    jitter: Jitter | None = None          # the picked regime's (None: every forward costs its mean)
+    head_kind: str = "oracle"             # which drafter head_s stands for
+    source: dict = field(default_factory=dict)
+
+    def layer_s(self, layer: int, ctx: int) -> float:
+        return self.scale * (self.layer_a_s + self.layer_b_s * ctx)
+
+    def embed_s(self) -> float:
+        return self.scale * self.embed_s_
+
+    def lm_head_s(self) -> float:
+        return self.scale * self.lm_head_s_
+
+    def head_s(self, ctx: int) -> float:
+        by = self.head_s_by_kind
+        return by.get(self.head_kind, by.get("oracle", 0.0))
+
+    def verify_s(self) -> float:
+        return self.lm_head_s_
+
+    def draft_s(self, ctx: int) -> float:
+        return self.head_s(ctx)
+
+    def control_s(self) -> float:      # spd_dedicated's phases: not profiled (the executor runs it, validate does not)
+        return 0.0
+
+    def sync_s(self) -> float:
+        return 0.0
+
+    def stage_s(self, stage: int, first_layer: int, last_layer: int, ctx: int, first: bool, last: bool) -> float:
+        t = _micro_stage_s(self.layer_a_s, self.layer_b_s, self.embed_s_, self.lm_head_s_, (first_layer, last_layer),
+                           ctx, first, last)
+        return t * self.role_scale.get(stage_role(first, last), self.scale)
+
+    def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]:
+        return nbytes / self.link_bandwidth, self.link_latency_s
+
+    def with_head(self, kind: str) -> "CalibratedCosts":
+        from dataclasses import replace
+        return replace(self, head_kind=kind)
+
+    def for_point(self, scheme: str, stages: int) -> "CalibratedCosts":
+        """The costs of one simulated point: the compute regime its scheme runs in on the profiled host."""
+        from dataclasses import replace
+        regime = regime_of(scheme, stages, self.head_kind)
+        if regime == "drafting" and "drafting" not in self.contention_by:
+            regime = "overlapped"           # calibrated without a trained drafter: the nearest regime
+        roles = {r: self.contention_by[f"{regime}:{r}"] for r in ("only", "first", "middle", "last")
+                 if f"{regime}:{r}" in self.contention_by}
+        return replace(self, scale=self.contention_by.get(regime, 1.0), role_scale=roles,
+                       jitter=self.jitter_by.get(regime),
+                       tick_overhead_s=self.tick_by.get(regime, self.tick_overhead_s),
+                       msg_overhead_s=self.msg_by.get(regime, self.msg_overhead_s))
+
+    # --- file form ---
+    def to_yaml_dict(self, fit_error: dict | None = None) -> dict:
+        return {"kind": CALIBRATION_KIND, "version": VERSION,
+                "layer": {"a_ms": self.layer_a_s * 1e3, "b_us_per_ctx": self.layer_b_s * 1e6},
+                "embed_ms": self.embed_s_ * 1e3, "lm_head_ms": self.lm_head_s_ * 1e3,
+                "head_ms": {k: v * 1e3 for k, v in self.head_s_by_kind.items()},
+                "link": {"latency_us": self.link_latency_s * 1e6, "gbps": self.link_bandwidth / 1e9},
+                "tick_overhead_ms": self.tick_overhead_s * 1e3, "msg_overhead_ms": self.msg_overhead_s * 1e3,
+                "send_block_ms": self.send_block_s * 1e3,
+                "contention": self.contention, "contention_by": dict(self.contention_by),
+                "tick_by_ms": {k: v * 1e3 for k, v in self.tick_by.items()},
+                "jitter_by": {k: v.to_dict() for k, v in self.jitter_by.items()},
+                "msg_by_ms": {k: v * 1e3 for k, v in self.msg_by.items()},
+                "fit_error_pct": fit_error or {}, "source": self.source}
+
+    @classmethod
+    def from_yaml_dict(cls, d: dict, where: str = "calibration") -> "CalibratedCosts":
+        if not isinstance(d, dict) or d.get("kind") != CALIBRATION_KIND:
+            raise UserError(f"{where}: not a `spdsim calibrate` file (kind: {CALIBRATION_KIND} missing)")
+        try:
+            link = d["link"]
+            costs = cls(layer_a_s=float(d["layer"]["a_ms"]) * 1e-3,
+                        layer_b_s=float(d["layer"].get("b_us_per_ctx", 0.0)) * 1e-6,
+                        embed_s_=float(d.get("embed_ms", 0.0)) * 1e-3,
+                        lm_head_s_=float(d.get("lm_head_ms", 0.0)) * 1e-3,
+                        head_s_by_kind={str(k): float(v) * 1e-3 for k, v in (d.get("head_ms") or {}).items()},
+                        link_latency_s=float(link["latency_us"]) * 1e-6,
+                        link_bandwidth=float(link["gbps"]) * 1e9,
+                        tick_overhead_s=float(d.get("tick_overhead_ms", 0.0)) * 1e-3,
+                        msg_overhead_s=float(d.get("msg_overhead_ms", 0.0)) * 1e-3,
+                        send_block_s=float(d.get("send_block_ms", 0.0)) * 1e-3,
+                        contention=float(d.get("contention", 1.0)),
+                        contention_by={str(k): float(v) for k, v in (d.get("contention_by") or {}).items()},
+                        tick_by={str(k): float(v) * 1e-3 for k, v in (d.get("tick_by_ms") or {}).items()},
+                        jitter_by={str(k): Jitter.from_dict(v) for k, v in (d.get("jitter_by") or {}).items()},
+                        msg_by={str(k): float(v) * 1e-3 for k, v in (d.get("msg_by_ms") or {}).items()},
+                        source=dict(d.get("source") or {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where}: malformed calibration ({e.__class__.__name__}: {e})") from None
+        if costs.link_bandwidth <= 0 or min(costs.layer_a_s, costs.tick_overhead_s, costs.msg_overhead_s,
+                                            costs.link_latency_s) < 0:
+            raise UserError(f"{where}: negative time or non-positive bandwidth")
+        return costs
+
+
+def load_calibration(path: str | Path, head_kind: str = "oracle") -> CalibratedCosts:
+    """The file's cost model, head_s standing for the `head_kind` drafter (oracle | head). Cached per
+    file version: a sweep asks for the cost model once per point."""
+    path = Path(path)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError as e:
+        raise UserError(f"calibration: cannot read {path} ({e.strerror})") from None
+    return _load(str(path.resolve()), mtime).with_head(head_kind)
+
+
+@functools.lru_cache(maxsize=16)
+def _load(path_str: str, mtime: int) -> CalibratedCosts:
+    path = Path(path_str)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"calibration: cannot read {path} ({e.strerror})") from None
+    except yaml.YAMLError:
+        raise UserError(f"calibration: {path} is not valid YAML") from None
+    return CalibratedCosts.from_yaml_dict(d, f"calibration {path}")
+
+
+def _micro_stage_s(a: float, b: float, embed: float, lm_head: float, layers: tuple[int, int], ctx: int,
+                   first: bool, last: bool) -> float:
+    """A stage's forward from the microbenchmark fits alone (no contention factor): the one formula
+    `CalibratedCosts.stage_s` scales and `calibrate` divides run forwards by."""
+    return (layers[1] - layers[0]) * (a + b * ctx) + (embed if first else 0.0) + (lm_head if last else 0.0)
+
+
+def stage_role(first: bool, last: bool) -> str:
+    return "only" if first and last else "first" if first else "last" if last else "middle"
+
+
+def regime_of(scheme: str, stages: int, drafter: str = "oracle") -> str:
+    """How a scheme's ranks use the host's cores: one rank, one at a time, several at once, or several at
+    once beside a trained drafter (SPD's first rank runs the module between its forwards; on shared cores
+    that slows the ranks unevenly: rank 1's forward took 0.4-1.0 ms longer than rank 0's with the module,
+    -0.1 to +0.3 ms without, so pooling the two put a false asymmetry into oracle points)."""
+    if stages == 1:
+        return "single"
+    if scheme not in ("spd", "spd_dedicated"):
+        return "serial"
+    return "drafting" if scheme == "spd" and drafter not in ("", "oracle") else "overlapped"
+
+
+def write_calibration(path: Path, costs: CalibratedCosts, err: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else round(float(v), 3)) for k, v in err.items()}
+    path.write_text("# written by `spdsim calibrate`; name it under `calibration:` in a scenario\n"
+                    + yaml.safe_dump(costs.to_yaml_dict(clean), sort_keys=False))
+    return path
