@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulate on a Dask distributed cluster (scheduler address; needs the dask extra)")
     r.add_argument("--quiet", action="store_true", help="print no table and no progress")
     r.add_argument("--no-plots", action="store_true", help="write results.csv only, no plots or HTML")
+    r.add_argument("--full", action="store_true",
+                   help="print every simulated point (default: the fastest configuration per α and the baselines)")
     r.add_argument("--trace", default=None, metavar="SELECT",
                    help="keep timelines for selected points: 'all', 'best', or 'scheme=spd,stages=4,...'")
     r.set_defaults(func=_cmd_run)

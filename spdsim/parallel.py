@@ -11,6 +11,9 @@ depend on where or in which order the tasks ran. `fn` must be a module-level fun
 """
 from __future__ import annotations
 
+import sys
+import time
+
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -71,6 +74,13 @@ def run_tasks(fn: Callable, tasks: Sequence[tuple], jobs: int = 1, dask: str | N
     if executor is None:
         with make_executor(jobs if len(tasks) > 1 else 1, dask) as ex:
             return run_tasks(fn, tasks, progress=progress, executor=ex)
+    if isinstance(executor, InlineExecutor):     # one at a time, so that progress moves as they finish
+        results = []
+        for done, t in enumerate(tasks, 1):
+            results.append(fn(*t))
+            if progress:
+                progress(done, len(tasks))
+        return results
     futures = {executor.submit(fn, *t): i for i, t in enumerate(tasks)}
     results: list = [None] * len(tasks)
     for done, fut in enumerate(as_completed(futures), 1):
@@ -80,20 +90,48 @@ def run_tasks(fn: Callable, tasks: Sequence[tuple], jobs: int = 1, dask: str | N
     return results
 
 
-def progress_bar(label: str, quiet: bool = False) -> Callable[[int, int], None] | None:
-    """A one-line stderr bar for run_tasks' progress callback (None when quiet)."""
-    if quiet:
-        return None
-    import sys
-    import time
-    t0 = time.time()
+class Progress:
+    """run_tasks' progress callback `(done, total)`, on stderr. On a terminal a tqdm bar with rate and
+    ETA; elsewhere (a log file, CI) no carriage-return frames: one plain line at each quarter.
+    Work that calls run_tasks in several batches (the planner's branch and bound) passes
+    `batches=True`: the count then runs on across batches and `close()` ends the bar."""
 
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / total)
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                         f"({time.time() - t0:.1f} s)")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-    return show
+    def __init__(self, label: str, batches: bool = False, stream=None) -> None:
+        self.label, self.batches = label.strip(), batches
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.offset = self.last = self.total = 0
+        self.bar = None
+        self.t0 = time.monotonic()
+        self.printed = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if done < self.last or (done == self.last == 0):     # a new batch: count on from the last one
+            self.offset += self.last
+        self.last = done
+        self.total = max(self.total, self.offset + total)
+        n = self.offset + done
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+                self.bar = tqdm(total=self.total, desc=self.label, unit="pt", file=self.stream,
+                                dynamic_ncols=True, leave=True)
+            self.bar.total = self.total
+            self.bar.update(n - self.bar.n)
+        else:
+            if 4 * n // self.total > 4 * self.printed // self.total:     # a new quarter of the (growing) total
+                self.printed = n
+                self.stream.write(f"{self.label}: {n}/{self.total} ({time.monotonic() - self.t0:.1f} s)\n")
+                self.stream.flush()
+        if not self.batches and done == total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def progress_bar(label: str, quiet: bool = False, batches: bool = False) -> Progress | None:
+    """A `Progress` for run_tasks (None when quiet)."""
+    return None if quiet else Progress(label, batches)

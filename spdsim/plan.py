@@ -222,7 +222,7 @@ def evaluate(req: PlanRequest, jobs: int = 1, dask: str | None = None, quiet: bo
         order = sorted(groups, key=lambda k: -assessed[groups[k][0]].bound)
         metrics: dict[tuple, RunMetrics] = {}
         must = [k for k in order if assessed[groups[k][0]].bound >= req.target]
-        bar = progress_bar("simulating", quiet)
+        bar = progress_bar("simulating", quiet, batches=True)
         batch_size = max(2 * jobs, 4)
         batch = must or order[:batch_size]     # nothing can reach the target: start from the best bounds
         while batch:
@@ -232,6 +232,8 @@ def evaluate(req: PlanRequest, jobs: int = 1, dask: str | None = None, quiet: bo
             best = max((m.tokens_per_s for m in metrics.values()), default=0.0)
             # branch and bound: only a configuration whose bound beats the best figure can be faster
             batch = [k for k in order if k not in metrics and assessed[groups[k][0]].bound > best][:batch_size]
+        if bar is not None:
+            bar.close()
     best = max((m.tokens_per_s for m in metrics.values()), default=0.0)
     rows = []
     for i, (c, a) in enumerate(zip(configs, assessed)):

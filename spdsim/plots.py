@@ -20,28 +20,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from spdsim.metrics import ideal_spd_speedup
+from spdsim.summary import BASELINE_SCHEMES, baselines, is_baseline, speculative  # noqa: F401
 
 DPI = 100
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 BASELINE_STYLE = {"pp": dict(color="black", marker="o"),
                   "ar": dict(color="dimgray", marker="*", ms=11, zorder=3)}
 MAX_PANELS = 6   # more partitioners than this are collapsed into one "best partition" panel
-
-
-BASELINE_SCHEMES = ("ar", "pp")
-
-
-def is_baseline(df: pd.DataFrame) -> pd.Series:
-    """AR and PP, and any row without an acceptance rate: nothing about them depends on α."""
-    return df["scheme"].isin(BASELINE_SCHEMES) | df["acceptance"].isna()
-
-
-def speculative(df: pd.DataFrame) -> pd.DataFrame:
-    return df[~is_baseline(df)]
-
-
-def baselines(df: pd.DataFrame) -> pd.DataFrame:
-    return df[is_baseline(df)]
 
 
 def best(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from spdsim.errors import UserError
+from spdsim.summary import best_per_alpha, speculative
 
 REQUIRED_COLUMNS = ("scenario", "scheme", "stages", "partition", "acceptance", "tokens_per_s", "ms_per_token",
                     "speedup_vs_pp", "speedup_vs_ar", "bubble_ratio", "waste_ratio", "acceptance_rate")
@@ -190,20 +191,6 @@ def _table(df: pd.DataFrame, columns: list[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def best_per_alpha(df: pd.DataFrame) -> pd.DataFrame:
-    """For every α swept, the fastest configuration of all (α-free baselines compete at every α)."""
-    from spdsim.plots import is_baseline
-    base_mask = is_baseline(df)
-    base, spec = df[base_mask], df[~base_mask]
-    rows = []
-    for a in sorted(spec["acceptance"].unique()):
-        pool = pd.concat([spec[spec["acceptance"] == a], base])
-        top = pool.loc[pool["tokens_per_s"].idxmax()].copy()
-        top["α"] = a
-        rows.append(top)
-    return pd.DataFrame(rows)
-
-
 def _figure(rel: str, caption: str) -> str:
     return (f'<figure><a href="{html.escape(rel)}"><img src="{html.escape(rel)}" alt="{html.escape(rel)}"></a>'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
@@ -212,7 +199,6 @@ def _figure(rel: str, caption: str) -> str:
 def render_html(df: pd.DataFrame, report: Report, scenario_text: str | None) -> str:
     names = sorted({str(s) for s in df["scenario"].unique() if str(s)})
     title = f"spdsim report — {', '.join(names) or report.out_dir.name}"
-    from spdsim.plots import speculative
     alphas = sorted(speculative(df)["acceptance"].unique())
     summary = (f"{len(df)} simulated points; schemes {', '.join(sorted(df['scheme'].unique()))}; "
                f"stages {', '.join(str(n) for n in sorted(df['stages'].unique()))}; "

@@ -22,6 +22,7 @@ from spdsim.metrics import speedup
 from spdsim.parallel import progress_bar, run_tasks
 from spdsim.partition import Plan
 from spdsim.scenario import Point, Scenario, load_scenario
+from spdsim.summary import format_summary
 from spdsim.textable import align, cell
 from spdsim.trace import Trace, write_chrome_trace, write_trace
 
@@ -176,8 +177,14 @@ def run_command(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"spdsim: wrote {len(written)} timeline(s) under {out}/timelines/", file=sys.stderr)
     if not quiet:
-        print(format_table(df))
-        print(f"\nwrote {out / 'results.csv'} ({len(df)} points)")
+        if getattr(args, "full", False):
+            print(format_table(df) + "\n")
+        hw = scenario.hardware
+        print(f"{scenario.name}: {scenario.model.name} on {hw.count} × {hw.gpu.name} ({hw.topology.kind}), "
+              f"{scenario.workload.prompt_tokens} prompt + {scenario.workload.new_tokens} new tokens, batch 1")
+        print(format_summary(df))
+        print(f"\nwrote {out / 'results.csv'} ({len(df)} points; every one is in the table there and in "
+              f"index.html{'' if getattr(args, 'full', False) else ', or print them with --full'})")
     if not getattr(args, "no_plots", False):
         try:
             from spdsim.report import write_report

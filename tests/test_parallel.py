@@ -89,3 +89,26 @@ def test_plan_on_dask_equals_local_processes(dask_address):
     assert (local["status"] != "infeasible").sum() > 3
     assert local["tokens_per_s"].notna().sum() > 3
     assert local.equals(remote)
+
+
+def test_progress_off_a_terminal_writes_lines_not_frames():
+    import io
+    from spdsim.parallel import Progress
+    buf = io.StringIO()                       # not a TTY, like a log file or CI
+    bar = Progress("simulating", stream=buf)
+    run_tasks(_square_after, [(i, 0) for i in range(40)], jobs=1, progress=bar)
+    text = buf.getvalue()
+    assert "\r" not in text
+    assert text.splitlines()[-1].startswith("simulating: 40/40")
+    assert len(text.splitlines()) == 4        # one line per quarter
+
+
+def test_progress_counts_on_across_batches():
+    import io
+    from spdsim.parallel import Progress
+    buf = io.StringIO()
+    bar = Progress("simulating", batches=True, stream=buf)
+    for batch in ([(i, 0) for i in range(4)], [(i, 0) for i in range(4)]):
+        run_tasks(_square_after, batch, jobs=1, progress=bar)
+    bar.close()
+    assert buf.getvalue().splitlines()[-1].startswith("simulating: 8/8")
