@@ -74,7 +74,8 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
     n = plan.stages
     m = scenario.model
     drafts = scheme.drafts and n > 1
-    accept = (sampler(point.acceptance, point_rng(scenario.seed, point))
+    # a run of N tokens verifies N - 1 drafts: exactly round(α(N-1)) of them accept (acceptance.sampler)
+    accept = (sampler(point.acceptance, point_rng(scenario.seed, point), exact_over=scenario.workload.new_tokens - 1)
               if drafts and point.acceptance is not None else (lambda: True))
     costs = (costs or cost_model(scenario)).for_point(point.scheme, n)   # a calibration differs per scheme
     cfg = RunConfig(costs=costs, topology=scenario.hardware.graph,

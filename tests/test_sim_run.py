@@ -79,3 +79,28 @@ def test_markov_mean_and_run_length():
 def test_replay_wraps_in_order():
     draw = acc.sampler(acc.replay(sequence="1 0 0"), np.random.default_rng(0))
     assert [draw() for _ in range(7)] == [True, False, False, True, False, False, True]
+
+
+def test_iid_points_are_simulated_at_the_alpha_asked_for():
+    """A run of N tokens verifies N - 1 drafts; exactly round(α(N-1)) of them accept, at every n."""
+    s = parse_scenario(yaml.safe_dump(SMALL))
+    df = run_sweep(s)
+    spd = df[(df["scheme"] == "spd") & (df["stages"] > 1)]     # n = 1 does not speculate
+    verdicts = spd["accepted"] + spd["rejected"]
+    assert (verdicts == s.workload.new_tokens - 1).all()
+    for a, rows in spd.groupby("acceptance"):
+        assert (rows["accepted"] == round(a * (s.workload.new_tokens - 1))).all(), a
+
+
+def test_exact_count_sampler_then_iid():
+    draw = acc.sampler(acc.iid(0.3), np.random.default_rng(5), exact_over=40)
+    head = [draw() for _ in range(40)]
+    assert sum(head) == 12
+    tail = [draw() for _ in range(20000)]          # past the exact part: i.i.d. at α
+    assert np.mean(tail) == pytest.approx(0.3, abs=0.02)
+    # the same seed gives the same sequence; another seed another order
+    again = acc.sampler(acc.iid(0.3), np.random.default_rng(5), exact_over=40)
+    other = acc.sampler(acc.iid(0.3), np.random.default_rng(6), exact_over=40)
+    assert [again() for _ in range(40)] == head
+    assert [other() for _ in range(40)] != head
+

@@ -191,7 +191,7 @@ class CycleSim(Sim):
 def simulate(scenario, point, plan: Plan, cfg: RunConfig, env, keep_events: bool):
     plan = dedicated_plan(scenario, plan)
     cfg.drafts = True
-    accept = (sampler(point.acceptance, point_rng(scenario.seed, point))
+    accept = (sampler(point.acceptance, point_rng(scenario.seed, point), exact_over=scenario.workload.new_tokens - 1)
               if point.acceptance is not None else (lambda: True))
     sim = CycleSim(plan, cfg, accept, env, log_sends=keep_events)
     for s in range(sim.n):
