@@ -3,7 +3,7 @@
 forward and the mean time outside forwards, for the trace and for the simulator replaying the same
 accept/reject sequence with DIR/calibration.yaml, then the mean |forward(rank 0) - forward(rank 1)|.
 
-Why: the SPD bubble is predicted low at every oracle point (README, Calibration and validation). With
+Why: the SPD bubble was predicted low at every oracle point (docs/calibration.md, "What changed the model"). With
 two ranks the bubble is roughly (both ranks' own overhead + the gap between their forwards) per tick, so
 this separates a missing overhead from a missing asymmetry between the ranks.
 

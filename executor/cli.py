@@ -100,10 +100,12 @@ def _module_shape_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="executor",
-                                description="A real PyTorch pipeline executor for AR / PP / SPD decoding.")
+                                description="A real PyTorch pipeline executor for AR / PP / SPD decoding.",
+                                epilog="docs: docs/README.md (an index of the docs pages)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser("train-lm", help="train the built-in byte-level tiny model on the stdlib sources",
+                       epilog="docs: docs/executor.md",
                        description="Train the built-in tiny model (byte-level, d=256, 8 layers) on this "
                                    "machine's Python standard library sources; checkpoints as it goes.")
     t.add_argument("--out", type=Path, default=DEFAULT_TINY, help=f"checkpoint path (default {DEFAULT_TINY})")
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from executor.runner import DEFAULT_PROMPT   # no torch import: runner imports torch lazily
     r = sub.add_parser("run", help="decode with AR / PP / SPD across one process per stage",
+                       epilog="docs: docs/executor.md",
                        description="Decode with AR (one process), PP or SPD (one process per stage; "
                                    "spawned here, or one rank under torchrun), greedily or by sampling "
                                    "(--temperature). Prints tokens/s, bubble, waste and acceptance, all "
@@ -150,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
 
     h = sub.add_parser("train-head", help="train a speculative module (or a baseline drafter) by self-distillation",
+                       epilog="docs: docs/speculative-module.md",
                        description="Self-distil a drafter from the frozen target on the stdlib sources (KL to the "
                                    "target's next-token distribution), every position in parallel under the SPD "
                                    "depth rule. Reproducible: a fixed step count and seed.")
@@ -172,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=_cmd_train_head)
 
     a = sub.add_parser("acceptance", help="acceptance of each drafter vs pipeline depth on held-out files",
+                       epilog="docs: docs/speculative-module.md",
                        description="Measure greedy agreement with the target (and top-5) of the speculative "
                                    "module and the baselines at each n, offline, exactly as the pipeline sees "
                                    "it. Trains drafters that are missing (same data and budget for all).")
@@ -197,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_cmd_acceptance)
 
     pr = sub.add_parser("profile", help="layer, head and link microbenchmarks plus AR / PP / SPD run traces",
+                        epilog="docs: docs/calibration.md",
                         description="Measure what `spdsim calibrate` fits: per-layer decode time against context "
                                     "length, embedding, final norm + LM head, message time against size between "
                                     "ranks, and full AR / PP / SPD run traces (medians over repeats, warm-up "
@@ -215,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_profile)
 
     v = sub.add_parser("validate", help="measure a scenario's points here, predict them, compare",
+                       epilog="docs: docs/calibration.md",
                        description="For every point of SCENARIO this hardware can run: measure it with the "
                                    "executor (median of repeats), predict it with the simulator from a "
                                    "calibration fitted on separate runs (another prompt), replaying the "

@@ -65,10 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="spdsim",
         description="Predict the decode speed, speedup and bubble ratio of Speculative Pipeline Decoding "
-                    "(SPD) against plain pipelining (PP) and one-device decoding (AR).")
+                    "(SPD) against plain pipelining (PP) and one-device decoding (AR).",
+        epilog="docs: docs/README.md (an index of the docs pages)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    r = sub.add_parser("run", help="simulate every point of a scenario's sweep",
+    r = sub.add_parser("run", help="simulate every point of a scenario's sweep", epilog="docs: docs/simulator.md",
                        description="Simulate every point of SCENARIO's sweep; write OUT/results.csv, plots "
                                    "and an HTML summary; print a table.")
     r.add_argument("scenario", type=Path, metavar="SCENARIO.yaml")
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="(re)draw plots and the HTML summary from DIR/results.csv",
+                         epilog="docs: docs/reports.md",
                          description="(Re)draw DIR's report from DIR/results.csv: speedup_vs_n.png, "
                                      "bubble_vs_n.png, tokens_per_s.png, utilization.png; for every "
                                      "DIR/timelines/<point>.jsonl a Perfetto timeline_<point>.json and a "
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=_cmd_report)
 
     cmp = sub.add_parser("compare", help="SPD vs traditional speculative decoding on one scenario",
+                         epilog="docs: docs/baselines.md",
                          description="Simulate SCENARIO and print, per (n, α), the fastest partition of each "
                                      "scheme: GPUs, parallelism, acceptance by depth, bubbles, speedups "
                                      "(SPD, spd_dedicated vs sd, chain). Writes OUT/compare.csv.")
@@ -101,12 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--jobs", type=int, default=1, help="simulate sweep points in N processes (default 1)")
     cmp.set_defaults(func=_cmd_compare)
 
-    c = sub.add_parser("calibrate", help="fit cost models from executor traces")
+    c = sub.add_parser("calibrate", help="fit cost models from executor traces", epilog="docs: docs/calibration.md")
     c.add_argument("trace_dir", type=Path, metavar="TRACE_DIR")
     c.add_argument("--out", type=Path, required=True, metavar="CALIB.yaml")
     c.set_defaults(func=_cmd_calibrate)
 
     pl = sub.add_parser("plan", help="capacity planning: which GPUs, how many, which partition",
+                        epilog="docs: docs/planning.md",
                         description="Enumerate GPU types, counts, stage counts, partitioners and schemes; "
                                     "reject what does not fit memory; simulate; rank by cost. Writes "
                                     "OUT/plan.csv and OUT/pareto.png. Exit 0: target met, 1: not met.")
