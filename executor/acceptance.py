@@ -21,8 +21,9 @@ import torch
 
 from executor.data import load_corpus
 from executor.model import Stage, Transformer, uniform_partition
-from executor.spec_head import (HeadConfig, HeadDrafter, SpecHead, build_drafter, load_drafter, save_drafter,
-                                target_checkpoints)
+from executor.drafter_modules import build_drafter, load_drafter, save_drafter
+from executor.head_drafter import HeadDrafter
+from executor.spec_head import HeadConfig, SpecHead, target_checkpoints
 from executor.train_head import (TrainHeadConfig, resolve_target, shown, target_id, train_drafters,
                                  train_head_command)
 

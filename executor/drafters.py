@@ -61,8 +61,8 @@ def make_drafter(parsed: tuple[str, float | str], reference: list[int] | None, s
         assert reference is not None, "the oracle needs the reference continuation"
         return OracleDrafter(float(arg), reference, seed, model.cfg.vocab_size)
     try:
-        from executor.spec_head import load_head_drafter   # the speculative module (next issue)
+        from executor.head_drafter import load_head_drafter   # the speculative module (next issue)
     except ImportError:
-        raise UserError("--draft head:PATH needs the speculative module (executor/spec_head.py), "
+        raise UserError("--draft head:PATH needs the speculative module (executor/spec_head.py, run by executor/head_drafter.py), "
                         "which is not built yet") from None
     return load_head_drafter(arg, model=model, stages=stages)

@@ -34,7 +34,7 @@ Control protocol (the simulator models the same one; the state machine is spdsim
   epoch rides on the next ACT, and stages compute the stale positions queued before it (that is the
   waste of DESIGN §3; rank 0 marks those compute events `discarded` when it merges the traces).
   At T > 0 the true token is drawn on rank 0 from p = softmax(logits / T): with a draft x for q+1 in
-  flight (drawn from the drafter's q at the same T), it is spec_head.speculative_accept(p, q, x),
+  flight (drawn from the drafter's q at the same T), it is speculative_sampling.speculative_accept(p, q, x),
   which keeps x with probability min(1, p/q) and else draws from the residual max(p - q, 0), so the
   token is distributed as p either way (lossless in distribution, not token for token); "accepted"
   means token == x, and a rejection's resampled token is the restart token. Without a draft in flight
@@ -148,7 +148,7 @@ class Sampler:
     def __init__(self, seed: int, temperature: float) -> None:
         if not temperature > 0:
             raise ValueError(f"Sampler needs a temperature > 0, got {temperature}")
-        from executor.spec_head import speculative_accept     # the one rule; needed at T > 0 only
+        from executor.speculative_sampling import speculative_accept     # the one rule; needed at T > 0 only
         self.seed, self.temperature, self._accept = seed, temperature, speculative_accept
         self._gens: dict[str, torch.Generator] = {}
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from executor.data import batches, load_corpus
 from executor.model import Transformer
 from executor.checkpoints import load_checkpoint
-from executor.spec_head import HeadConfig, build_drafter, save_drafter, target_checkpoints
+from executor.drafter_modules import build_drafter, save_drafter
+from executor.spec_head import HeadConfig, target_checkpoints
 
 DEFAULT_TINY = Path(__file__).parent / "weights" / "tiny.safetensors"
 

@@ -79,7 +79,7 @@ def test_committed_modules_load_and_their_recorded_command_rebuilds_them(name):
     shape it was trained with."""
     from pathlib import Path
     from executor.checkpoints import load_checkpoint
-    from executor.spec_head import load_drafter
+    from executor.drafter_modules import load_drafter
     weights = Path(__file__).resolve().parents[1] / "executor" / "weights"
     meta = json.loads((weights / f"{name}.safetensors.json").read_text())
     head = load_drafter(weights / f"{name}.safetensors")

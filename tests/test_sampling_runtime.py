@@ -61,7 +61,8 @@ def head(ckpt, tmp_path_factory):
     """An untrained speculative module for the small model (n = 2), made too flat (its LM head, a copy
     of the target's, halved): about half its drafts are rejected, and a verifier that kept them all would
     emit tokens from q ≈ p at 2T, which the KS check catches by far (p ~ 1e-110 when tried)."""
-    from executor.spec_head import HeadConfig, SpecHead, save_drafter
+    from executor.drafter_modules import save_drafter
+    from executor.spec_head import HeadConfig, SpecHead
     model = load_checkpoint(ckpt)
     module = SpecHead(HeadConfig.for_target(model.cfg, 2), model)
     with torch.no_grad():

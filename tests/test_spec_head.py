@@ -9,8 +9,10 @@ import torch
 
 from executor.model import ModelConfig, Transformer, greedy_decode
 from executor.checkpoints import save_checkpoint
-from executor.spec_head import (HeadConfig, HeadDrafter, SpecHead, build_drafter, load_drafter, load_head_drafter,
-                                save_drafter, speculative_accept, target_checkpoints)
+from executor.drafter_modules import build_drafter, load_drafter, save_drafter
+from executor.head_drafter import HeadDrafter, load_head_drafter
+from executor.spec_head import HeadConfig, SpecHead, target_checkpoints
+from executor.speculative_sampling import speculative_accept
 from spdsim.errors import UserError
 
 torch.set_num_threads(1)
