@@ -237,7 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--calibration", type=Path, default=None, metavar="CALIB.yaml",
                    help="use this calibration (default: the scenario's, else profile + calibrate now)")
     v.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    v.add_argument("--repeats", type=int, default=5, help="measured decodes per point (default 5)")
+    v.add_argument("--repeats", type=int, default=5,
+                   help="measured decodes per point and round (default 5); rounds are added until every "
+                        "point's verdict is known or --max-minutes is spent")
+    v.add_argument("--max-minutes", type=float, default=15.0,
+                   help="stop adding rounds after this long (default 15; 0: one round)")
+    v.add_argument("--warmup", type=int, default=1,
+                   help="untimed decodes at the start of each launch (default 1)")
+    v.add_argument("--pin", action=argparse.BooleanOptionalAction, default=False,
+                   help="pin each rank to its own core when ranks ≤ cores (default off)")
     v.add_argument("--new-tokens", type=int, default=None, help="override the scenario's workload.new_tokens")
     v.add_argument("--head", default=None, metavar="PATH", help="also validate SPD with this trained module")
     v.add_argument("--threads", type=int, default=1)

@@ -47,6 +47,7 @@ class RunSpec:
     model_label: str = ""
     verbose: bool = False
     trace_each: bool = False        # every job's trace, under trace_dir/job<i>/ (executor validate)
+    pin: bool = False               # one core per rank when ranks ≤ cores (executor/affinity.py)
 
 
 # --- validation (in the launching process, before any rank starts) -------------------------------
@@ -156,6 +157,9 @@ def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
     from executor.transport import PeerLost, connect
 
     torch.set_num_threads(spec.threads)
+    if spec.pin and spec.device != "cuda":
+        from executor.affinity import pin_rank
+        pin_rank(rank, world)
     layout = dedicated(spec)
     if world != world_of(spec):
         raise UserError(f"--stages {spec.stages} but WORLD_SIZE is {world}: run one process per stage"

@@ -11,10 +11,15 @@ uses, stage counts up to the number of cores or GPUs, oracle acceptance α or a 
   3. predict: the simulator with the calibrated cost model, the measured prompt length and token count,
      replaying each measured decode's accept/reject sequence (so timing error is not mixed with
      acceptance error), the same spdsim.metrics over its event log;
-  4. compare medians over repeats: tokens_per_s and speedup_vs_pp (relative error), bubble_ratio (absolute).
-Writes OUT/validation.csv (with each figure's measured spread over repeats: an error below it cannot be told
-from noise), OUT/parity.png, OUT/measured.json; prints a table; exits 1 when an error exceeds the tolerance,
-naming the worst points.
+  4. compare medians over repeats: tokens_per_s and speedup_vs_pp (relative error), bubble_ratio (absolute),
+     each with a bootstrap confidence interval of its error (spdsim.verdict): pass when the whole interval
+     is within the tolerance, fail when it is wholly outside, undetermined otherwise.
+Steps 2-4 repeat in rounds of `--repeats` decodes per point (all points of a round in the same processes;
+the calibration refitted on every calibration run so far) until no point is undetermined or
+`--max-minutes` is spent. Writes OUT/validation.csv (with the intervals, the verdicts and each figure's
+measured spread), OUT/parity.png (error bars: the measured median's interval), OUT/measured.json; prints a
+table. Exit 0: every point passes; 1: some point fails (the worst are named); 3: none fails but some are
+undetermined (how many more minutes would likely decide them is printed).
 """
 from __future__ import annotations
 
@@ -28,12 +33,18 @@ from pathlib import Path
 
 from spdsim.errors import UserError
 from spdsim.textable import align
+from spdsim.verdict import FAIL, PASS, UNDETERMINED, Interval, error_interval, median_interval, overall, \
+    repeats_to_decide, verdict
 
 # Measured on this prompt; `executor profile` calibrates on executor.profile.CALIBRATION_PROMPT.
 VALIDATION_PROMPT = "def parse(line):\n    key, _, value = line.partition('=')\n    return "
 METRICS = ("tokens_per_s", "speedup_vs_pp", "bubble_ratio")
 COLUMNS = ["scheme", "stages", "partition", "acceptance", "metric", "predicted", "measured", "error_pct",
-           "measured_spread"]   # half the range over repeats, in error_pct's unit: the measurement's own noise
+           "measured_spread",   # half the range over repeats, in error_pct's unit: the measurement's own noise
+           "ci_low", "ci_high",  # 95% bootstrap interval of the measured median (the metric's unit)
+           "error_ci_low", "error_ci_high",   # ... of the error, in error_pct's unit (spdsim.verdict)
+           "repeats", "verdict"]  # pass | fail | undetermined
+MIN_REPEATS = 3     # fewer repeats say nothing about the spread: such a point stays undetermined
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +104,12 @@ def runnable_cases(scenario, max_stages: int, head: str | None) -> tuple[list[Ca
 
 def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, repeats: int, device: str,
             threads: int, calib_out: Path | None = None, calib_prompt: list[int] | None = None,
-            calib_alpha: float = 0.6, head: str | None = None, log=print) -> dict[Case, list[dict]]:
-    """`repeats` decodes per case, one launch (one set of processes) per stage count.
+            calib_alpha: float = 0.6, head: str | None = None, log=print, first: int = 0,
+            warmup: int = 1, pin: bool = False) -> dict[Case, list[dict]]:
+    """`repeats` decodes per case (repeats first .. first + repeats - 1 of the validation: their seeds and
+    calibration run names), one launch (one set of processes) per stage count, after `warmup` untimed
+    decodes of the first case in the same processes (the first decode of a launch pays for cold caches
+    and lazy initialisation; no user cares about it, and it widened every interval).
 
     With `calib_out`, calibration runs (AR / PP / SPD at `calib_alpha`, on `calib_prompt`) are interleaved
     with the measured ones in the same processes, their traces written to calib_out/runs/<run>-r<i>/:
@@ -114,7 +129,11 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
         # Round-robin over the cases (case 1, case 2, …, case 1, case 2, …): a slow spell of a shared
         # machine then hits every case alike instead of one case's repeats.
         jobs, kinds = [], []
-        for i in range(repeats):
+        for _ in range(warmup):
+            jobs.append({"scheme": group[0].scheme, "prompt": prompt, "new_tokens": new_tokens,
+                         "draft": group[0].draft, "seed": 999})
+            kinds.append(("warmup", None))
+        for i in range(first, first + repeats):
             for name, scheme, draft in calib:
                 jobs.append({"scheme": scheme, "prompt": calib_prompt, "new_tokens": new_tokens, "draft": draft,
                              "seed": 100 + i})
@@ -126,7 +145,7 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
         tmp = Path(tempfile.mkdtemp(prefix="spd-validate.")) if calib else None
         t0 = time.time()
         try:
-            res = launch(RunSpec(model=model, stages=n, jobs=jobs, device=device, threads=threads,
+            res = launch(RunSpec(model=model, stages=n, jobs=jobs, device=device, threads=threads, pin=pin,
                                  model_label=Path(model).name, trace_dir=str(tmp) if tmp else None,
                                  trace_each=bool(tmp)))
             for j, (kind, what) in enumerate(kinds):
@@ -138,7 +157,7 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
-        log(f"validate: measured {len(jobs) - len(calib) * repeats} decodes on {n} rank(s)"
+        log(f"validate: measured {len(group) * repeats} decodes on {n} rank(s)"
             + (f", {len(calib) * repeats} calibration decodes interleaved" if calib else "")
             + f" ({time.time() - t0:.0f} s)")
         results = [(what, r) for (kind, what), r in zip(kinds, res) if kind == "case"]
@@ -176,54 +195,83 @@ def _paired_ratios(runs: list[dict], base: list[dict]) -> list[float]:
     return [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs, base, strict=True)]
 
 
-def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict[Case, list[dict]]) -> list[dict]:
-    """validation.csv rows: medians over repeats; speedup_vs_pp against PP of the same stage count, as the
-    median of per-round ratios."""
-    med = {c: {k: (_median([r[k] for r in measured[c]]), _median([r[k] for r in predicted[c]]))
-               for k in ("tokens_per_s", "bubble_ratio")} for c in cases}
+def tolerance_pct(metric: str, tolerance: float, bubble_tolerance: float) -> float:
+    """In error_pct's unit: percent for tokens/s and speedup, percentage points for the bubble."""
+    return 100.0 * (bubble_tolerance if metric == "bubble_ratio" else tolerance)
 
-    def half_range(c: Case, k: str, relative: bool) -> float:
-        xs = [r[k] for r in measured[c] if r[k] is not None]
-        if len(xs) < 2:
-            return 0.0
-        h = (max(xs) - min(xs)) / 2
-        return 100.0 * (h / statistics.median(xs) if relative else h)
+
+def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict[Case, list[dict]],
+            tolerance: float = 0.05, bubble_tolerance: float = 0.03) -> list[dict]:
+    """validation.csv rows: medians over repeats (speedup_vs_pp against PP of the same stage count, as the
+    median of per-round ratios), each with the bootstrap interval of the measured median (ci_low,
+    ci_high), of the error (error_ci_low, error_ci_high; repeats resampled in pairs, spdsim.verdict) and
+    the verdict that interval gives against the tolerance."""
     pp_case = {c.stages: c for c in cases if c.scheme == "pp"}
     rows = []
-    for c in cases:
-        vals = dict(med[c])
-        ratios = None
+    for k, c in enumerate(cases):
+        series: dict[str, tuple[list[float], list[float]]] = {
+            m: ([r[m] for r in measured[c]], [r[m] for r in predicted[c]]) for m in ("tokens_per_s", "bubble_ratio")}
         if c.stages in pp_case:
             base = pp_case[c.stages]
-            ratios = _paired_ratios(measured[c], measured[base])
-            vals["speedup_vs_pp"] = (statistics.median(ratios),
-                                     statistics.median(_paired_ratios(predicted[c], predicted[base])))
+            series["speedup_vs_pp"] = (_paired_ratios(measured[c], measured[base]),
+                                       _paired_ratios(predicted[c], predicted[base]))
         for metric in METRICS:
-            if metric not in vals:
+            if metric not in series:
                 continue
-            meas, pred = vals[metric]
-            if metric == "bubble_ratio":
-                err = 100.0 * (pred - meas)                 # percentage points (absolute)
-            else:
-                err = 100.0 * (pred - meas) / meas
-            if metric == "speedup_vs_pp":
-                spread = 100.0 * (max(ratios) - min(ratios)) / 2 / meas
-            else:
-                spread = half_range(c, metric, metric != "bubble_ratio")
+            meas_xs, pred_xs = series[metric]
+            pairs = [(m, p) for m, p in zip(meas_xs, pred_xs) if m is not None and p is not None]
+            if not pairs:
+                continue
+            meas_xs, pred_xs = [m for m, _ in pairs], [p for _, p in pairs]
+            relative = metric != "bubble_ratio"
+            seed = 7919 * k + METRICS.index(metric)        # reproducible intervals
+            med = median_interval(meas_xs, seed=seed)
+            err = error_interval(meas_xs, pred_xs, relative, seed=seed)
+            scale = 100.0 / med.estimate if relative else 100.0
+            spread = (max(meas_xs) - min(meas_xs)) / 2 * scale if len(meas_xs) > 1 else 0.0
+            tol = tolerance_pct(metric, tolerance, bubble_tolerance)
             rows.append({"scheme": c.scheme, "stages": c.stages, "partition": "uniform", "acceptance": c.acceptance,
-                         "metric": metric, "predicted": pred, "measured": meas, "error_pct": err,
-                         "measured_spread": spread})
+                         "metric": metric, "predicted": statistics.median(pred_xs), "measured": med.estimate,
+                         "error_pct": err.estimate, "measured_spread": spread,
+                         "ci_low": med.low, "ci_high": med.high,
+                         "error_ci_low": err.low, "error_ci_high": err.high, "repeats": len(meas_xs),
+                         "verdict": verdict(err, tol) if len(meas_xs) >= MIN_REPEATS else UNDETERMINED})
     return rows
 
 
 def failures(rows: list[dict], tolerance: float, bubble_tolerance: float) -> list[dict]:
-    """Rows over tolerance, worst first (relative for tokens_per_s / speedup_vs_pp, absolute for bubble)."""
+    """Rows whose verdict is fail, worst first (by how far the error's interval lies past the tolerance)."""
     bad = []
     for r in rows:
-        limit = 100.0 * (bubble_tolerance if r["metric"] == "bubble_ratio" else tolerance)
-        if not abs(r["error_pct"]) <= limit:
-            bad.append((abs(r["error_pct"]) / limit, r))
+        if r["verdict"] == FAIL:
+            tol = tolerance_pct(r["metric"], tolerance, bubble_tolerance)
+            bad.append((abs(r["error_pct"]) / tol, r))
     return [r for _, r in sorted(bad, key=lambda t: -t[0])]
+
+
+def more_repeats(rows: list[dict], tolerance: float, bubble_tolerance: float) -> int | None:
+    """Repeats in all that would likely decide every undetermined row (None: some sit on the tolerance)."""
+    need = 0
+    for r in rows:
+        if r["verdict"] != UNDETERMINED:
+            continue
+        if r["repeats"] < MIN_REPEATS:
+            need = max(need, MIN_REPEATS)
+            continue
+        k = repeats_to_decide(Interval(r["error_pct"], r["error_ci_low"], r["error_ci_high"]),
+                              tolerance_pct(r["metric"], tolerance, bubble_tolerance), r["repeats"])
+        if k is None:
+            return None
+        need = max(need, k)
+    return need
+
+
+EXIT_STATUS = {PASS: 0, FAIL: 1, UNDETERMINED: 3}
+
+
+def exit_status(rows: list[dict]) -> int:
+    """0 when every row passes, 1 when any fails, 3 when none fails but some are undetermined."""
+    return EXIT_STATUS[overall([r["verdict"] for r in rows])]
 
 
 def summary(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -238,15 +286,17 @@ def summary(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("scheme", "n", "α", "metric", "predicted", "measured", "error", "spread")
+    head = ("scheme", "n", "α", "metric", "predicted", "measured", "95% CI of measured", "error", "95% CI of error",
+            "verdict")
     lines = [head]
     for r in rows:
         unit = " pp" if r["metric"] == "bubble_ratio" else "%"
         fmt = ".3f" if r["metric"] != "tokens_per_s" else ".2f"
         lines.append((r["scheme"], str(r["stages"]), r["acceptance"], r["metric"], format(r["predicted"], fmt),
-                      format(r["measured"], fmt), f"{r['error_pct']:+.1f}{unit}",
-                      f"±{r.get('measured_spread', 0.0):.1f}{unit}"))
-    return align(lines, left=(0, 3))
+                      format(r["measured"], fmt), f"[{r['ci_low']:{fmt}}, {r['ci_high']:{fmt}}]",
+                      f"{r['error_pct']:+.1f}{unit}", f"[{r['error_ci_low']:+.1f}, {r['error_ci_high']:+.1f}]{unit}",
+                      r["verdict"]))
+    return align(lines, left=(0, 3, 9))
 
 
 def parity_plot(rows: list[dict], path: Path) -> Path:
@@ -259,13 +309,15 @@ def parity_plot(rows: list[dict], path: Path) -> Path:
         for scheme, marker in (("ar", "s"), ("pp", "^"), ("spd", "o")):
             pts = [r for r in rs if r["scheme"] == scheme]
             if pts:
-                ax.scatter([r["measured"] for r in pts], [r["predicted"] for r in pts], marker=marker, label=scheme)
+                xs = [r["measured"] for r in pts]
+                xerr = [[x - r["ci_low"] for x, r in zip(xs, pts)], [r["ci_high"] - x for x, r in zip(xs, pts)]]
+                ax.errorbar(xs, [r["predicted"] for r in pts], xerr=xerr, fmt=marker, capsize=3, label=scheme)
         if rs:
             vals = [r["measured"] for r in rs] + [r["predicted"] for r in rs]
             lo, hi = min(vals), max(vals)
             pad = 0.05 * (hi - lo or abs(hi) or 1)
             ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=0.8)
-        ax.set_xlabel(f"measured {metric}")
+        ax.set_xlabel(f"measured {metric} (95% CI of the median)")
         ax.set_ylabel(f"predicted {metric}")
         ax.set_title(metric)
         ax.legend(fontsize=8)
@@ -299,6 +351,8 @@ def validate_command(args) -> int:
         raise UserError("--tolerance and --bubble-tolerance must be > 0")
     if args.repeats < 1:
         raise UserError("--repeats must be ≥ 1")
+    if args.max_minutes < 0 or args.warmup < 0:
+        raise UserError("--max-minutes and --warmup must be ≥ 0")
     model = resolve_model(args.model or scenario.model.name)
     shape = _check_model(scenario, model)
     prompt = list(VALIDATION_PROMPT.encode())
@@ -340,23 +394,43 @@ def validate_command(args) -> int:
         profile(pcfg, out / "profile", log=print)
         shutil.rmtree(out / "profile" / "runs", ignore_errors=True)
 
-    measured = measure(cases, str(model), prompt, N, args.repeats, args.device, args.threads,
-                       calib_out=None if calib is not None else out / "profile",
-                       calib_prompt=list(CALIBRATION_PROMPT.encode()), head=head)
-    if calib is None:
-        costs, err, lines = calibrate(out / "profile")
-        for line in lines:
+    own_calibration = calib is None
+    t_start = time.time()
+    deadline = t_start + 60.0 * args.max_minutes
+    measured: dict[Case, list[dict]] = {c: [] for c in cases}
+    round_s: list[float] = []
+    calib_lines: list[str] = []
+    while True:                 # rounds of --repeats more decodes per point, until every verdict is known
+        t_round = time.time()
+        done = len(measured[cases[0]])
+        new = measure(cases, str(model), prompt, N, args.repeats, args.device, args.threads,
+                      calib_out=out / "profile" if own_calibration else None,
+                      calib_prompt=list(CALIBRATION_PROMPT.encode()), head=head, first=done,
+                      warmup=args.warmup, pin=args.pin)
+        for c in cases:
+            measured[c] += new[c]
+        if own_calibration:     # refitted on every calibration run so far (never on the measured ones)
+            costs, err, calib_lines = calibrate(out / "profile")
+            calib = write_calibration(out / "calibration.yaml", costs, err)
+        predicted = {c: [predict(scenario, c, calib, len(prompt), N, r["accepts"], seed=i)
+                         for i, r in enumerate(measured[c])] for c in cases}
+        rows = compare(cases, measured, predicted, args.tolerance, args.bubble_tolerance)
+        round_s.append(time.time() - t_round)
+        counts = {v: sum(r["verdict"] == v for r in rows) for v in (PASS, FAIL, UNDETERMINED)}
+        print(f"validate: round {len(round_s)}: {len(measured[cases[0]])} repeats per point, "
+              f"{counts[PASS]} pass / {counts[FAIL]} fail / {counts[UNDETERMINED]} undetermined "
+              f"({time.time() - t_start:.0f} s)", flush=True)
+        if not counts[UNDETERMINED] or time.time() + statistics.fmean(round_s) > deadline:
+            break
+    if own_calibration:
+        for line in calib_lines:
             print("  " + line)
-        calib = write_calibration(out / "calibration.yaml", costs, err)
         print(f"validate: calibrated on the calibration prompt's runs (interleaved, never the measured ones) -> {calib}")
-    predicted = {c: [predict(scenario, c, calib, len(prompt), N, r["accepts"], seed=i) for i, r in enumerate(measured[c])]
-                 for c in cases}
     for c in cases:                                   # the replay must reproduce the measured verdicts
         for m, p in zip(measured[c], predicted[c]):
             if c.scheme == "spd" and (m["accepted"], m["rejected"]) != (p["accepted"], p["rejected"]):
                 print(f"executor: warning: {c.label}: replayed verdicts {p['accepted']}/{p['rejected']} differ from "
                       f"the measured {m['accepted']}/{m['rejected']}", file=sys.stderr)
-    rows = compare(cases, measured, predicted)
 
     import csv
     with open(out / "validation.csv", "w", newline="") as f:
@@ -365,7 +439,8 @@ def validate_command(args) -> int:
         w.writerows(rows)
     (out / "measured.json").write_text(json.dumps({
         "scenario": str(args.scenario), "calibration": str(calib), "prompt": VALIDATION_PROMPT,
-        "new_tokens": N, "repeats": args.repeats, "device": args.device, "load_avg": os.getloadavg(),
+        "new_tokens": N, "repeats": len(measured[cases[0]]), "rounds": len(round_s), "round_s": round_s,
+        "minutes": (time.time() - t_start) / 60, "device": args.device, "load_avg": os.getloadavg(),
         "cases": [{**dataclasses.asdict(c), "measured": measured[c], "predicted": predicted[c]} for c in cases]},
         default=str, indent=1))
     parity_plot(rows, out / "parity.png")
@@ -377,11 +452,24 @@ def validate_command(args) -> int:
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; wrote {out / 'validation.csv'}, "
           f"{out / 'parity.png'}")
     bad = failures(rows, args.tolerance, args.bubble_tolerance)
+    verdict_all = overall([r["verdict"] for r in rows])
+    repeats = len(measured[cases[0]])
+    print(f"validate: {repeats} repeats per point in {len(round_s)} round(s), {(time.time() - t_start) / 60:.1f} "
+          f"minutes; verdict: {verdict_all}")
     if bad:
         worst = "; ".join(f"{r['scheme']} n={r['stages']}{' α=' + r['acceptance'] if r['acceptance'] else ''} "
-                          f"{r['metric']} {r['error_pct']:+.1f}{' pp' if r['metric'] == 'bubble_ratio' else '%'}"
+                          f"{r['metric']} {r['error_pct']:+.1f}{' pp' if r['metric'] == 'bubble_ratio' else '%'} "
+                          f"[{r['error_ci_low']:+.1f}, {r['error_ci_high']:+.1f}]"
                           for r in bad[:3])
-        print(f"executor: validation failed: {len(bad)} of {len(rows)} errors over tolerance; worst: {worst}",
-              file=sys.stderr)
-        return 1
-    return 0
+        print(f"executor: validation failed: {len(bad)} of {len(rows)} errors over tolerance (their whole "
+              f"confidence interval); worst: {worst}", file=sys.stderr)
+    elif verdict_all == UNDETERMINED:
+        open_rows = [r for r in rows if r["verdict"] == UNDETERMINED]
+        need = more_repeats(rows, args.tolerance, args.bubble_tolerance)
+        per_repeat_min = sum(round_s) / repeats / 60
+        more = ("some error sits on its tolerance: more repeats may never decide it" if need is None else
+                f"about {max(need - repeats, 0) * per_repeat_min:.0f} more minutes (--max-minutes "
+                f"{args.max_minutes + max(need - repeats, 0) * per_repeat_min:.0f}) would likely decide them")
+        print(f"executor: validation undetermined: {len(open_rows)} of {len(rows)} errors have a confidence "
+              f"interval across the tolerance; {more}", file=sys.stderr)
+    return exit_status(rows)
