@@ -44,7 +44,9 @@ COLUMNS = ["scheme", "stages", "partition", "acceptance", "metric", "predicted",
            "ci_low", "ci_high",  # 95% bootstrap interval of the measured median (the metric's unit)
            "error_ci_low", "error_ci_high",   # ... of the error, in error_pct's unit (spdsim.verdict)
            "repeats", "verdict"]  # pass | fail | undetermined
-MIN_REPEATS = 3     # fewer repeats say nothing about the spread: such a point stays undetermined
+# Below 8 repeats even the sign test's 95% interval of a median is the whole range of the repeats (and a
+# percentile bootstrap's is too): such a point stays undetermined.
+MIN_REPEATS = 8
 
 
 @dataclasses.dataclass(frozen=True)

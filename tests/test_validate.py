@@ -121,8 +121,8 @@ def test_validate_catches_an_obviously_wrong_calibration(tmp_path):
     ckpt = small_model(tmp_path)
     scen = scenario_file(tmp_path, calibration=wrong_calibration(tmp_path / "wrong.yaml"))
     out = tmp_path / "val"
-    r = run_cli("validate", str(scen), "--model", str(ckpt), "--out", str(out), "--repeats", "3",
-                "--max-minutes", "0")
+    r = run_cli("validate", str(scen), "--model", str(ckpt), "--out", str(out), "--repeats", "8",
+                "--max-minutes", "0", "--new-tokens", "12")
     assert r.returncode == 1, r.stderr[-2000:]
     assert "worst" in r.stderr and "tokens_per_s" in r.stderr
     rows = list(csv.DictReader(open(out / "validation.csv")))
@@ -140,7 +140,7 @@ def test_validate_catches_an_obviously_wrong_calibration(tmp_path):
     assert (p["accepted"], p["rejected"]) == (m["accepted"], m["rejected"])   # the replayed verdicts
     assert "median |error|" in r.stdout and "load average" in r.stdout
     assert all(r["verdict"] == "fail" for r in tps)                 # −80% whatever the spread
-    assert "round 1: 3 repeats per point" in r.stdout and "verdict: fail" in r.stdout
+    assert "round 1: 8 repeats per point" in r.stdout and "verdict: fail" in r.stdout
 
 
 def test_profile_writes_microbenchmarks_and_run_traces(tmp_path):
@@ -166,8 +166,8 @@ def test_profile_writes_microbenchmarks_and_run_traces(tmp_path):
 
 
 def test_validate_says_undetermined_when_too_few_repeats_were_allowed(tmp_path):
-    """Two repeats and no time for another round: no interval yet, so no verdict — exit 3, and how long
-    more would take."""
+    """Two repeats and no time for another round: too few for an interval, so no verdict — exit 3, and how
+    long more would take."""
     ckpt = small_model(tmp_path)
     scen = scenario_file(tmp_path, stages="[1]", calibration=wrong_calibration(tmp_path / "wrong.yaml"))
     out = tmp_path / "val"
