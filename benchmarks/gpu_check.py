@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spdsim.costs import CostOverrides, RooflineCosts  # noqa: E402
+from spdsim.costs import HBM_EFFICIENCY, CostOverrides, RooflineCosts  # noqa: E402
 from spdsim.errors import UserError  # noqa: E402
 from spdsim.gpu_calibration import (GpuCalibration, RooflineFit, catalog_gpu_for, fit_link,  # noqa: E402
                                     fit_roofline, write_gpu_calibration)
@@ -499,12 +499,14 @@ def run(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     shapes = parse_shapes(args.shapes, dtype_bytes)
-    modes = ["graphs", "eager"] if device.type == "cuda" and not args.no_graphs else ["eager"]
+    from executor.decode_step import can_capture
+    modes = ["graphs", "eager"] if can_capture(device) and not args.no_graphs else ["eager"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     if device.type == "cpu":
-        notes.append("cpu: CUDA graphs are CUDA only: eager rows alone; weights fp32 (bf16 matmuls are slow on CPU)")
+        notes.append(f"cpu: weights {args.dtype}" + ("" if "graphs" in modes else
+                     "; CUDA graphs are CUDA only: eager rows alone"))
     budget = Budget(args.budget_s, dflt["max_s"])
     timer = Timer(torch, device, budget, args.warmup, args.min_repeats, args.repeats)
     n_phases = 1 + sum(1 + 2 * len(modes) + (len(modes) if s.layers == s.shape.layers else 0) for s in shapes)
@@ -546,7 +548,10 @@ def run(args) -> int:
     for mode in modes:
         pts = [q for q in points if q["mode"] == mode]
         try:
-            fits[mode] = fit_roofline([q["bytes"] for q in pts], [q["seconds"] for q in pts], gpu.hbm_gbps)
+            fits[mode] = fit_roofline([q["bytes"] for q in pts], [q["seconds"] for q in pts], gpu.hbm_gbps,
+                                      fallback_efficiency=HBM_EFFICIENCY)
+            if fits[mode].note:
+                notes.append(f"fit {mode}: {fits[mode].note}")
         except ValueError as e:
             notes.append(f"fit {mode}: none ({e})")
         default_err[mode] = rel_rms([(r.predicted, r.measured) for r in rows if r.metric == f"layer_ms_{mode}"])

@@ -107,6 +107,12 @@ def decode_step(model: Transformer, state: StepState, span: int) -> Tensor:
     return state.token
 
 
+def can_capture(device: torch.device) -> bool:
+    """CUDA graphs exist on CUDA only. (The tests replace this and `capture_graph` with a stand-in that
+    replays by calling, to run the graph path's logic on CPU.)"""
+    return device.type == "cuda"
+
+
 def capture_graph(fn: Callable[[], object], warmup: int = 2) -> "torch.cuda.CUDAGraph":
     """A CUDA graph of fn, which must write its results into tensors allocated outside it (what fn
     allocates lives in the graph's private pool and is overwritten by each replay). Warm-up runs on a
@@ -140,8 +146,8 @@ class Decoder:
         model.setup_cache()          # the buffers every graph reads and writes: never reallocated after this
         self.state = StepState.new(cfg.max_seq_len, device)
         self.pos = 0                 # the host's count of state.pos (never read back from the device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if graphs and device.type == "cuda":
+        self.graphs: dict[int, "torch.cuda.CUDAGraph"] = {}
+        if graphs and can_capture(device):
             with torch.no_grad():
                 for span in self.spans:
                     # the warm-up decodes at positions 0, 1: junk in the cache that prefill overwrites

@@ -70,10 +70,12 @@ class RooflineFit:
     layer_overhead_us: float
     fit_error_pct: float = float("nan")       # relative RMS of the fit against its points
     points: int = 0
+    note: str = ""                            # how the fit fell back, if it did
 
     def to_dict(self) -> dict:
-        return {"hbm_efficiency": self.hbm_efficiency, "layer_overhead_us": self.layer_overhead_us,
-                "fit_error_pct": self.fit_error_pct, "points": self.points}
+        d = {"hbm_efficiency": self.hbm_efficiency, "layer_overhead_us": self.layer_overhead_us,
+             "fit_error_pct": self.fit_error_pct, "points": self.points}
+        return d | ({"note": self.note} if self.note else {})
 
 
 @dataclass(frozen=True)
@@ -112,13 +114,26 @@ def _fit_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     return a, b
 
 
-def fit_roofline(bytes_moved: Sequence[float], seconds: Sequence[float], hbm_gbps: float) -> RooflineFit:
+def fit_roofline(bytes_moved: Sequence[float], seconds: Sequence[float], hbm_gbps: float,
+                 fallback_efficiency: float | None = None) -> RooflineFit:
     """hbm_efficiency and layer_overhead_us from per-layer decode times against the bytes each layer
-    streams (weights + ctx · KV bytes), relative to the GPU's `hbm_gbps`."""
-    a, b = _fit_line(bytes_moved, seconds)
+    streams (weights + ctx · KV bytes), relative to the GPU's `hbm_gbps`. When the times do not grow with
+    the bytes (one small shape, noise larger than the context's effect) and `fallback_efficiency` is
+    given, the efficiency stays at it and only the overhead is fitted (the fit's `note` says so)."""
+    try:
+        a, b = _fit_line(bytes_moved, seconds)
+        note = ""
+    except ValueError:
+        if fallback_efficiency is None:
+            raise
+        b = 1.0 / (hbm_gbps * 1e9 * fallback_efficiency)
+        # the overhead minimising Σ ((a + b·x − y) / y)²  at that b, ≥ 0
+        w = [1.0 / (y * y) for y in seconds]
+        a = max(0.0, sum(wi * (y - b * x) for wi, x, y in zip(w, bytes_moved, seconds)) / sum(w))
+        note = f"times do not grow with bytes: efficiency kept at {fallback_efficiency:g}, overhead fitted"
     pred = [a + b * x for x in bytes_moved]
     return RooflineFit(hbm_efficiency=1.0 / (b * hbm_gbps * 1e9), layer_overhead_us=a * 1e6,
-                       fit_error_pct=_rel_rms(pred, seconds), points=len(seconds))
+                       fit_error_pct=_rel_rms(pred, seconds), points=len(seconds), note=note)
 
 
 def fit_link(nbytes: Sequence[float], seconds: Sequence[float]) -> LinkFit:
@@ -172,7 +187,8 @@ class GpuCalibration:
                 if mode not in MODES:
                     raise UserError(f"{where}: fits.{mode}: unknown mode (expected {' | '.join(MODES)})")
                 fits[mode] = RooflineFit(float(f["hbm_efficiency"]), float(f["layer_overhead_us"]),
-                                         float(f.get("fit_error_pct", float("nan"))), int(f.get("points", 0)))
+                                         float(f.get("fit_error_pct", float("nan"))), int(f.get("points", 0)),
+                                         str(f.get("note", "")))
             mode = str(d.get("mode", "graphs"))
             link = LinkFit(**{k: float(v) for k, v in d["link"].items()}) if d.get("link") else None
             ar = LinkFit(**{k: float(v) for k, v in d["allreduce"].items()}) if d.get("allreduce") else None

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 
 from executor.decode_step import StepState, decode_step, default_spans, make_decoder, step_logits
 from executor.model import ModelConfig, Transformer, greedy_decode
+from fake_graphs import use_fake_graphs
 
 GQA = ModelConfig(vocab_size=256, n_layers=3, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
 MHA = ModelConfig(vocab_size=97, n_layers=2, dim=32, n_heads=4, n_kv_heads=4, ffn_dim=48, max_seq_len=40)
@@ -83,6 +84,24 @@ def test_decode_step_advances_state_in_place():
     out = decode_step(model, st, 8)
     assert out is token and st.token is token and st.pos is pos      # same storage: a graph holds it
     assert int(st.token) == want and int(st.pos) == 1
+
+
+def test_graph_path_replays_to_the_same_tokens(monkeypatch):
+    """The graph path's logic with replays standing in for CUDA graphs: one capture per span, warm-up
+    junk in the cache and the state is harmless, replays chain through the state in place."""
+    use_fake_graphs(monkeypatch)
+    model = _model(GQA, seed=11)
+    prompt, n = _prompt(GQA, 6, seed=5), 25
+    dec = make_decoder(model, "cpu", graphs=True, spans=[8, 16, 64])
+    assert dec.uses_graphs and sorted(dec.graphs) == [8, 16, 64]
+    assert dec.generate(prompt, n) == greedy_decode(model, prompt, n)
+    assert sum(g.replays for g in dec.graphs.values()) == n - 1 and dec.graphs[64].replays > 0
+    # seek: a rollback to an earlier position, then the same continuation again
+    dec.prefill(prompt)
+    first = [int(dec.step()) for _ in range(5)]
+    dec.seek(len(prompt))
+    dec.state.token.fill_(greedy_decode(model, prompt, 1)[0])
+    assert [int(dec.step()) for _ in range(5)] == first
 
 
 def test_default_spans_and_past_the_cache():

@@ -47,6 +47,10 @@ def test_fit_recovers_the_roofline_parameters():
     assert fit_roofline([1e9, 2e9], [0.9e-3, 2.0e-3], 1000.0).layer_overhead_us == 0.0
     with pytest.raises(ValueError):
         fit_roofline([1e9, 2e9], [2e-3, 1e-3], 1000.0)
+    # ... unless a fallback efficiency is given: then the overhead alone is fitted
+    flat = fit_roofline([1e9, 2e9], [3.2e-3, 3.0e-3], 1000.0, fallback_efficiency=0.5)
+    assert flat.hbm_efficiency == pytest.approx(0.5) and flat.note
+    assert 0 < flat.layer_overhead_us < 1.2e3     # between the two residuals 1.2 ms and -1.0 ms
 
 
 def test_fit_link():
