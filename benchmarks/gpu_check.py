@@ -181,7 +181,12 @@ def device_gpu(torch, device, ceilings: dict) -> tuple[str, GPU, bool, str]:
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError, AttributeError):
         mem_gb = 16.0
-    dev_name = platform.processor() or platform.machine() or "cpu"
+    dev_name = platform.machine() or "cpu"
+    try:
+        dev_name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return "cpu", GPU("cpu", mem_gb=round(mem_gb, 1), hbm_gbps=round(ceilings["copy_gbps"], 2),
                       bf16_tflops=round(ceilings["matmul_tflops"], 4), nvlink_gbps=0.0), False, dev_name
 
@@ -335,9 +340,6 @@ def check_shape(torch, spec: ShapeSpec, contexts: list[int], modes: list[str], a
                 notes.append(f"{spec.label}: the static step ({mode}) agrees with model.forward's cache path on "
                              f"{same}/{len(ref)} greedy tokens" + (" (bf16: a near-tie may flip)" if same < len(ref)
                                                                     and dtype != torch.float32 else ""))
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows, points
 
 
@@ -531,6 +533,8 @@ def run(args) -> int:
     ar_rows: list[tuple] = []
     for spec in shapes:
         r, p = check_shape(torch, spec, contexts, modes, args, device, dtype, timer, gpu, notes, ar_rows, progress)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()         # the shape's weights and graphs went with check_shape's frame
         rows += r
         points += [{**q, "shape": spec.label} for q in p]
     link_fits: dict = {}
