@@ -271,7 +271,7 @@ def predict_ar(shape: ModelShape, gpu_name: str, gpu: GPU, in_catalog: bool, pro
          "workload": {"prompt_tokens": prompt, "new_tokens": new},
          "sweep": {"stages": [1], "partition": ["uniform"], "acceptance": [0.5], "schemes": ["ar"]}}
     scen = parse_scenario(yaml.safe_dump(d))
-    costs = calibration.cost_model(scen) if calibration else None
+    costs = calibration.cost_model(scen.model, scen.hardware, scen.costs, scen.head.layers) if calibration else None
     return simulate_point(scen, Point("ar", 1, "uniform", None), costs=costs).metrics.tokens_per_s, "simulator"
 
 
@@ -451,7 +451,7 @@ def print_table(rows: list[Row]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="docs: docs/gpu.md")
     ap.add_argument("--device", choices=("cuda", "cpu"), required=True)
     ap.add_argument("--out", required=True, help="directory for gpu_check.csv, gpu_check.json and <gpu>.yaml")
     ap.add_argument("--shapes", default=None, help="comma list of catalog shapes, NAME:L for L layers of one "

@@ -14,7 +14,8 @@ import yaml
 
 pytest.importorskip("torch")
 
-from spdsim.costs import CostOverrides, RooflineCosts
+from spdsim.cost_choice import cost_model
+from spdsim.costs import RooflineCosts
 from spdsim.engine import simulate_point
 from spdsim.gpu_calibration import load_gpu_calibration
 from spdsim.hardware import GPU
@@ -75,7 +76,7 @@ def test_calibration_loads_and_moves_the_prediction(check):
     assert fit.hbm_efficiency > 0 and fit.layer_overhead_us >= 0 and fit.points == 4
 
     with_cal, without = _scenario(out / "cpu.yaml", cal.gpu_spec), _scenario(None, cal.gpu_spec, calibration=False)
-    costs = with_cal.cost_model()
+    costs = cost_model(with_cal)
     assert isinstance(costs, RooflineCosts)
     assert costs.overrides.hbm_efficiency == fit.hbm_efficiency
     assert costs.overrides.layer_overhead_us == fit.layer_overhead_us
@@ -83,7 +84,7 @@ def test_calibration_loads_and_moves_the_prediction(check):
     # in sample, the fitted roofline is no worse than the catalog's on the layer rows (least squares)
     shape = dataclasses.replace(MODEL_CATALOG["tiny"], dtype_bytes=4)
     layer = [(int(r["context"]), float(r["measured"]) * 1e-3) for r in rows if r["metric"] == "layer_ms_eager"]
-    default = without.cost_model()
+    default = cost_model(without)
 
     def rms(c):
         return math.sqrt(sum(((c.layer_s(0, x) - m) / m) ** 2 for x, m in layer) / len(layer))
