@@ -278,12 +278,13 @@ def predict_ar(shape: ModelShape, gpu_name: str, gpu: GPU, in_catalog: bool, pro
 # --- the measurements --------------------------------------------------------------------------------
 
 def check_shape(torch, spec: ShapeSpec, contexts: list[int], modes: list[str], args, device, dtype,
-                timer: Timer, gpu: GPU, notes: list[str], ar_rows: list[tuple], progress) -> tuple[list[Row], list[dict]]:
+                timer: Timer, gpu: GPU, notes: list[str], rows: list[Row], points: list[dict],
+                ar_rows: list[tuple], progress) -> None:
+    """One shape's rows (appended to rows, points, ar_rows as they are measured: a failure later keeps
+    them). A CUDA-graph failure is noted and drops "graphs" from `modes` for the rest of the run."""
     from executor.decode_step import capture_graph, make_decoder, run_layers
     s = spec.shape
     pred = roofline(s, gpu)
-    rows: list[Row] = []
-    points: list[dict] = []                                         # the fit's (mode, bytes, seconds)
     max_seq = max(max(contexts), args.prompt_tokens + args.new_tokens)
     progress(f"{spec.label}: random weights")
     model = build_model(torch, spec, max_seq, device, dtype)
@@ -293,36 +294,51 @@ def check_shape(torch, spec: ShapeSpec, contexts: list[int], modes: list[str], a
     pos = torch.zeros(1, dtype=torch.long, device=device)
     positions = torch.arange(max_seq, device=device)
 
-    def layers_fn(span: int):
-        def fn():
-            cos, sin = model.rope_cos.index_select(0, pos), model.rope_sin.index_select(0, pos)
-            return run_layers(model.layers, x, cos, sin, pos, positions, span)
-        return fn
+    def graphs_failed(e: Exception, where: str) -> None:
+        notes.append(f"CUDA graphs failed at {spec.label} {where} ({type(e).__name__}: {str(e)[:300]}): "
+                     "eager only from there on")
+        modes.remove("graphs")
 
     with torch.no_grad():
-        for mode in modes:
+        for mode in list(modes):
             progress(f"{spec.label}: layer vs context ({mode})")
-            for ctx in contexts:
-                pos.fill_(ctx - 1)                                  # the token at ctx - 1 attends ctx positions
-                fn = layers_fn(ctx)
-                call = capture_graph(fn).replay if mode == "graphs" else fn
-                t = timer.median_s(f"{spec.label}:layer:{mode}:{ctx}", call) / spec.layers
-                rows.append(Row(spec.label, f"layer_ms_{mode}", ctx, pred.layer_s(0, ctx) * 1e3, t * 1e3))
-                points.append({"mode": mode, "bytes": layer_bytes(s, ctx), "seconds": t})
-            progress(f"{spec.label}: embedding, LM head ({mode})")
-            tok = torch.ones(1, 1, dtype=torch.long, device=device)
-            for metric, fn, p in (("embed_ms", lambda: model.tok_embeddings(tok), pred.embed_s()),
-                                  ("lm_head_ms", lambda: model.output(model.norm(x)), pred.lm_head_s())):
-                call = capture_graph(fn).replay if mode == "graphs" else fn
-                t = timer.median_s(f"{spec.label}:{metric}:{mode}", call)
-                rows.append(Row(spec.label, f"{metric}_{mode}", None, p * 1e3, t * 1e3))
+            where = "layers"
+            try:
+                for ctx in contexts:
+                    pos.fill_(ctx - 1)                              # the token at ctx - 1 attends ctx positions
+                    cos, sin = model.rope_cos.index_select(0, pos), model.rope_sin.index_select(0, pos)
+                    fn = (lambda span=ctx, cos=cos, sin=sin:        # the layers alone: rope rows fixed per ctx
+                          run_layers(model.layers, x, cos, sin, pos, positions, span))
+                    call = capture_graph(fn).replay if mode == "graphs" else fn
+                    t = timer.median_s(f"{spec.label}:layer:{mode}:{ctx}", call) / spec.layers
+                    rows.append(Row(spec.label, f"layer_ms_{mode}", ctx, pred.layer_s(0, ctx) * 1e3, t * 1e3))
+                    points.append({"mode": mode, "bytes": layer_bytes(s, ctx), "seconds": t, "shape": spec.label})
+                progress(f"{spec.label}: embedding, LM head ({mode})")
+                where = "embedding / LM head"
+                tok = torch.ones(1, 1, dtype=torch.long, device=device)
+                for metric, fn, p in (("embed_ms", lambda: model.tok_embeddings(tok), pred.embed_s()),
+                                      ("lm_head_ms", lambda: model.output(model.norm(x)), pred.lm_head_s())):
+                    call = capture_graph(fn).replay if mode == "graphs" else fn
+                    t = timer.median_s(f"{spec.label}:{metric}:{mode}", call)
+                    rows.append(Row(spec.label, f"{metric}_{mode}", None, p * 1e3, t * 1e3))
+            except RuntimeError as e:
+                if mode != "graphs":
+                    raise
+                graphs_failed(e, where)
 
         if spec.layers == s.layers:                                  # the whole model: AR decoding
-            prompt = torch.randint(0, s.vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(SEED)).tolist()
+            prompt = torch.randint(0, s.vocab, (args.prompt_tokens,),
+                                   generator=torch.Generator().manual_seed(SEED)).tolist()
             tokens = {}
-            for mode in modes:
+            for mode in list(modes):
                 progress(f"{spec.label}: AR decode ({mode})")
-                dec = make_decoder(model, device, graphs=(mode == "graphs"))
+                try:
+                    dec = make_decoder(model, device, graphs=(mode == "graphs"))
+                except RuntimeError as e:
+                    if mode != "graphs":
+                        raise
+                    graphs_failed(e, "AR decoder capture")
+                    continue
                 n_steps = args.new_tokens - 1
                 tokens[mode] = dec.generate(prompt, args.new_tokens)
 
@@ -333,14 +349,13 @@ def check_shape(torch, spec: ShapeSpec, contexts: list[int], modes: list[str], a
 
                 t = timer.median_s(f"{spec.label}:ar:{mode}", decode) / n_steps
                 ar_rows.append((spec, mode, 1.0 / t))
-                del dec
+                del dec, decode
             ref = reference_tokens(torch, model, prompt, args.new_tokens, device)
             for mode, toks in tokens.items():
                 same = sum(a == b for a, b in zip(toks, ref))
                 notes.append(f"{spec.label}: the static step ({mode}) agrees with model.forward's cache path on "
                              f"{same}/{len(ref)} greedy tokens" + (" (bf16: a near-tie may flip)" if same < len(ref)
                                                                     and dtype != torch.float32 else ""))
-    return rows, points
 
 
 def reference_tokens(torch, model, prompt: list[int], n: int, device) -> list[int]:
@@ -531,19 +546,26 @@ def run(args) -> int:
             Row("-", "matmul_tflops", None, gpu.bf16_tflops, ceilings["matmul_tflops"])]
     points: list[dict] = []
     ar_rows: list[tuple] = []
-    for spec in shapes:
-        r, p = check_shape(torch, spec, contexts, modes, args, device, dtype, timer, gpu, notes, ar_rows, progress)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()         # the shape's weights and graphs went with check_shape's frame
-        rows += r
-        points += [{**q, "shape": spec.label} for q in p]
     link_fits: dict = {}
-    if multi_gpu:
-        progress("nccl: send/recv, all-reduce")
-        r, link_fits = check_nccl(torch, gpu, out, max(args.min_repeats, 20), notes)
-        rows += r
-    elif device.type == "cuda":
-        notes.append("nccl: one GPU visible: send/recv and all-reduce skipped")
+    failed = None
+    try:
+        for spec in shapes:
+            check_shape(torch, spec, contexts, modes, args, device, dtype, timer, gpu, notes, rows, points,
+                        ar_rows, progress)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()     # the shape's weights and graphs went with check_shape's frame
+        if multi_gpu:
+            progress("nccl: send/recv, all-reduce")
+            try:
+                r, link_fits = check_nccl(torch, gpu, out, max(args.min_repeats, 20), notes)
+                rows += r
+            except Exception as e:           # noqa: BLE001 - spawned NCCL workers: keep the rest of the check
+                notes.append(f"nccl: failed ({type(e).__name__}: {str(e)[:300]}): no link rows")
+        elif device.type == "cuda":
+            notes.append("nccl: one GPU visible: send/recv and all-reduce skipped")
+    except Exception as e:                   # noqa: BLE001 - write what was measured, then fail
+        failed = e
+        notes.append(f"stopped early ({type(e).__name__}: {str(e)[:300]}): the files hold what was measured")
     bar.close()
 
     # the fit: the roofline's parameters from the layer rows, per mode
@@ -618,6 +640,8 @@ def run(args) -> int:
         print(f"calibration: {out / (gpu_name + '.yaml')} (scenario: hardware.gpu: {gpu_name}, "
               f"calibration: {out / (gpu_name + '.yaml')})")
     print(f"wrote {out / 'gpu_check.csv'}")
+    if failed is not None:
+        raise failed
     return 0
 
 

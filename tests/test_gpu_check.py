@@ -169,3 +169,33 @@ def test_graph_rows_with_replays_standing_in(tmp_path, monkeypatch):
     notes = json.loads((tmp_path / "gpu_check.json").read_text())["notes"]
     for mode in ("graphs", "eager"):
         assert any(f"static step ({mode}) agrees with model.forward's cache path on 6/6" in n for n in notes), notes
+
+
+def test_a_failed_capture_leaves_the_eager_rows(tmp_path, monkeypatch):
+    """If CUDA graph capture fails on a GPU, the check notes it and measures eager only."""
+    import json
+
+    import torch
+    import executor.decode_step as ds
+    from fake_graphs import use_fake_graphs
+    use_fake_graphs(monkeypatch)
+
+    def broken(fn, warmup=2):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(ds, "capture_graph", broken)
+    g = _gpu_check_module()
+    threads = torch.get_num_threads()
+    try:
+        rc = g.main(["--device", "cpu", "--out", str(tmp_path), "--contexts", "1,64", "--prompt-tokens", "8",
+                     "--new-tokens", "4", "--repeats", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    with open(tmp_path / "gpu_check.csv") as f:
+        metrics = {r["metric"] for r in csv.DictReader(f)}
+    assert "layer_ms_eager" in metrics and "ar_tokens_per_s_eager" in metrics
+    assert not any("graphs" in m for m in metrics)
+    assert load_gpu_calibration(tmp_path / "cpu.yaml").mode == "eager"
+    notes = json.loads((tmp_path / "gpu_check.json").read_text())["notes"]
+    assert any(n.startswith("CUDA graphs failed at tiny layers") for n in notes), notes
