@@ -80,7 +80,9 @@ def attend(att: Attention, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, pos
     cache.v.index_copy_(2, pos, v)
     mask = (positions[:span] <= pos).view(1, 1, 1, span)
     y = F.scaled_dot_product_attention(q, cache.k[:, :, :span], cache.v[:, :, :span], attn_mask=mask)
-    return att.wo(y.reshape(b, 1, nh * hd))     # head h = kv head · rep + r: model.py's order
+    y = att.wo(y.reshape(b, 1, nh * hd))        # head h = kv head · rep + r: model.py's order
+    reduce = getattr(att, "reduce", None)       # a tensor-parallel shard's all-reduce, where one is set
+    return y if reduce is None else reduce(y)
 
 
 def run_layers(layers: nn.ModuleList, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, positions: Tensor,
