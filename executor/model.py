@@ -28,14 +28,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    head_dim: int = 0           # 0 = dim // n_heads; set when heads × head_dim ≠ dim (Qwen3: 32 × 128, d 2560)
 
     def __post_init__(self) -> None:
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+        if self.n_heads % self.n_kv_heads or (not self.head_dim and self.dim % self.n_heads):
             raise ValueError(f"dim {self.dim}, heads {self.n_heads}, kv_heads {self.n_kv_heads} do not divide")
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
 
     def to_json(self) -> dict:
         return asdict(self)

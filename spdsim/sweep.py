@@ -162,7 +162,10 @@ def run_command(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"spdsim: note: {note}", file=sys.stderr)
     if scenario.calibration and not quiet:
-        print(f"spdsim: note: costs from calibration {scenario.calibration!r} (not the roofline)", file=sys.stderr)
+        from spdsim.gpu_calibration import is_gpu_calibration
+        what = ("the roofline with a GPU's fitted parameters" if is_gpu_calibration(scenario.calibration_path())
+                else "not the roofline")
+        print(f"spdsim: note: costs from calibration {scenario.calibration!r} ({what})", file=sys.stderr)
     results = sweep_results(scenario, args.jobs, progress_bar("simulating", quiet), getattr(args, "dask", None))
     df = results_frame(scenario, results)
     out.mkdir(parents=True, exist_ok=True)
