@@ -1,11 +1,27 @@
-"""Point-to-point messages between pipeline ranks, behind one small interface.
+"""Messages between ranks — point-to-point and the TP groups' collectives — behind one small interface.
 
 Two implementations:
-  SocketTransport  ranks on one CPU host: a full mesh of local TCP sockets (TCP_NODELAY), one blocking
-                   `sendall` per message and exact `recv_into` reads. No background threads, so nothing
+  SocketTransport  ranks on one CPU host: a full mesh of local TCP sockets (TCP_NODELAY), non-blocking,
+                   driven by one selector in the calling thread. No background threads, so nothing
                    competes with the stage forwards for the CPU (REFERENCE.md: gloo's isend/irecv cost
                    ≈ 1 ms of CPU per token per rank while both cores compute; a plain socket did not).
-  DistTransport    torch.distributed point-to-point: NCCL between GPUs, gloo between CPU hosts.
+                   A small message goes out in one `send` call and comes in with two `recv_into` calls;
+                   whenever a rank waits — in `recv`, in a `send` the kernel cannot take at once, in a
+                   collective — it reads whatever any peer sent (parsed incrementally, message by
+                   message, into per-peer inboxes) and writes what it has queued. So two ranks sending
+                   each other large buffers at the same time cannot deadlock on full socket buffers.
+  DistTransport    torch.distributed: point-to-point NCCL between GPUs, gloo between CPU hosts; the
+                   collectives on one process group per TP group (new_group, created by every rank).
+
+Collectives (tensor parallelism, DESIGN §2): `allreduce(tensor, group)` sums in place over `group` (a
+list of global ranks, this one included, in TP-rank order); `allgather(tensor, group)` returns every
+member's tensor stacked in group order. Every rank of the group ends with bit-identical values, so the
+TP ranks of a stage hold the same activations and take the same greedy token: the direct algorithm adds
+the members' tensors in group order on every rank; the ring computes each element's sum once (on the
+rank that finishes its chunk) and copies it to the others. The socket transport implements both
+(`ALLREDUCE_ALGORITHMS`; benchmarks/allreduce_local.py times them) and uses `direct` by default: at one
+token's hidden state (≤ 64 KiB) a collective is latency-bound, and direct costs one message per peer
+where the ring costs 2(t − 1) messages in a row (see docs/executor-tp.md for the figures).
 
 Every receive has a timeout. A peer that dies is reported as `PeerLost(rank)`: the socket transport sees
 the dead rank's connection close at once and tells every other rank (ABORT), so each survivor names the
@@ -26,12 +42,16 @@ from datetime import timedelta
 import torch
 from torch import Tensor
 
-# Message kinds (see the protocol in executor/pipeline.py).
+# Message kinds (see the protocol in executor/pipeline.py). 10 is spd_dedicated's CONTROL. COLL carries
+# one part of a collective (aux: the group's operation count, a check that both sides are at the same one);
+# a collective takes it, `recv` never returns it.
 ACT, RESULT, FEAT, PREFILL, READY, STOP, BLOB, ABORT, PING = range(1, 10)
+COLL = 11
 KIND_NAMES = {ACT: "ACT", RESULT: "RESULT", FEAT: "FEAT", PREFILL: "PREFILL", READY: "READY", STOP: "STOP",
-              BLOB: "BLOB", ABORT: "ABORT", PING: "PING"}
+              BLOB: "BLOB", ABORT: "ABORT", PING: "PING", COLL: "COLL"}
+ALLREDUCE_ALGORITHMS = ("direct", "ring")
 
-_DTYPES = {0: None, 1: torch.float32, 2: torch.bfloat16, 3: torch.float16, 4: torch.uint8}
+_DTYPES = {0: None, 1: torch.float32, 2: torch.bfloat16, 3: torch.float16, 4: torch.uint8, 5: torch.int64}
 _CODES = {v: k for k, v in _DTYPES.items()}
 _HEADER = struct.Struct("<9q")      # kind, epoch, position, token, aux, rows, cols, dtype, nbytes
 HEADER_BYTES = _HEADER.size
@@ -77,6 +97,15 @@ class Transport(ABC):
     def recv(self, sources: list[int], timeout: float) -> tuple[int, Message]:
         """The next message from any of `sources` (FIFO per source); PeerLost on death or timeout."""
 
+    @abstractmethod
+    def allreduce(self, tensor: Tensor, group: list[int]) -> Tensor:
+        """Sum `tensor` in place over the ranks of `group` (global ranks, this one included); returns it.
+        Every member ends with bit-identical values."""
+
+    @abstractmethod
+    def allgather(self, tensor: Tensor, group: list[int]) -> Tensor:
+        """[len(group), *tensor.shape]: every member's `tensor`, in group order."""
+
     def abort(self, dead: int) -> None:
         """Best effort: tell every other live rank that `dead` is gone, so they exit naming it."""
 
@@ -100,7 +129,9 @@ def _message(head: tuple, payload: bytes | bytearray) -> Message:
     kind, epoch, position, token, aux, rows, cols, code, _ = head
     msg = Message(kind, epoch, position, token, aux)
     if code:
-        msg.tensor = torch.frombuffer(bytearray(payload), dtype=_DTYPES[code]).view(rows, cols)
+        buf = payload if isinstance(payload, bytearray) else bytearray(payload)   # writable, ours alone
+        msg.tensor = (torch.frombuffer(buf, dtype=_DTYPES[code]) if buf else
+                      torch.empty(0, dtype=_DTYPES[code])).view(rows, cols)
     else:
         msg.blob = bytes(payload)
     return msg
@@ -108,11 +139,45 @@ def _message(head: tuple, payload: bytes | bytearray) -> Message:
 
 # --- one CPU host: local sockets ---------------------------------------------------------------
 
+class _Inflow:
+    """One peer's incoming byte stream, parsed message by message from non-blocking reads."""
+
+    def __init__(self) -> None:
+        self.head = bytearray(HEADER_BYTES)
+        self.fields: tuple | None = None       # the header, once complete
+        self.body = bytearray()
+        self.got = 0                           # bytes of the current part (header, then body) received
+
+    def read(self, s: socket.socket) -> Message | None:
+        """Read what has arrived, up to the end of one message; the message when it completes, else None.
+        BlockingIOError when nothing (more) is there; 0 bytes read → ConnectionAbortedError (closed)."""
+        if self.fields is None:
+            k = s.recv_into(memoryview(self.head)[self.got:])
+            if k == 0:
+                raise ConnectionAbortedError
+            self.got += k
+            if self.got < HEADER_BYTES:
+                return None
+            self.fields, self.got = _HEADER.unpack(self.head), 0
+            self.body = bytearray(self.fields[-1])
+        while self.got < len(self.body):       # usually there already: one more call
+            k = s.recv_into(memoryview(self.body)[self.got:])
+            if k == 0:
+                raise ConnectionAbortedError
+            self.got += k
+        msg = _message(self.fields, self.body)
+        self.fields, self.got, self.body = None, 0, bytearray()
+        return msg
+
+
 class SocketTransport(Transport):
     name = "local"
 
-    def __init__(self, rank: int, world: int, store, timeout: float = 60.0) -> None:
-        self.rank, self.world = rank, world
+    def __init__(self, rank: int, world: int, store, timeout: float = 60.0,
+                 algorithm: str = "direct") -> None:
+        if algorithm not in ALLREDUCE_ALGORITHMS:
+            raise ValueError(f"unknown all-reduce algorithm {algorithm!r} (expected one of {ALLREDUCE_ALGORITHMS})")
+        self.rank, self.world, self.timeout, self.algorithm = rank, world, timeout, algorithm
         self.store = store                         # rank 0 hosts it: keep it alive for the run
         self.peers: dict[int, socket.socket] = {}
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -134,12 +199,17 @@ class SocketTransport(Transport):
         self.selector = selectors.DefaultSelector()
         for j, s in self.peers.items():
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.settimeout(timeout)                  # bounds a read once a message has started arriving
+            s.setblocking(False)                   # every wait goes through the selector
             self.selector.register(s, selectors.EVENT_READ, j)
+        self.inflow = {j: _Inflow() for j in self.peers}
         self.inbox: dict[int, deque[Message]] = {j: deque() for j in self.peers}
+        self.coll: dict[int, deque[Message]] = {j: deque() for j in self.peers}   # COLL parts
+        self.outq: dict[int, deque[memoryview]] = {j: deque() for j in self.peers}
         self.closed: set[int] = set()
+        self.ops: dict[tuple[int, ...], int] = {}  # collectives done per group (the COLL aux check)
 
     def _exact(self, s: socket.socket, n: int, peer: int) -> bytearray:
+        """A blocking exact read: the connection handshake only."""
         buf = bytearray(n)
         view, got = memoryview(buf), 0
         while got < n:
@@ -152,21 +222,84 @@ class SocketTransport(Transport):
             got += k
         return buf
 
+    # --- the event loop: read what arrived, write what is queued -----------------------------------
+
+    def _pump(self, timeout: float) -> None:
+        for key, mask in self.selector.select(max(timeout, 0.0)):
+            j = key.data
+            if mask & selectors.EVENT_WRITE:
+                self._flush(j)
+            if mask & selectors.EVENT_READ and j not in self.closed:
+                self._take(j)
+
+    def _take(self, j: int) -> None:
+        """Read from peer j up to one whole message (the selector says when more is there)."""
+        try:
+            msg = self.inflow[j].read(self.peers[j])
+        except BlockingIOError:
+            return
+        except ConnectionAbortedError:                  # orderly close: fatal only to who waits on j
+            self.selector.unregister(self.peers[j])
+            self.closed.add(j)
+            return
+        except (ConnectionError, OSError) as e:
+            raise PeerLost(j, f"connection failed ({e.__class__.__name__})") from None
+        if msg is None:
+            return
+        if msg.kind == ABORT:
+            raise PeerLost(msg.aux, f"died (reported by rank {j})")
+        (self.coll if msg.kind == COLL else self.inbox)[j].append(msg)
+
+    def _queue(self, dst: int, data: bytes) -> None:
+        """Hand `data` to the kernel now if it takes it, else queue the rest for the event loop."""
+        q, view = self.outq[dst], memoryview(data)
+        if not q:
+            try:
+                view = view[self.peers[dst].send(view):]
+            except BlockingIOError:
+                pass
+            except (ConnectionError, OSError):
+                raise PeerLost(dst, "died (send failed)") from None
+            if not len(view):
+                return
+            if dst not in self.closed:
+                self.selector.modify(self.peers[dst], selectors.EVENT_READ | selectors.EVENT_WRITE, dst)
+        q.append(view)
+
+    def _flush(self, j: int) -> None:
+        q, s = self.outq[j], self.peers[j]
+        try:
+            while q:
+                k = s.send(q[0])
+                q[0] = q[0][k:]
+                if len(q[0]):
+                    return
+                q.popleft()
+        except BlockingIOError:
+            return
+        except (ConnectionError, OSError):
+            raise PeerLost(j, "died (send failed)") from None
+        if j not in self.closed:            # all written: back to reading only
+            self.selector.modify(s, selectors.EVENT_READ, j)
+
+    def _wait_sent(self, dsts, deadline: float) -> None:
+        while any(self.outq[j] for j in dsts):
+            for j in dsts:
+                if self.outq[j] and j in self.closed:
+                    raise PeerClosed(j, "died (connection closed)")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                j = next(j for j in dsts if self.outq[j])
+                raise PeerLost(j, f"took nothing for {self.timeout:.0f} s (hung or dead)")
+            self._pump(left)
+
+    # --- point to point ---------------------------------------------------------------------------
+
     def send(self, dst: int, msg: Message) -> None:
         head, payload = _header(msg)
-        try:
-            self.peers[dst].sendall(head + payload)
-        except (ConnectionError, OSError):
-            raise PeerLost(dst, "died (send failed)") from None
-
-    def _read(self, peer: int) -> Message:
-        s = self.peers[peer]
-        head = _HEADER.unpack(self._exact(s, HEADER_BYTES, peer))
-        payload = self._exact(s, head[-1], peer) if head[-1] else b""
-        msg = _message(head, payload)
-        if msg.kind == ABORT:
-            raise PeerLost(msg.aux, f"died (reported by rank {peer})")
-        return msg
+        self._queue(dst, head + payload)
+        if self.outq[dst]:                  # the kernel's buffer is full: read while the peer drains it
+            self._wait_sent([dst], time.monotonic() + self.timeout)
 
     def recv(self, sources: list[int], timeout: float) -> tuple[int, Message]:
         deadline = time.monotonic() + timeout
@@ -180,25 +313,107 @@ class SocketTransport(Transport):
             if left <= 0:
                 raise PeerLost(sources[-1], f"sent nothing for {timeout:.0f} s (hung or dead)")
             # Watch every peer, not just `sources`: an ABORT or a closed connection can come from anyone.
-            for key, _ in self.selector.select(left):
-                try:
-                    self.inbox[key.data].append(self._read(key.data))
-                except PeerClosed:
-                    self.selector.unregister(key.fileobj)
-                    self.closed.add(key.data)
+            self._pump(left)
+
+    # --- collectives ------------------------------------------------------------------------------
+
+    def exchange(self, out: dict[int, Tensor], sources: list[int], op: int) -> dict[int, Tensor]:
+        """Send out[j] to every j and take one COLL part from every source, all at once (no order
+        between them, so no deadlock whatever the sizes)."""
+        for j, t in out.items():
+            head, payload = _header(Message(COLL, aux=op, tensor=t.reshape(1, -1)))
+            self._queue(j, head + payload)
+        deadline = time.monotonic() + self.timeout
+        got: dict[int, Tensor] = {}
+        while True:
+            for j in sources:
+                if j not in got and self.coll[j]:
+                    msg = self.coll[j].popleft()
+                    if msg.aux != op:
+                        raise RuntimeError(f"rank {self.rank}: collective {op} got rank {j}'s part of {msg.aux}")
+                    got[j] = msg.tensor.reshape(-1)
+            missing = [j for j in sources if j not in got]
+            if not missing and not any(self.outq[j] for j in out):
+                return got
+            for j in missing:
+                if j in self.closed:
+                    raise PeerClosed(j, "died (connection closed)")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                j = missing[0] if missing else next(j for j in out if self.outq[j])
+                raise PeerLost(j, f"sent nothing for {self.timeout:.0f} s in a collective (hung or dead)")
+            self._pump(left)
+
+    def _op(self, group: list[int]) -> int:
+        key = tuple(group)
+        self.ops[key] = self.ops.get(key, 0) + 1
+        return self.ops[key]
+
+    def allreduce(self, tensor: Tensor, group: list[int]) -> Tensor:
+        if len(group) == 1:
+            return tensor
+        flat = tensor.view(-1)                  # in place: the caller's tensor must be contiguous
+        ALLREDUCE[self.algorithm](self, flat, group, self._op(group))
+        return tensor
+
+    def allgather(self, tensor: Tensor, group: list[int]) -> Tensor:
+        flat = tensor.reshape(-1)
+        if len(group) == 1:
+            return flat.view(1, *tensor.shape)
+        got = self.exchange({j: flat for j in group if j != self.rank},
+                            [j for j in group if j != self.rank], self._op(group))
+        parts = [flat if j == self.rank else got[j] for j in group]
+        return torch.stack(parts).view(len(group), *tensor.shape)
 
     def abort(self, dead: int) -> None:
         for j in self.peers:
-            if j != dead:
+            if j != dead and j not in self.closed and not self.outq[j]:   # never inside a queued message
                 try:
-                    self.send(j, Message(ABORT, aux=dead))
-                except PeerLost:
+                    head, payload = _header(Message(ABORT, aux=dead))
+                    self.peers[j].send(head + payload)      # one try each: never wait on anyone now
+                except OSError:
                     pass
 
     def close(self, failed: bool = False) -> None:
+        if not failed:
+            try:
+                self._wait_sent(list(self.peers), time.monotonic() + 5.0)   # a last STOP may be queued
+            except PeerLost:
+                pass
         self.selector.close()
         for s in self.peers.values():
             s.close()
+
+
+def allreduce_direct(tr, flat: Tensor, group: list[int], op: int) -> None:
+    """Every rank sends its whole tensor to every other and adds all of them in group order: one message
+    per peer, t − 1 of them at once; every rank does the same additions in the same order."""
+    others = [j for j in group if j != tr.rank]
+    got = tr.exchange({j: flat for j in others}, others, op)
+    parts = [flat if j == tr.rank else got[j] for j in group]
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total += p
+    flat.copy_(total)
+
+
+def allreduce_ring(tr, flat: Tensor, group: list[int], op: int) -> None:
+    """Reduce-scatter then all-gather around the ring (2(t − 1) steps, 1/t of the tensor each): the
+    bandwidth-optimal algorithm. Chunk c is summed once, in ring order from member c, then copied."""
+    t, i = len(group), group.index(tr.rank)
+    right, left = group[(i + 1) % t], group[(i - 1) % t]
+    chunks = flat.tensor_split(t)
+    for k in range(t - 1):                      # reduce-scatter: member i ends with chunk i+1 summed
+        send, take = (i - k) % t, (i - k - 1) % t
+        got = tr.exchange({right: chunks[send]}, [left], op * 4 * t + k)
+        chunks[take].add_(got[left])
+    for k in range(t - 1):                      # all-gather the summed chunks
+        send, take = (i + 1 - k) % t, (i - k) % t
+        got = tr.exchange({right: chunks[send]}, [left], op * 4 * t + t + k)
+        chunks[take].copy_(got[left])
+
+
+ALLREDUCE = {"direct": allreduce_direct, "ring": allreduce_ring}
 
 
 # --- torch.distributed: NCCL between GPUs, gloo between CPU hosts -------------------------------
@@ -206,7 +421,8 @@ class SocketTransport(Transport):
 class DistTransport(Transport):
     name = "dist"
 
-    def __init__(self, rank: int, world: int, device: torch.device, timeout: float = 60.0) -> None:
+    def __init__(self, rank: int, world: int, device: torch.device, timeout: float = 60.0,
+                 groups: list[list[int]] = ()) -> None:
         import torch.distributed as dist
         self.dist, self.rank, self.world, self.device = dist, rank, world, device
         backend = self.backend = "nccl" if device.type == "cuda" else "gloo"
@@ -215,6 +431,42 @@ class DistTransport(Transport):
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
         self._sends: deque = deque()                               # (work, tensors kept alive)
         self._pending: dict[int, tuple] = {}                       # src → (work, header buffer)
+        # One process group per TP group; new_group is collective: every rank creates every group, in
+        # the same order, members or not.
+        self._groups = {tuple(g): dist.new_group(list(g)) for g in groups if len(g) > 1}
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        self._gather = gather
+
+    def _group(self, group: list[int]):
+        try:
+            return self._groups[tuple(group)]
+        except KeyError:
+            raise ValueError(f"rank {self.rank}: TP group {group} was not created at connect()") from None
+
+    def _collective_failed(self, group: list[int], e: RuntimeError) -> PeerLost:
+        # torch.distributed does not say which member failed; with two members it can only be the other
+        peer = next((j for j in group if j != self.rank), self.rank)
+        who = "" if len(group) == 2 else f" (or another rank of TP group {group})"
+        return PeerLost(peer, f"died or hung during a collective{who}: {str(e).splitlines()[0][:80]}")
+
+    def allreduce(self, tensor: Tensor, group: list[int]) -> Tensor:
+        if len(group) == 1:
+            return tensor
+        try:
+            self.dist.all_reduce(tensor, group=self._group(group))
+        except RuntimeError as e:
+            raise self._collective_failed(group, e) from None
+        return tensor
+
+    def allgather(self, tensor: Tensor, group: list[int]) -> Tensor:
+        if len(group) == 1:
+            return tensor.reshape(1, *tensor.shape)
+        out = torch.empty((len(group), *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        try:
+            self._gather(out, tensor.contiguous(), group=self._group(group))
+        except RuntimeError as e:
+            raise self._collective_failed(group, e) from None
+        return out
 
     def _reap(self, block: bool = False) -> None:
         while self._sends and (block or self._sends[0][0].is_completed()):
@@ -319,10 +571,13 @@ def make_store(rank: int, world: int, timeout: float = 60.0):
                     is_master=(rank == 0 and not agent), timeout=timedelta(seconds=timeout))
 
 
-def connect(kind: str, rank: int, world: int, device: torch.device, timeout: float = 60.0) -> Transport:
-    """kind: 'local' (sockets, one host) or 'dist' (torch.distributed)."""
+def connect(kind: str, rank: int, world: int, device: torch.device, timeout: float = 60.0,
+            groups: list[list[int]] = (), algorithm: str = "direct") -> Transport:
+    """kind: 'local' (sockets, one host) or 'dist' (torch.distributed). `groups`: every TP group of the
+    run (the dist transport creates their process groups collectively); `algorithm`: the socket
+    transport's all-reduce (ALLREDUCE_ALGORITHMS)."""
     if kind == "local":
-        return SocketTransport(rank, world, make_store(rank, world, timeout), timeout)
+        return SocketTransport(rank, world, make_store(rank, world, timeout), timeout, algorithm)
     if kind == "dist":
-        return DistTransport(rank, world, device, timeout)
+        return DistTransport(rank, world, device, timeout, groups)
     raise ValueError(f"unknown transport {kind!r}")
