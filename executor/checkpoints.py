@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from executor.hf_loader import load_hf_checkpoint
+from executor.hf_loader import hf_config, load_hf_checkpoint, our_name
 from executor.model import ModelConfig, Transformer
 
 
@@ -44,3 +44,33 @@ def load_checkpoint(path: str | Path) -> Transformer:
         raise ValueError(f"{path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
     return model.eval()
 
+
+
+def checkpoint_index(path: str | Path, max_seq_len: int = 2048) -> tuple[ModelConfig, dict[str, tuple[str, str]]]:
+    """The config of a checkpoint (ours or a HF directory) and where each of our tensor names lives:
+    name → (safetensors file, key in it). Reads headers only, no tensor: a TP rank then reads its own
+    slices (executor/tp.py). With tied embeddings output.weight points at the embedding."""
+    from safetensors import safe_open
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not (path / "config.json").exists() or not files:
+            raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint (needs config.json and *.safetensors)")
+        cfg = hf_config(json.loads((path / "config.json").read_text()), max_seq_len)
+        index = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    name = our_name(key)
+                    if name is not None:
+                        index[name] = (str(f), key)
+    else:
+        meta_path = Path(str(path) + ".json")
+        if not path.exists() or not meta_path.exists():
+            raise FileNotFoundError(f"{path}: no such checkpoint (expected {path} and {meta_path})")
+        cfg = ModelConfig.from_json(json.loads(meta_path.read_text())["config"])
+        with safe_open(str(path), framework="pt") as st:
+            index = {key: (str(path), key) for key in st.keys()}
+    if cfg.tie_embeddings and "tok_embeddings.weight" in index:
+        index["output.weight"] = index["tok_embeddings.weight"]
+    return cfg, index

@@ -124,7 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "spawned here, or one rank under torchrun), greedily or by sampling "
                                    "(--temperature). Prints tokens/s, bubble, waste and acceptance, all "
                                    "computed from the measured trace.")
-    r.add_argument("--stages", type=int, default=1, help="pipeline stages = processes (default 1)")
+    r.add_argument("--stages", type=int, default=1, help="pipeline stages (default 1)")
+    r.add_argument("--tp", type=int, default=1, metavar="T",
+                   help="tensor-parallel ranks per stage: T × stages processes, each holding its shard "
+                        "(default 1); T must divide the heads, the feed-forward size and the vocabulary")
+    r.add_argument("--allreduce", default="direct", choices=["direct", "ring"],
+                   help="the local transport's all-reduce under --tp (default direct: one message per peer)")
+    r.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="under --tp (greedy), rank 0 also decodes the one-device AR reference before timing "
+                        "and --json reports matches_reference (default on; it loads the whole model once)")
     r.add_argument("--scheme", default="ar", help="ar | pp | spd | spd_dedicated (n + 1 processes: rank 0 "
                                                         "embeds, drafts and verifies; default ar)")
     r.add_argument("--model", default="tiny", help="'tiny' (the shipped checkpoint), our checkpoint path, "

@@ -52,10 +52,14 @@ def layers_forward(stage: Stage, x: Tensor, positions: Tensor) -> Tensor:
 # --- ranks 1..n -------------------------------------------------------------------------------------
 
 def serve_dedicated(w: Worker, idle_timeout: float) -> None:
-    """A stage rank's loop over every job until the final STOP. `w.n` is the world size (n + 1)."""
-    r, last = w.rank, w.rank == w.n - 1
-    sources = sorted({0, r - 1})
-    stage = r - 1
+    """A stage rank's loop over every job until the final STOP. `w.n` is the world size (n·T + 1). With
+    --tp T, TP rank t of stage s takes its inputs from TP rank t of stage s-1 (stage 0's from rank 0,
+    which sends each of them the embedded token) and every stage rank gets every CONTROL; only TP rank 0
+    of the last stage sends RESULT and READY."""
+    r, L = w.rank, w.layout
+    stage, up, down = L.stage_of(r), L.upstream(r), L.downstream(r)
+    last, leader = down is None, L.tp_rank_of(r) == 0
+    sources = sorted({0, up})
     controls: deque = deque()      # filled slots and None (empty), in cycle order
     inputs: deque = deque()        # ACTs from rank r-1 not yet taken
     seen, in_job = 0, False
@@ -73,13 +77,15 @@ def serve_dedicated(w: Worker, idle_timeout: float) -> None:
             msg = inputs.popleft()
             controls.popleft()
             x = msg.tensor.to(w.device).unsqueeze(0)
+            w.at(msg.position, msg.epoch)
             t0 = clock()
             h = layers_forward(w.stage, x, torch.tensor([msg.position], device=w.device))
             w.rec.add("compute", t0, clock(), stage=stage, position=msg.position, epoch=msg.epoch)
             if last:
-                w.send(0, _act(RESULT, h, msg.epoch, msg.position), stage)
+                if leader:
+                    w.send(0, _act(RESULT, h, msg.epoch, msg.position), stage)
             else:
-                w.send(r + 1, _act(ACT, h, msg.epoch, msg.position, msg.token), stage)
+                w.send(down, _act(ACT, h, msg.epoch, msg.position, msg.token), stage)
 
     while True:
         _, msg = w.tr.recv(sources, w.timeout if in_job else idle_timeout)
@@ -93,13 +99,15 @@ def serve_dedicated(w: Worker, idle_timeout: float) -> None:
         elif msg.kind == PREFILL:
             in_job, seen = True, 0
             x = msg.tensor.to(w.device).unsqueeze(0)
+            w.at(msg.position, phase="prefill")
             t0 = clock()
             h = layers_forward(w.stage, x, torch.arange(msg.position, msg.position + x.shape[1], device=w.device))
             w.rec.add("compute", t0, clock(), stage=stage, position=msg.position, phase="prefill")
             if last:
-                w.tr.send(0, Message(READY))
+                if leader:
+                    w.tr.send(0, Message(READY))
             else:
-                w.send(r + 1, _act(PREFILL, h, position=msg.position), stage, "prefill")
+                w.send(down, _act(PREFILL, h, position=msg.position), stage, "prefill")
         elif msg.kind == STOP:
             while msg.aux != 1 and seen < msg.position:     # every CONTROL of the job, before the STOP
                 _, extra = w.tr.recv([0], w.timeout)
@@ -113,7 +121,7 @@ def serve_dedicated(w: Worker, idle_timeout: float) -> None:
             if msg.aux == 1:              # the final STOP comes from rank 0 to every rank (shutdown below)
                 return
             if not last:
-                w.tr.send(r + 1, msg)
+                w.tr.send(down, msg)
             w.tr.send(0, Message(BLOB, blob=json.dumps(w.rec.take()).encode()))
             in_job = False
         else:
@@ -125,13 +133,15 @@ def serve_dedicated(w: Worker, idle_timeout: float) -> None:
 @torch.no_grad()
 def lead_dedicated(w: Worker, job: Job, idle_timeout: float) -> JobResult:
     """Run one job as rank 0 of the n + 1-rank layout (`w.stage` is unused: rank 0 has no layers)."""
-    n, P, N = w.n - 1, len(job.prompt), job.new_tokens
+    L = w.layout
+    n, P, N = L.stages, len(job.prompt), job.new_tokens
+    first, last = L.group(0), L.rank(n - 1, 0)      # stage 0's TP ranks get every input; RESULT from `last`
     model, dev = w.model, w.device
     if job.temperature > 0:            # its only drafter, the oracle, has no distribution to sample
         raise UserError(f"--scheme {SCHEME} decodes greedily only: use --temperature 0, or --scheme spd")
     parsed = parse_draft(job.draft)
     reference = None
-    if parsed and parsed[0] == "oracle":
+    if (parsed and parsed[0] == "oracle") or job.reference:
         reference = greedy_decode(model, job.prompt, N)     # before timing
     drafter = None
     if n > 1:
@@ -148,8 +158,9 @@ def lead_dedicated(w: Worker, job: Job, idle_timeout: float) -> JobResult:
     t0 = clock()
     x = model.tok_embeddings(torch.tensor([job.prompt[:-1]], device=dev))
     head("embed", t0, 0, phase="prefill")
-    w.send(1, _act(PREFILL, x, position=0), -1, "prefill")
-    _, msg = w.tr.recv([n], idle_timeout)
+    for dst in first:
+        w.send(dst, _act(PREFILL, x, position=0), -1, "prefill")
+    _, msg = w.tr.recv([last], idle_timeout)
     assert msg.kind == READY, msg.kind
     if drafter:
         drafter.start(list(job.prompt), None)
@@ -161,9 +172,10 @@ def lead_dedicated(w: Worker, job: Job, idle_timeout: float) -> JobResult:
     restarts = [P - 1]
     while not cc.done:
         c = cc.begin()
-        for s, slot in enumerate(c.slots, start=1):
-            w.send(s, Message(CONTROL, slot.epoch if slot else 0, slot.position if slot else -1, c.cycle,
-                                aux=int(slot is not None)), -1)
+        for s, slot in enumerate(c.slots):
+            for dst in L.group(s):
+                w.send(dst, Message(CONTROL, slot.epoch if slot else 0, slot.position if slot else -1, c.cycle,
+                                    aux=int(slot is not None)), -1)
         new = c.slots[0]
         if new is not None:
             q = new.position
@@ -171,7 +183,8 @@ def lead_dedicated(w: Worker, job: Job, idle_timeout: float) -> JobResult:
             t0 = clock()
             x = model.tok_embeddings(torch.tensor([[tok]], device=dev))
             head("embed", t0, q, new.epoch)
-            w.send(1, _act(ACT, x, new.epoch, q, tok), -1)
+            for dst in first:
+                w.send(dst, _act(ACT, x, new.epoch, q, tok), -1)
             if c.draft_for is not None:
                 t0 = clock()
                 drafts[q + 1] = drafter.draft(q, tok)
@@ -179,7 +192,7 @@ def lead_dedicated(w: Worker, job: Job, idle_timeout: float) -> JobResult:
         out = c.slots[-1]
         token = None
         if out is not None:
-            _, msg = w.tr.recv([n], w.timeout)
+            _, msg = w.tr.recv([last], w.timeout)
             assert msg.kind == RESULT and (msg.position, msg.epoch) == (out.position, out.epoch), \
                 (msg.kind, msg.position, msg.epoch, out)
             t0 = clock()
@@ -191,9 +204,11 @@ def lead_dedicated(w: Worker, job: Job, idle_timeout: float) -> JobResult:
         apply_verdict(w.rec, v, token, out.epoch, seq, accepts, restarts, drafter, clock())
 
     rows = w.rec.take()
-    w.tr.send(1, Message(STOP, position=cc.cycle))
-    for _ in range(n):
-        _, msg = w.tr.recv(list(range(1, n + 1)), idle_timeout)
+    for dst in first:
+        w.tr.send(dst, Message(STOP, position=cc.cycle))
+    others = list(range(1, L.world))
+    for _ in others:
+        _, msg = w.tr.recv(others, idle_timeout)
         if msg.kind == BLOB:
             rows += json.loads(msg.blob)
     events = sorted((_event(row, restarts) for row in rows), key=lambda e: (e.start_ns, e.end_ns))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -106,6 +107,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self.reduce: Callable[[Tensor], Tensor] | None = None   # TP: the all-reduce after wo (executor/tp.py)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None) -> Tensor:
         b, t, _ = x.shape
@@ -127,7 +129,8 @@ class Attention(nn.Module):
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        return self.wo(y.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim))
+        y = self.wo(y.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim))
+        return y if self.reduce is None else self.reduce(y)
 
 
 class FeedForward(nn.Module):
@@ -136,9 +139,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)   # gate
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)   # up
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)   # down
+        self.reduce: Callable[[Tensor], Tensor] | None = None   # TP: the all-reduce after w2 (executor/tp.py)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        y = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return y if self.reduce is None else self.reduce(y)
 
 
 class Block(nn.Module):
@@ -184,7 +189,7 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch: int = 1) -> None:
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(self.cfg, batch, self.output.weight.dtype).to(self.output.weight.device)
+            layer.attention.kv_cache = KVCache(layer.attention.cfg, batch, self.output.weight.dtype).to(self.output.weight.device)
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         return self.rope_cos[positions], self.rope_sin[positions]
@@ -227,7 +232,7 @@ class Stage(nn.Module):
         dtype = self.layers[0].attention.wq.weight.dtype
         device = self.layers[0].attention.wq.weight.device
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(self.cfg, batch, dtype).to(device)
+            layer.attention.kv_cache = KVCache(layer.attention.cfg, batch, dtype).to(device)   # a TP shard's own heads
 
     def forward(self, x: Tensor, input_pos: Tensor) -> Tensor:
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]

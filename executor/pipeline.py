@@ -9,6 +9,13 @@ Control protocol (the simulator models the same one; the state machine is spdsim
   Ranks. Rank r runs stage r (layers of the uniform partition). Rank 0 also holds the embedding, the
   drafter (co-located with stage 1) and the controller: it decides what enters the pipeline, verifies,
   commits and flushes. The last rank holds the final norm + LM head and picks the greedy token.
+  With --tp T (spdsim/protocol.py, "Tensor-parallel stages") stage s runs on ranks s·T .. s·T+T-1
+  (executor/ranks.py), each holding its shard (executor/tp.py); "rank s" below then means TP rank 0
+  of stage s, and TP rank t of every stage does the same work on its shard: it takes its input from TP
+  rank t of the stage before and passes its output to TP rank t of the next. Rank 0 sends every
+  PREFILL (the prompt's token ids) and every issue (ACT without a tensor: epoch, position, token) to
+  stage 0's other TP ranks before its own forward; only TP rank 0 of a stage sends RESULT, READY and
+  features; STOP goes down every TP rank's chain and every rank sends its BLOB to rank 0.
 
   Prefill. Rank 0 sends the prompt positions 0..P-2 through the pipeline as one PREFILL chunk; every
   stage fills its KV cache; the last stage answers READY and rank 0 waits for it before decoding, so
@@ -57,12 +64,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from executor.drafters import Drafter, make_drafter, parse_draft
 from executor.model import Stage, Transformer, greedy_decode
+from executor.ranks import RankLayout
 from executor.transport import ACT, BLOB, FEAT, KIND_NAMES, PREFILL, READY, RESULT, STOP, Message, Transport
 from spdsim.protocol import SpdController
 from spdsim.trace import TraceEvent
@@ -79,6 +88,8 @@ class Job:
     seed: int = 0
     temperature: float = 0.0        # 0: greedy; T > 0: sample from softmax(logits / T), drafts verified
                                     # by speculative sampling (lossless in distribution)
+    reference: bool = False         # also decode the one-device AR reference before timing (the oracle
+                                    # always does; --tp runs do by default: JobResult.reference)
 
 
 @dataclass
@@ -95,12 +106,13 @@ class Recorder:
     """Raw events of one rank, with the epoch each belongs to (rank 0 decides later what was wasted)."""
     rank: int
     rows: list[dict] = field(default_factory=list)
+    tp_rank: int = 0                # the rank's place in its stage's TP group, on every event
 
     def add(self, kind: str, start: int, end: int, stage: int = -1, position: int = -1, epoch: int = 0,
             nbytes: int = 0, accepted: bool | None = None, phase: str = "decode", name: str = "") -> None:
         self.rows.append({"kind": kind, "start_ns": start, "end_ns": end, "stage": stage, "position": position,
                           "epoch": epoch, "bytes": nbytes, "accepted": accepted, "phase": phase, "name": name,
-                          "device": f"rank{self.rank}"})
+                          "device": f"rank{self.rank}", "tp_rank": self.tp_rank})
 
     def take(self) -> list[dict]:
         rows, self.rows = self.rows, []
@@ -206,14 +218,42 @@ def _act(msg_kind: int, h: Tensor, epoch: int = 0, position: int = 0, token: int
 
 
 class Worker:
-    """One rank: its stage, its transport, its recorder."""
+    """One rank: its stage (or its TP shard of it), its transport, its recorder.
 
-    def __init__(self, rank: int, world: int, model: Transformer, stage: Stage, transport: Transport | None,
-                 timeout: float, device: torch.device) -> None:
+    `model` is what rank 0's drafter reads (the config and the embedding: a whole Transformer, or under
+    TP stage 0's shard, whose embedding is replicated); `full_model`, when given, loads the whole model
+    for the oracle's AR reference (TP ranks hold shards only). `comm` is the rank's TP group (tp.TPComm)."""
+
+    def __init__(self, rank: int, world: int, model: Transformer | Stage, stage: Stage, transport: Transport | None,
+                 timeout: float, device: torch.device, layout: RankLayout | None = None,
+                 full_model: Callable[[], Transformer] | None = None, comm=None) -> None:
         self.rank, self.n, self.model, self.stage = rank, world, model, stage
         self.tr, self.timeout, self.device = transport, timeout, device
-        self.rec = Recorder(rank)
+        self.layout = layout or RankLayout(stages=world)
+        self.full_model = full_model
+        self.stage_index = max(self.layout.stage_of(rank), 0)
+        self.rec = Recorder(rank, tp_rank=self.layout.tp_rank_of(rank))
+        self._at: tuple[int, int, str] = (-1, 0, "decode")    # position, epoch, phase of the forward running
+        if comm is not None:
+            comm.trace = self._trace_collective
         self.stage.setup_cache()
+
+    def at(self, position: int, epoch: int = 0, phase: str = "decode") -> None:
+        """Say which forward runs next, so its TP collectives are traced with its position."""
+        self._at = (position, epoch, phase)
+
+    def _trace_collective(self, name: str, start: int, end: int, nbytes: int) -> None:
+        position, epoch, phase = self._at
+        self.rec.add("allreduce", start, end, stage=self.stage_index, position=position, epoch=epoch,
+                     nbytes=nbytes, phase=phase, name=name)
+
+    def reference(self, prompt: list[int], new_tokens: int) -> list[int]:
+        """The one-device AR greedy continuation (the oracle's), before timing."""
+        if self.full_model is not None:
+            return greedy_decode(self.full_model(), prompt, new_tokens)
+        out = greedy_decode(self.model, prompt, new_tokens)     # clobbers the shared layers' caches
+        self.stage.setup_cache()
+        return out
 
     def send(self, dst: int, msg: Message, stage: int, phase: str = "decode") -> None:
         t0 = clock()
@@ -224,58 +264,74 @@ class Worker:
     # --- ranks 1..n-1 ------------------------------------------------------------------------
 
     def serve(self, idle_timeout: float) -> None:
-        """A stage rank's loop over every job until the final STOP."""
-        r, last = self.rank, self.rank == self.n - 1
+        """A stage rank's loop over every job until the final STOP (every rank but 0: stage s's TP rank t
+        takes its inputs from TP rank t of stage s-1 — stage 0's other TP ranks from rank 0, which
+        forwards them each issue — and passes its output to TP rank t of stage s+1; only TP rank 0 of a
+        stage sends RESULT, READY and features, see spdsim/protocol.py)."""
+        r, L = self.rank, self.layout
+        s, up, down = self.stage_index, L.upstream(r), L.downstream(r)
+        last, leader = down is None, L.tp_rank_of(r) == 0
         feats, logits, in_job = False, False, False
         while True:
-            _, msg = self.tr.recv([r - 1], self.timeout if in_job else idle_timeout)
+            _, msg = self.tr.recv([up], self.timeout if in_job else idle_timeout)
             if msg.kind == STOP:
                 if not last:
-                    self.tr.send(r + 1, msg)
+                    self.tr.send(down, msg)
                 if msg.aux == 1:
                     return
                 self.tr.send(0, Message(BLOB, blob=json.dumps(self.rec.take()).encode()))
                 in_job = False
                 continue
-            x = msg.tensor.to(self.device).unsqueeze(0)
+            if s == 0:               # a TP peer of rank 0: token ids (the prompt, or the issued token)
+                x = (msg.tensor.to(self.device) if msg.kind == PREFILL
+                     else torch.tensor([[msg.token]], device=self.device))
+            else:
+                x = msg.tensor.to(self.device).unsqueeze(0)
             positions = torch.arange(msg.position, msg.position + x.shape[1], device=self.device)
             if msg.kind == PREFILL:
                 in_job, feats, logits = True, bool(msg.aux & PREFILL_FEATURES), bool(msg.aux & PREFILL_LOGITS)
+                self.at(msg.position, phase="prefill")
                 t0 = clock()
                 out, hidden, _ = stage_forward(self.stage, x, positions, logits=False)
-                self.rec.add("compute", t0, clock(), stage=r, position=msg.position, phase="prefill")
-                if feats:
-                    self.send(0, _act(FEAT, hidden, position=msg.position, aux=r + 1), r, "prefill")
+                self.rec.add("compute", t0, clock(), stage=s, position=msg.position, phase="prefill")
+                if feats and leader:
+                    self.send(0, _act(FEAT, hidden, position=msg.position, aux=s + 1), s, "prefill")
                 if last:
-                    self.tr.send(0, Message(READY))
+                    if leader:
+                        self.tr.send(0, Message(READY))
                 else:
-                    self.send(r + 1, _act(PREFILL, out, position=msg.position, aux=msg.aux), r, "prefill")
+                    self.send(down, _act(PREFILL, out, position=msg.position, aux=msg.aux), s, "prefill")
                 continue
             assert msg.kind == ACT, msg.kind
+            self.at(msg.position, msg.epoch)
             t0 = clock()
             out, hidden, _ = stage_forward(self.stage, x, positions)
-            self.rec.add("compute", t0, clock(), stage=r, position=msg.position, epoch=msg.epoch)
+            self.rec.add("compute", t0, clock(), stage=s, position=msg.position, epoch=msg.epoch)
             if last:
-                tok = int(out[0, -1].argmax())
-                self.send(0, Message(RESULT, msg.epoch, msg.position, tok,
-                                     tensor=_result_tensor(hidden, out, feats, logits)), r)
+                if leader:
+                    tok = int(out[0, -1].argmax())
+                    self.send(0, Message(RESULT, msg.epoch, msg.position, tok,
+                                         tensor=_result_tensor(hidden, out, feats, logits)), s)
             else:
-                self.send(r + 1, _act(ACT, out, msg.epoch, msg.position, msg.token), r)
-                if feats:
-                    self.send(0, _act(FEAT, hidden, msg.epoch, msg.position, aux=r + 1), r)
+                self.send(down, _act(ACT, out, msg.epoch, msg.position, msg.token), s)
+                if feats and leader:
+                    self.send(0, _act(FEAT, hidden, msg.epoch, msg.position, aux=s + 1), s)
 
     # --- rank 0 ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def lead(self, job: Job, idle_timeout: float, drafter: Drafter | None = None) -> JobResult:
         """Run one job as rank 0. `drafter` overrides the one `job.draft` names (tests use it)."""
-        n, P, N = self.n, len(job.prompt), job.new_tokens
+        L = self.layout
+        n, P, N = L.stages, len(job.prompt), job.new_tokens
+        peers = L.group(0)[1:]                       # stage 0's other TP ranks: each issue goes to them too
+        down = L.rank(1, 0) if n > 1 else None
+        leaders = L.leaders()[1:]                    # RESULT (the last), READY and features come from these
         parsed = parse_draft(job.draft)
         spd = job.scheme == "spd" and n > 1
         reference = None
-        if parsed and parsed[0] == "oracle":
-            reference = greedy_decode(self.model, job.prompt, N)   # before timing; clobbers the caches
-            self.stage.setup_cache()
+        if (parsed and parsed[0] == "oracle") or job.reference:
+            reference = self.reference(job.prompt, N)      # before timing
         if not spd:
             drafter = None
         elif drafter is None:
@@ -299,6 +355,10 @@ class Worker:
 
         # prefill: positions 0..P-2 through the whole pipeline, then READY from the last stage
         prefill = torch.tensor([job.prompt[:-1]], device=self.device)
+        flags = (PREFILL_FEATURES if feats else 0) | (PREFILL_LOGITS if sampler else 0)
+        for peer in peers:
+            self.send(peer, Message(PREFILL, position=0, aux=flags, tensor=prefill.cpu()), 0, "prefill")
+        self.at(0, phase="prefill")
         t0 = clock()
         out, hidden, emb = stage_forward(self.stage, prefill, torch.arange(P - 1, device=self.device), logits=False)
         self.rec.add("compute", t0, clock(), stage=0, position=0, phase="prefill")
@@ -306,10 +366,9 @@ class Worker:
         if feats:
             prompt_feats = {0: emb[0], 1: hidden[0]}
         if n > 1:
-            flags = (PREFILL_FEATURES if feats else 0) | (PREFILL_LOGITS if sampler else 0)
-            self.send(1, _act(PREFILL, out, position=0, aux=flags), 0, "prefill")
+            self.send(down, _act(PREFILL, out, position=0, aux=flags), 0, "prefill")
             while True:
-                src, msg = self.tr.recv(list(range(1, n)), idle_timeout)
+                src, msg = self.tr.recv(leaders, idle_timeout)
                 if msg.kind == FEAT:
                     prompt_feats[msg.aux] = msg.tensor
                 elif msg.kind == READY:
@@ -361,11 +420,14 @@ class Worker:
             if not ctl.can_issue():
                 if n == 1:
                     raise RuntimeError("single-stage pipeline stalled")   # cannot happen: results are local
-                _, msg = self.tr.recv([n - 1] if not feats else list(range(1, n)), self.timeout)
+                _, msg = self.tr.recv(leaders[-1:] if not feats else leaders, self.timeout)
                 on_message(msg)
                 continue
             issue = ctl.issue()
             tok = seq[q] if q < ctl.known else drafts[q]
+            for peer in peers:
+                self.send(peer, Message(ACT, issue.epoch, q, tok), 0)
+            self.at(q, issue.epoch)
             t0 = clock()
             out, hidden, emb = stage_forward(self.stage, torch.tensor([[tok]], device=self.device),
                                              torch.tensor([q], device=self.device))
@@ -374,13 +436,13 @@ class Worker:
                 on_message(Message(RESULT, issue.epoch, q, int(out[0, -1].argmax()),
                                    tensor=out[0, -1:] if sampler else None))
                 continue
-            self.send(1, _act(ACT, out, issue.epoch, q, tok), 0)
+            self.send(down, _act(ACT, out, issue.epoch, q, tok), 0)
             if will_draft:
                 if feats:
                     # Wait for the draft's features only now, after stage 1's forward went out, so the
                     # wait overlaps the downstream stages; a flush meanwhile voids this draft.
                     while not features_ready(q) and ctl.epoch == issue.epoch:
-                        _, msg = self.tr.recv(list(range(1, n)), self.timeout)
+                        _, msg = self.tr.recv(leaders, self.timeout)
                         on_message(msg)
                     if ctl.epoch != issue.epoch:
                         continue
@@ -401,10 +463,12 @@ class Worker:
 
         # end of the job: STOP down the pipeline, every rank's events back here
         rows = self.rec.take()
-        if n > 1:
-            self.tr.send(1, Message(STOP))
-            for _ in range(n - 1):
-                _, msg = self.tr.recv(list(range(1, n)), idle_timeout)
+        if L.world > 1:
+            for dst in peers + ([down] if down is not None else []):
+                self.tr.send(dst, Message(STOP))
+            others = list(range(1, L.world))
+            for _ in others:
+                _, msg = self.tr.recv(others, idle_timeout)
                 if msg.kind == BLOB:
                     rows += json.loads(msg.blob)
         events = [_event(row, restarts) for row in rows]
@@ -413,8 +477,9 @@ class Worker:
                          epochs=len(restarts))
 
     def shutdown(self) -> None:
-        if self.n > 1:
-            self.tr.send(1, Message(STOP, aux=1))
+        L = self.layout
+        for dst in L.group(0)[1:] + ([L.rank(1, 0)] if L.stages > 1 else []):
+            self.tr.send(dst, Message(STOP, aux=1))
 
 
 # Trace names of sends: the transport's kind names; layouts with kinds of their own (spd_dedicated's

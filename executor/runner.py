@@ -9,6 +9,8 @@ Launch modes:
   * under torchrun (RANK / WORLD_SIZE set): this process is one rank; rank 0 prints the results.
   * --stages 1: everything in this process, no transport.
   * --scheme spd_dedicated: n + 1 ranks (rank 0 without layers, executor/dedicated.py).
+  * --tp T: T ranks per stage (tensor parallel, executor/tp.py): T × N ranks (+ 1 under spd_dedicated),
+    numbered by executor/ranks.py; each TP rank loads only its shard of its stage.
 """
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ DEFAULT_TINY = Path(__file__).parent / "weights" / "tiny.safetensors"
 DEFAULT_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 SCHEMES = ("ar", "pp", "spd", "spd_dedicated")
 TRANSPORTS = ("auto", "local", "dist")
+# CPU: at most this many ranks per core. Each rank is a process with its own torch threads; further
+# past one per core every forward waits for a time slice, a decode crawls and the ranks' receive
+# timeouts start to fire on a loaded machine. 4 × leaves the tests' 4 ranks on 2 cores (slow, correct)
+# and refuses what could only time out.
+RANKS_PER_CORE = 4
 
 
 @dataclass
@@ -38,6 +45,8 @@ class RunSpec:
     model: str                      # a checkpoint path (ours) or a HF directory
     stages: int
     jobs: list[dict]                # executor.pipeline.Job fields
+    tp: int = 1                     # ranks per stage (tensor parallel)
+    allreduce: str = "direct"       # the socket transport's all-reduce (transport.ALLREDUCE_ALGORITHMS)
     device: str = "cpu"
     transport: str = "auto"
     threads: int = 1
@@ -64,7 +73,8 @@ def resolve_model(name: str) -> Path:
 
 
 def model_shape(path: Path) -> dict:
-    """n_layers, vocab_size, max_seq_len of a checkpoint, from its config only (no weights loaded)."""
+    """n_layers, vocab_size, max_seq_len, heads, KV heads and ffn_dim of a checkpoint, from its config only
+    (no weights loaded)."""
     try:
         if path.is_dir():
             from executor.hf_loader import hf_config
@@ -76,7 +86,38 @@ def model_shape(path: Path) -> dict:
         raise UserError(f"--model {path}: not a checkpoint ({e.filename} missing)") from None
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise UserError(f"--model {path}: unreadable config ({e})") from None
-    return {"n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len}
+    return {"n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
+            "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "ffn_dim": cfg.ffn_dim}
+
+
+def check_ranks(spec: RunSpec, shape: dict) -> None:
+    """--tp against the model (heads, KV heads, ffn, vocab must split) and the ranks against the device:
+    on CPU at most RANKS_PER_CORE per core; on CUDA one GPU per rank (NCCL refuses two ranks of one
+    communicator on one device; only --transport local can share a GPU)."""
+    from executor.tp import tp_problem
+    if not isinstance(spec.tp, int) or spec.tp < 1:
+        raise UserError(f"--tp must be ≥ 1, got {spec.tp}")
+    problem = tp_problem(shape["n_heads"], shape["n_kv_heads"], shape["ffn_dim"], shape["vocab_size"], spec.tp)
+    if problem:
+        raise UserError(f"--tp {spec.tp}: {problem}")
+    from executor.transport import ALLREDUCE_ALGORITHMS
+    if spec.allreduce not in ALLREDUCE_ALGORITHMS:
+        raise UserError(f"--allreduce {spec.allreduce!r}: expected one of {ALLREDUCE_ALGORITHMS}")
+    world = world_of(spec)
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", world))     # ranks on this host (torchrun: its share)
+    what = (f"--tp {spec.tp} × --stages {spec.stages}" + (" + 1 (spd_dedicated)" if dedicated(spec) else "")
+            + f" = {world} ranks")
+    if spec.device == "cpu":
+        cores = os.cpu_count() or 1
+        if here > RANKS_PER_CORE * cores:
+            raise UserError(f"{what}: more than {RANKS_PER_CORE} per core on this host's {cores} cores "
+                            f"(lower --tp or --stages)")
+    elif spec.device == "cuda" and pick_transport(spec, world) != "local":
+        import torch
+        gpus = torch.cuda.device_count()
+        if here > gpus:
+            raise UserError(f"{what}: more than the {gpus} visible GPU(s) (one GPU per rank; lower --tp or "
+                            f"--stages)")
 
 
 def validate(spec: RunSpec) -> None:
@@ -92,6 +133,7 @@ def validate(spec: RunSpec) -> None:
         raise UserError(f"--device {spec.device!r}: expected cpu or cuda")
     if spec.threads < 1:
         raise UserError("--threads must be ≥ 1")
+    check_ranks(spec, shape)
     for job in spec.jobs:
         if job["scheme"] not in SCHEMES:
             raise UserError(f"--scheme {job['scheme']!r}: expected one of {SCHEMES}")
@@ -140,9 +182,14 @@ def dedicated(spec: RunSpec) -> bool:
     return any(j["scheme"] == "spd_dedicated" for j in spec.jobs)
 
 
+def layout_of(spec: RunSpec):
+    from executor.ranks import RankLayout
+    return RankLayout(spec.stages, spec.tp, dedicated(spec))
+
+
 def world_of(spec: RunSpec) -> int:
-    """Processes a run needs: one per stage, plus rank 0 of its own under spd_dedicated."""
-    return spec.stages + 1 if dedicated(spec) else spec.stages
+    """Processes a run needs: tp per stage, plus rank 0 of its own under spd_dedicated."""
+    return layout_of(spec).world
 
 
 # --- one rank --------------------------------------------------------------------------------------
@@ -154,6 +201,7 @@ def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
     from executor.checkpoints import load_checkpoint
     from executor.pipeline import Job, Worker
     from executor import dedicated as ded
+    from executor.tp import TPComm, attach, load_tp_stage
     from executor.transport import PeerLost, connect
 
     torch.set_num_threads(spec.threads)
@@ -161,9 +209,10 @@ def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
         from executor.affinity import pin_rank
         pin_rank(rank, world)
     layout = dedicated(spec)
-    if world != world_of(spec):
-        raise UserError(f"--stages {spec.stages} but WORLD_SIZE is {world}: run one process per stage"
-                        + (" plus rank 0 (spd_dedicated: stages + 1)" if layout else ""))
+    L = layout_of(spec)
+    if world != L.world:
+        raise UserError(f"--tp {spec.tp} × --stages {spec.stages}" + (" + 1 (spd_dedicated)" if layout else "")
+                        + f" = {L.world} ranks but WORLD_SIZE is {world}: run one process per rank")
     if spec.device == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device here")
@@ -172,15 +221,27 @@ def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
     else:
         device = torch.device("cpu")
     transport_kind = pick_transport(spec, world)
-    model = load_checkpoint(spec.model).to(device)
-    parts = uniform_partition(model.cfg.n_layers, spec.stages)
-    # spd_dedicated: rank r > 0 runs stage r-1; rank 0 has no layers (its Stage object is never run)
-    stage = Stage(model, *(parts[max(rank - 1, 0)] if layout else parts[rank]))
-    tr = connect(transport_kind, rank, world, device, timeout=max(spec.timeout, 25)) if world > 1 else None
-    worker = Worker(rank, world, model, stage, tr, spec.timeout, device)
+    parts = uniform_partition(model_shape(Path(spec.model))["n_layers"], spec.stages)
+    s, tp_rank = L.stage_of(rank), L.tp_rank_of(rank)
+    full_model = None
+    if spec.tp == 1 or s < 0:
+        # the whole model; spd_dedicated's rank 0 (s = -1, its module TP = 1) has no layers: its Stage
+        # object is never run
+        model = load_checkpoint(spec.model).to(device)
+        stage = Stage(model, *parts[max(s, 0)])
+    else:                       # only this rank's shard of its stage; the oracle's reference loads the rest
+        stage = load_tp_stage(spec.model, *parts[s], spec.tp, tp_rank).to(device)
+        model, full_model = stage, (lambda: load_checkpoint(spec.model).to(device))
+    tr = (connect(transport_kind, rank, world, device, timeout=max(spec.timeout, 25),
+                  groups=L.groups() if spec.tp > 1 else [], algorithm=spec.allreduce) if world > 1 else None)
+    comm = None
+    if spec.tp > 1 and s >= 0:
+        comm = TPComm(tr, L.group(s))
+        attach(stage, comm)
+    worker = Worker(rank, world, model, stage, tr, spec.timeout, device, layout=L, full_model=full_model, comm=comm)
     if spec.verbose:
-        _say(f"executor: [rank {rank}] ready (stage {rank - layout}, layers {stage.first, stage.last}, transport "
-             f"{tr.name if tr else 'none'})")
+        _say(f"executor: [rank {rank}] ready (stage {s}" + (f", tp rank {tp_rank}" if spec.tp > 1 else "")
+             + f", layers {stage.first, stage.last}, transport {tr.name if tr else 'none'})")
     failed = True
     try:
         if rank > 0:
@@ -226,18 +287,20 @@ def summarise(res, job, spec: RunSpec, parts, transport: str, trace_dir: str | N
     from spdsim.metrics import run_metrics
     from spdsim.trace import Trace, TraceHeader, write_chrome_trace, write_trace
     n = spec.stages
+    L = layout_of(spec)
     shift = int(job.scheme == "spd_dedicated")       # stage s on rank s+1; rank 0 does head/verify
-    placement = [f"rank{r + shift}" for r in range(n)]
+    placement = [f"rank{L.rank(s)}" for s in range(n)]     # a stage's device: its TP rank 0
     m = run_metrics(res.events, job.scheme, n, job.new_tokens, placement=placement)
     if trace_dir:
         header = TraceHeader(scheme=job.scheme, stages=n, new_tokens=job.new_tokens, source="executor",
                              partition=[list(p) for p in parts], placement=placement,
                              prompt_tokens=len(job.prompt), model=spec.model_label or spec.model,
-                             device_kind=spec.device,
+                             device_kind=spec.device, tp=spec.tp,
                              extra={"transport": transport, "draft": job.draft, "threads": spec.threads,
                                     "accepts": res.accepts,
+                                    **({"groups": L.groups(), "allreduce": spec.allreduce} if spec.tp > 1 else {}),
                                     **({"rank0": "embed, draft, LM head, verify"} if shift else {})})
-        for r in range(n + shift):
+        for r in range(L.world):
             write_trace(Path(trace_dir) / f"rank{r}.jsonl", TraceHeader(**{**asdict(header), "rank": r}),
                         [e for e in res.events if e.device == f"rank{r}"])
         write_chrome_trace(Path(trace_dir) / "timeline.json", Trace(header, res.events))
@@ -248,7 +311,8 @@ def summarise(res, job, spec: RunSpec, parts, transport: str, trace_dir: str | N
            "utilization": list(m.utilization), "transport": transport, "partition": [list(p) for p in parts],
            "draft": job.draft, "prompt_tokens": len(job.prompt), "model": spec.model_label or spec.model,
            "device": spec.device, "threads": spec.threads, "epochs": res.epochs,
-           "temperature": job.temperature}
+           "temperature": job.temperature, "tp": spec.tp, "gpus": L.world,
+           "allreduce_share": m.allreduce_share}
     if res.reference is not None:
         out["matches_reference"] = res.tokens == res.reference
     return out
@@ -373,10 +437,13 @@ def spec_from_args(args) -> RunSpec:
     prompt = list(args.prompt.encode("utf-8"))
     job = {"scheme": args.scheme, "prompt": prompt, "new_tokens": args.new_tokens, "draft": args.draft,
            "seed": args.seed, "temperature": args.temperature}
+    if args.tp > 1 and args.reference and args.temperature == 0:
+        job["reference"] = True            # --json then says matches_reference
     if args.repeat < 1:
         raise UserError("--repeat must be ≥ 1")
     jobs = [dict(job, seed=args.seed + i) for i in range(args.repeat)]
-    return RunSpec(model=str(model), stages=args.stages, jobs=jobs, device=args.device, transport=args.transport,
+    return RunSpec(model=str(model), stages=args.stages, jobs=jobs, tp=args.tp, allreduce=args.allreduce,
+                   device=args.device, transport=args.transport,
                    threads=args.threads, timeout=args.timeout, trace_dir=str(args.trace) if args.trace else None,
                    model_label=args.model, verbose=args.verbose)
 
@@ -411,6 +478,8 @@ def print_results(results: list[dict], as_json: bool, trace_dir) -> None:
             out[key] = statistics.median(r[key] for r in results)
         rates = [r["acceptance_rate"] for r in results if r["acceptance_rate"] is not None]
         out["acceptance_rate"] = statistics.median(rates) if rates else None
+        shares = [r["allreduce_share"] for r in results if r.get("allreduce_share") is not None]
+        out["allreduce_share"] = statistics.median(shares) if shares else None
         out["repeats"] = [{k: r[k] for k in ("tokens_per_s", "ms_per_token", "bubble_ratio", "waste_ratio",
                                               "acceptance_rate")} for r in results]
     if as_json:
@@ -418,12 +487,14 @@ def print_results(results: list[dict], as_json: bool, trace_dir) -> None:
         return
     acc = "" if out["acceptance_rate"] is None else \
         f"  acceptance {out['acceptance_rate']:.3f} ({out['accepted']}/{out['accepted'] + out['rejected']})"
-    print(f"{out['scheme']}  stages={out['stages']}  transport={out['transport']}  "
+    print(f"{out['scheme']}  stages={out['stages']}  " + (f"tp={out['tp']}  " if out.get("tp", 1) > 1 else "")
+          + f"transport={out['transport']}  "
           f"{out['new_tokens']} new tokens" + (f"  draft={out['draft']}" if out["draft"] else "")
           + (f"  temperature={out['temperature']:g}" if out.get("temperature") else "")
           + (f"  (median of {len(results)})" if len(results) > 1 else ""))
     print(f"tokens/s {out['tokens_per_s']:.1f}  ms/token {out['ms_per_token']:.2f}  "
-          f"bubble {out['bubble_ratio']:.3f}  waste {out['waste_ratio']:.3f}" + acc)
+          f"bubble {out['bubble_ratio']:.3f}  waste {out['waste_ratio']:.3f}" + acc
+          + ("" if out.get("allreduce_share") is None else f"  all-reduce share {out['allreduce_share']:.3f}"))
     if "matches_reference" in out:
         print("lossless: " + ("tokens equal the AR greedy reference" if out["matches_reference"]
                               else "MISMATCH against the AR greedy reference"))

@@ -317,9 +317,10 @@ class SocketTransport(Transport):
 
     # --- collectives ------------------------------------------------------------------------------
 
-    def exchange(self, out: dict[int, Tensor], sources: list[int], op: int) -> dict[int, Tensor]:
-        """Send out[j] to every j and take one COLL part from every source, all at once (no order
-        between them, so no deadlock whatever the sizes)."""
+    def exchange(self, out: dict[int, Tensor], sources: list[int], op: int,
+                 device: torch.device | None = None) -> dict[int, Tensor]:
+        """Send out[j] to every j and take one COLL part from every source (onto `device`), all at once
+        (no order between them, so no deadlock whatever the sizes)."""
         for j, t in out.items():
             head, payload = _header(Message(COLL, aux=op, tensor=t.reshape(1, -1)))
             self._queue(j, head + payload)
@@ -331,7 +332,7 @@ class SocketTransport(Transport):
                     msg = self.coll[j].popleft()
                     if msg.aux != op:
                         raise RuntimeError(f"rank {self.rank}: collective {op} got rank {j}'s part of {msg.aux}")
-                    got[j] = msg.tensor.reshape(-1)
+                    got[j] = msg.tensor.reshape(-1).to(device) if device is not None else msg.tensor.reshape(-1)
             missing = [j for j in sources if j not in got]
             if not missing and not any(self.outq[j] for j in out):
                 return got
@@ -361,7 +362,7 @@ class SocketTransport(Transport):
         if len(group) == 1:
             return flat.view(1, *tensor.shape)
         got = self.exchange({j: flat for j in group if j != self.rank},
-                            [j for j in group if j != self.rank], self._op(group))
+                            [j for j in group if j != self.rank], self._op(group), flat.device)
         parts = [flat if j == self.rank else got[j] for j in group]
         return torch.stack(parts).view(len(group), *tensor.shape)
 
@@ -389,7 +390,7 @@ def allreduce_direct(tr, flat: Tensor, group: list[int], op: int) -> None:
     """Every rank sends its whole tensor to every other and adds all of them in group order: one message
     per peer, t − 1 of them at once; every rank does the same additions in the same order."""
     others = [j for j in group if j != tr.rank]
-    got = tr.exchange({j: flat for j in others}, others, op)
+    got = tr.exchange({j: flat for j in others}, others, op, flat.device)
     parts = [flat if j == tr.rank else got[j] for j in group]
     total = parts[0].clone()
     for p in parts[1:]:
@@ -405,11 +406,11 @@ def allreduce_ring(tr, flat: Tensor, group: list[int], op: int) -> None:
     chunks = flat.tensor_split(t)
     for k in range(t - 1):                      # reduce-scatter: member i ends with chunk i+1 summed
         send, take = (i - k) % t, (i - k - 1) % t
-        got = tr.exchange({right: chunks[send]}, [left], op * 4 * t + k)
+        got = tr.exchange({right: chunks[send]}, [left], op * 4 * t + k, flat.device)
         chunks[take].add_(got[left])
     for k in range(t - 1):                      # all-gather the summed chunks
         send, take = (i + 1 - k) % t, (i - k) % t
-        got = tr.exchange({right: chunks[send]}, [left], op * 4 * t + t + k)
+        got = tr.exchange({right: chunks[send]}, [left], op * 4 * t + t + k, flat.device)
         chunks[take].copy_(got[left])
 
 
