@@ -231,6 +231,7 @@ class Worker:
         self.tr, self.timeout, self.device = transport, timeout, device
         self.layout = layout or RankLayout(stages=world)
         self.full_model = full_model
+        self._references: dict[tuple, list[int]] = {}
         self.stage_index = max(self.layout.stage_of(rank), 0)
         self.rec = Recorder(rank, tp_rank=self.layout.tp_rank_of(rank))
         self._at: tuple[int, int, str] = (-1, 0, "decode")    # position, epoch, phase of the forward running
@@ -248,12 +249,15 @@ class Worker:
                      nbytes=nbytes, phase=phase, name=name)
 
     def reference(self, prompt: list[int], new_tokens: int) -> list[int]:
-        """The one-device AR greedy continuation (the oracle's), before timing."""
-        if self.full_model is not None:
-            return greedy_decode(self.full_model(), prompt, new_tokens)
-        out = greedy_decode(self.model, prompt, new_tokens)     # clobbers the shared layers' caches
-        self.stage.setup_cache()
-        return out
+        """The one-device AR greedy continuation (the oracle's), before timing; once per prompt (--repeat)."""
+        key = (tuple(prompt), new_tokens)
+        if key not in self._references:
+            if self.full_model is not None:          # loaded for this and dropped: TP ranks keep shards only
+                self._references[key] = greedy_decode(self.full_model(), prompt, new_tokens)
+            else:
+                self._references[key] = greedy_decode(self.model, prompt, new_tokens)
+                self.stage.setup_cache()             # greedy_decode clobbered the shared layers' caches
+        return list(self._references[key])
 
     def send(self, dst: int, msg: Message, stage: int, phase: str = "decode") -> None:
         t0 = clock()

@@ -462,12 +462,13 @@ class DistTransport(Transport):
     def allgather(self, tensor: Tensor, group: list[int]) -> Tensor:
         if len(group) == 1:
             return tensor.reshape(1, *tensor.shape)
-        out = torch.empty((len(group), *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        flat = tensor.contiguous().view(-1)       # gathered along dim 0: flat in, [t · numel] out
+        out = torch.empty(len(group) * flat.numel(), dtype=tensor.dtype, device=tensor.device)
         try:
-            self._gather(out, tensor.contiguous(), group=self._group(group))
+            self._gather(out, flat, group=self._group(group))
         except RuntimeError as e:
             raise self._collective_failed(group, e) from None
-        return out
+        return out.view(len(group), *tensor.shape)
 
     def _reap(self, block: bool = False) -> None:
         while self._sends and (block or self._sends[0][0].is_completed()):

@@ -1,5 +1,5 @@
-"""Faults and bad input: a dead rank makes the others exit within 30 s naming it; Ctrl-C stops every
-process; bad arguments exit 2 with one line and no traceback."""
+"""Faults and bad input: a dead rank (of a pipeline, or of a TP group) makes the others exit within 30 s
+naming it; Ctrl-C stops every process; bad arguments exit 2 with one line and no traceback."""
 import os
 import signal
 import subprocess
@@ -28,6 +28,7 @@ from executor.cli import main
     (["--scheme", "pp", "--stages", "2", "--new-tokens", "300"], "context"),
     (["--scheme", "pp", "--stages", "2", "--prompt", "x"], "2 tokens"),
     (["--scheme", "pp", "--stages", "2", "--transport", "carrier-pigeon"], "transport"),
+    (["--scheme", "pp", "--stages", "2", "--tp", "3"], "--tp 3"),
 ])
 def test_bad_arguments_exit_2_with_one_line(ckpt, capsys, argv, words):
     assert main(["run", "--model", str(ckpt), *argv]) == 2
@@ -41,14 +42,15 @@ def test_missing_model_and_no_traceback_from_the_command():
     assert out.returncode == 2 and "Traceback" not in out.stderr and "/no/such/model" in out.stderr
 
 
-def _start(ckpt, stages, extra=()):
+def _start(ckpt, stages, extra=(), tp=1):
     cmd = [sys.executable, "-m", "executor.cli", "run", "--model", str(ckpt), "--stages", str(stages), "--scheme",
-           "pp", "--new-tokens", "150", "--repeat", "1000", "--verbose", *extra]
+           "pp", "--new-tokens", "150", "--repeat", "1000", "--verbose", "--tp", str(tp), *extra]
+    world = stages * tp
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     deadline = time.monotonic() + 120
-    while sum("ready (" in l for l in lines) < stages:     # every rank loaded its stage and connected
+    while sum("ready (" in l for l in lines) < world:      # every rank loaded its stage and connected
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the ranks did not all start: {lines}")
@@ -59,7 +61,7 @@ def _start(ckpt, stages, extra=()):
         env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         rank = next(int(e[5:]) for e in env if e.startswith(b"RANK="))
         ranks[rank] = int(pid)
-    assert sorted(ranks) == list(range(stages))
+    assert sorted(ranks) == list(range(world))
     return proc, ranks, lines
 
 
@@ -71,9 +73,10 @@ def _alive(pid):
         return False
 
 
-@pytest.mark.parametrize("dead", [1, 0])
-def test_dead_rank_stops_the_others_naming_it(ckpt, dead):
-    proc, ranks, lines = _start(ckpt, 3)
+@pytest.mark.parametrize("dead,stages,tp", [(1, 3, 1), (0, 3, 1), (3, 2, 2)])
+def test_dead_rank_stops_the_others_naming_it(ckpt, dead, stages, tp):
+    """(3, 2, 2): TP rank 1 of the last stage, whose only partners are its TP peer and TP rank 1 of stage 0."""
+    proc, ranks, lines = _start(ckpt, stages, tp=tp)
     os.kill(ranks[dead], signal.SIGKILL)
     t0 = time.monotonic()
     proc.wait(timeout=60)
@@ -87,7 +90,7 @@ def test_dead_rank_stops_the_others_naming_it(ckpt, dead):
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
     # every survivor and the launcher each say, in one line, which rank died
-    assert len(lines) == 3 and all(f"rank {dead}" in l for l in lines), err
+    assert len(lines) == stages * tp and all(f"rank {dead}" in l for l in lines), err
     assert not any(_alive(p) for p in ranks.values())
 
 
