@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--alphas", default="0.5,0.8", help="oracle acceptance of the SPD run traces (default 0.5,0.8)")
     pr.add_argument("--head", default=None, metavar="PATH", help="also trace an SPD run with this trained module")
     pr.add_argument("--threads", type=int, default=1)
+    pr.add_argument("--tp", type=int, default=1, metavar="T",
+                    help="also time all-reduce / all-gather against size on T ranks (profile.json 'allreduce', "
+                         "'allgather') and trace TP runs into TRACE_DIR/runs_tp/ (default 1: neither)")
     pr.set_defaults(func=_cmd_profile)
 
     v = sub.add_parser("validate", help="measure a scenario's points here, predict them, compare",

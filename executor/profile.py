@@ -8,9 +8,19 @@ Writes into TRACE_DIR:
                    link      point-to-point message time against size for each device pair used: the
                              sender's blocking send, and half the round trip (one-way delivery) of a
                              ping-pong between two ranks over the same transport the runs use
+                 with --tp T (T > 1), on one TP group of T ranks over the runs' transport
+                 (executor/collective_bench.py; sizes in bytes of the fp32 tensor, medians in seconds):
+                   allreduce {"tp", "transport", "algorithm", "sizes", "seconds", "samples_s"}: the sum
+                             of one tensor of `size` bytes over the group (a TP layer does two per token,
+                             of one hidden state: dim × 4 bytes)
+                   allgather the same keys; `size` is the gathered row (each rank gives size / T): the
+                             vocab-parallel LM head's logits row, vocab × 4 bytes
   runs/<name>/   full AR / PP / SPD decode traces (spdsim.trace schema, one file per rank) from
                  `executor run`'s launcher, on the calibration prompt; `repeat` decodes per run in the
                  same processes, the trace is the last one's (the first ones warm up).
+  runs_tp/<name>/  with --tp T: the same for AR on one TP group (ar-n1-tp<T>) and PP / SPD on T × 2 ranks
+                 where this host allows them (the trace header's `tp` says T). Kept apart from runs/, so a
+                 calibration that does not model TP yet never fits TP traces as if they were TP = 1.
 The calibration prompt differs from `executor validate`'s measurement prompt: a calibration is never fitted
 to the very runs it then predicts (issue 6, honesty rule).
 """
@@ -48,6 +58,7 @@ class ProfileConfig:
     threads: int = 1
     links: bool = True
     runs: bool = True
+    tp: int = 1                      # > 1: the all-reduce / all-gather microbenchmark and TP run traces
 
 
 def _median_s(fn, repeats: int, warmup: int) -> tuple[float, list[float]]:
@@ -189,24 +200,59 @@ def run_configs(cfg: ProfileConfig) -> list[tuple[str, int, str, str | None]]:
     return out
 
 
-def run_traces(cfg: ProfileConfig, out_dir: Path, log=print) -> list[dict]:
-    from executor.runner import RunSpec, launch
+def tp_run_configs(cfg: ProfileConfig, max_ranks: int) -> list[tuple[str, int, str, str | None]]:
+    """The TP runs: AR on one TP group; PP and SPD on T × 2 ranks when the host allows that many."""
+    t = cfg.tp
+    out = [(f"ar-n1-tp{t}", 1, "ar", None)]
+    if cfg.stages >= 2 and 2 * t <= max_ranks:
+        out.append((f"pp-n2-tp{t}", 2, "pp", None))
+        out += [(f"spd-n2-tp{t}-a{a:g}", 2, "spd", f"oracle:{a:g}") for a in cfg.alphas]
+    return out
+
+
+def run_traces(cfg: ProfileConfig, out_dir: Path, log=print, tp: int = 1) -> list[dict]:
+    from executor.runner import RANKS_PER_CORE, RunSpec, launch
     prompt = list(cfg.prompt.encode("utf-8"))
     summaries = []
-    for name, n, scheme, draft in run_configs(cfg):
+    if tp == 1:
+        configs, where = run_configs(cfg), "runs"
+    else:
+        configs, where = tp_run_configs(cfg, RANKS_PER_CORE * (os.cpu_count() or 1) if cfg.device == "cpu"
+                                        else _gpus()), "runs_tp"
+    for name, n, scheme, draft in configs:
         jobs = [{"scheme": scheme, "prompt": prompt, "new_tokens": cfg.new_tokens, "draft": draft, "seed": 100 + i}
                 for i in range(cfg.run_repeat)]
-        spec = RunSpec(model=cfg.model, stages=n, jobs=jobs, device=cfg.device, threads=cfg.threads,
-                       trace_dir=str(out_dir / "runs" / name), model_label=Path(cfg.model).name)
+        spec = RunSpec(model=cfg.model, stages=n, jobs=jobs, device=cfg.device, threads=cfg.threads, tp=tp,
+                       trace_dir=str(out_dir / where / name), model_label=Path(cfg.model).name)
         t0 = time.time()
         res = launch(spec)
         last = res[-1]
         log(f"profile: run {name}: {last['tokens_per_s']:.1f} tok/s, bubble {last['bubble_ratio']:.3f} "
             f"({time.time() - t0:.0f} s)")
-        summaries.append({"name": name, "stages": n, "scheme": scheme, "draft": draft,
+        summaries.append({"name": name, "stages": n, "scheme": scheme, "draft": draft, "tp": tp,
                           "tokens_per_s": [r["tokens_per_s"] for r in res],
                           "bubble_ratio": [r["bubble_ratio"] for r in res]})
     return summaries
+
+
+def _gpus() -> int:
+    import torch
+    return torch.cuda.device_count()
+
+
+def collective_profile(cfg: ProfileConfig, transport: str) -> dict:
+    """profile.json's "allreduce" and "allgather" keys, over the transport (and algorithm) the runs use."""
+    from executor.collective_bench import collective_benchmarks
+    from executor.runner import RunSpec
+    algorithm = RunSpec.allreduce if transport == "local" else f"{transport}-{'nccl' if cfg.device == 'cuda' else 'gloo'}"
+    res = collective_benchmarks(cfg.tp, transport, cfg.device, repeats=cfg.repeats * 3, warmup=cfg.warmup,
+                                algorithms=(RunSpec.allreduce,))
+    out = {}
+    for op in ("allreduce", "allgather"):
+        (rows,) = res[op].values()
+        out[op] = {"tp": cfg.tp, "transport": transport, "algorithm": algorithm if op == "allreduce" else
+                   ("direct" if transport == "local" else algorithm), **rows}
+    return out
 
 
 def profile(cfg: ProfileConfig, out_dir: Path, log=print) -> Path:
@@ -217,6 +263,11 @@ def profile(cfg: ProfileConfig, out_dir: Path, log=print) -> Path:
         raise UserError(f"--stages {cfg.stages}: must be between 1 and the model's {shape['n_layers']} layers")
     if cfg.device not in ("cpu", "cuda"):
         raise UserError(f"--device {cfg.device!r}: expected cpu or cuda")
+    if cfg.tp > 1:
+        from executor.runner import RunSpec, check_ranks
+        check_ranks(RunSpec(model=cfg.model, stages=1, jobs=[], tp=cfg.tp, device=cfg.device), shape)
+    elif cfg.tp < 1:
+        raise UserError(f"--tp must be ≥ 1, got {cfg.tp}")
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = compute_benchmarks(cfg)
@@ -229,8 +280,15 @@ def profile(cfg: ProfileConfig, out_dir: Path, log=print) -> Path:
         t0 = time.time()
         data["link"] = link_benchmarks(cfg, transport)
         log(f"profile: link rank0 <-> rank1 ({transport}), {len(cfg.sizes)} sizes ({time.time() - t0:.0f} s)")
+    if cfg.tp > 1:
+        t0 = time.time()
+        data.update(collective_profile(cfg, transport))
+        log(f"profile: all-reduce and all-gather on {cfg.tp} ranks ({transport}), "
+            f"{len(data['allreduce']['sizes'])} sizes ({time.time() - t0:.0f} s)")
     if cfg.runs:
         data["runs"] = run_traces(cfg, out_dir, log)
+        if cfg.tp > 1:
+            data["runs_tp"] = run_traces(cfg, out_dir, log, tp=cfg.tp)
     path = out_dir / "profile.json"
     path.write_text(json.dumps(data, indent=1))
     return path
@@ -247,7 +305,7 @@ def profile_command(args) -> int:
         raise UserError("--alphas: each α must be in [0, 1]")
     cfg = ProfileConfig(model=model, stages=args.stages, device=args.device, repeats=args.repeats,
                         contexts=contexts, new_tokens=args.new_tokens, alphas=alphas, head=args.head,
-                        threads=args.threads)
+                        threads=args.threads, tp=args.tp)
     path = profile(cfg, Path(args.out))
     print(f"wrote {path} and {Path(args.out) / 'runs'}/ (calibrate with: spdsim calibrate {args.out} --out CALIB.yaml)")
     return 0
