@@ -5,7 +5,14 @@ with α the run's measured acceptance. Issue targets (local transport): PP ≥ 0
 ideal; SPD/AR ≥ 0.85 of ideal. Each configuration runs --repeats times, interleaved in the same
 processes (so load drift hits all alike), and the table shows medians: runs vary ±10% here.
 
+TP rows (--tp T, default 2; 1 skips them; local transport): AR on one TP group of T ranks ("vs AR" is
+TPT ÷ AR, the figure to set beside the simulator's prediction for this machine), and PP / SPD on T × n
+ranks where this host allows that many (executor.runner.RANKS_PER_CORE per core), their ideal fractions
+taken against TP PP and TP AR. On 2 shared cores T × n processes oversubscribe them: take the figures on
+a quiet machine.
+
     python benchmarks/executor_speed.py [--model tiny] [--new-tokens 128] [--repeats 5] [--transports local,dist]
+                                        [--tp 2]
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import statistics
 import sys
 import time
 
-from executor.runner import DEFAULT_PROMPT, RunSpec, launch, resolve_model
+from executor.runner import DEFAULT_PROMPT, RANKS_PER_CORE, RunSpec, launch, resolve_model
 from spdsim.metrics import ideal_spd_speedup
 
 ALPHAS = (0.0, 0.5, 0.8, 1.0)
@@ -40,6 +47,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--transports", default="local,dist")
+    ap.add_argument("--tp", type=int, default=2, help="TP rows on T ranks per stage (default 2; 1: none)")
     ap.add_argument("--json", default=None, help="also write every row to this file")
     args = ap.parse_args()
     model = str(resolve_model(args.model))
@@ -51,28 +59,41 @@ def main() -> int:
     ar = launch(RunSpec(model=model, stages=1, jobs=[dict(scheme="ar", prompt=prompt, new_tokens=N)] * R))
     rows = [{"config": "AR", "transport": "-", **medians(ar)}]
     ar_tps = rows[0]["tokens_per_s"]
-    for transport in args.transports.split(","):
+    def pipeline_rows(transport: str, tp: int, ar_base: float) -> None:
+        """PP and SPD α ∈ ALPHAS on tp × n ranks, interleaved in the same processes; ideals against ar_base."""
         configs = [("PP", dict(scheme="pp"))] + [(f"SPD α={a}", dict(scheme="spd", draft=f"oracle:{a}")) for a in ALPHAS]
         jobs = [dict(prompt=prompt, new_tokens=N, seed=i, **c) for i in range(R) for _, c in configs]
-        results = launch(RunSpec(model=model, stages=n, jobs=jobs, transport=transport))
+        results = launch(RunSpec(model=model, stages=n, tp=tp, jobs=jobs, transport=transport))
         name = results[0]["transport"]
         pp = None
         for k, (label, _) in enumerate(configs):
-            row = {"config": f"{label} n={n}", "transport": name, **medians(results[k::len(configs)])}
+            row = {"config": f"{label} n={n}" + (f" tp={tp}" if tp > 1 else ""), "transport": name,
+                   **medians(results[k::len(configs)])}
             if label == "PP":
                 pp = row["tokens_per_s"]
-                row["vs_ar"] = pp / ar_tps
+                row["vs_ar"] = pp / ar_base
             else:
                 ideal = ideal_spd_speedup(n, row["acceptance_rate"])
                 row["ideal"] = ideal
                 row["frac_ideal_vs_pp"] = row["tokens_per_s"] / (pp * ideal)
-                row["frac_ideal_vs_ar"] = row["tokens_per_s"] / (ar_tps * ideal)
+                row["frac_ideal_vs_ar"] = row["tokens_per_s"] / (ar_base * ideal)
             rows.append(row)
+
+    for transport in args.transports.split(","):
+        pipeline_rows(transport, 1, ar_tps)
+    if args.tp > 1:
+        tp_ar = launch(RunSpec(model=model, stages=1, tp=args.tp,
+                               jobs=[dict(scheme="ar", prompt=prompt, new_tokens=N)] * R))
+        row = {"config": f"AR tp={args.tp}", "transport": tp_ar[0]["transport"], **medians(tp_ar)}
+        row["vs_ar"] = row["tokens_per_s"] / ar_tps
+        rows.append(row)
+        if args.tp * n <= RANKS_PER_CORE * (os.cpu_count() or 1):
+            pipeline_rows("local", args.tp, row["tokens_per_s"])
 
     print(f"# executor speed: {args.model}, {N} new tokens, n={n}, median of {R} "
           f"(load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end, {time.time() - t_start:.0f} s)")
     print(f"| config | transport | tokens/s | ±half-range | ms/token | bubble | waste | acceptance | "
-          f"PP÷AR | ideal | SPD÷(PP×ideal) | SPD÷(AR×ideal) |")
+          f"÷AR | ideal | SPD÷(PP×ideal) | SPD÷(AR×ideal) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, d=3: "" if v is None else f"{v:.{d}f}"
     for r in rows:
