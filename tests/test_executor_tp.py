@@ -254,7 +254,8 @@ def _check_trace(trace, stages, tp, dim, vocab, layers):
 
 
 def test_tp2_two_stages_every_scheme_equals_ar(ckpt, ref, tmp_path):
-    from executor.spec_head import HeadConfig, SpecHead, save_drafter
+    from executor.drafter_modules import save_drafter
+    from executor.spec_head import HeadConfig, SpecHead
     target = load_checkpoint(ckpt)
     head = SpecHead(HeadConfig.for_target(target.cfg, 2, ffn_dim=64), target, seed=1).eval()
     hpath = tmp_path / "head.safetensors"
