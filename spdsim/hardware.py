@@ -72,7 +72,8 @@ TOPOLOGY_KEYS: dict[str, set[str]] = {
     "ring": {"latency_us", "gbps"},
     "pcie-tree": {"latency_us", "gbps", "gpus_per_switch", "switches_per_bridge",
                   "bridge_latency_us", "bridge_gbps"},
-    "multi-node": {"latency_us", "gbps", "nodes", "inter_latency_us", "inter_gbps", "tp_across_nodes"},
+    "multi-node": {"latency_us", "gbps", "nodes", "gpus_per_node", "inter_latency_us", "inter_gbps",
+                   "tp_across_nodes"},
 }
 BOOL_TOPOLOGY_KEYS = {"tp_across_nodes"}
 
@@ -212,7 +213,8 @@ def build_topology(spec: TopologySpec, count: int) -> Topology:
         domains = [devices[i:i + per_sw] for i in range(0, count, per_sw)]
     elif spec.kind == "multi-node":
         nodes = int(p["nodes"])
-        per_node = -(-count // nodes)
+        # gpus_per_node (optional): nodes of that size, the last one partly used; else count spread evenly
+        per_node = int(p["gpus_per_node"]) if p.get("gpus_per_node") else -(-count // nodes)
         for i, d in enumerate(devices):
             _link(g, d, f"node{i // per_node}-switch", lat, gbps, "nvlink")   # an HGX node
             node_of[d] = i // per_node

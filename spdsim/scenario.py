@@ -268,7 +268,7 @@ def _topology(obj: Any, gpu: GPU) -> TopologySpec:
                 raise UserError(f"hardware.topology.{k}: expected true or false")
             params[k] = 1.0 if v else 0.0
             continue
-        integer = k in ("gpus_per_switch", "switches_per_bridge", "nodes")
+        integer = k in ("gpus_per_switch", "switches_per_bridge", "nodes", "gpus_per_node")
         positive = integer or k.endswith("gbps")
         params[k] = _num(v, f"hardware.topology.{k}", positive=positive, nonneg=True, integer=integer)
     return TopologySpec(kind, params)

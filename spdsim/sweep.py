@@ -62,10 +62,13 @@ def sweep_results(scenario: Scenario, jobs: int = 1,
                   dask: str | None = None) -> list[PointResult]:
     """Every point of the sweep, in the order of `scenario.points()` (independent of `jobs` and of
     where the points ran: in this process, in `jobs` local processes or on a Dask cluster)."""
+    return run_tasks(_simulate_task, _tasks(scenario), jobs=jobs, dask=dask, progress=progress)
+
+
+def _tasks(scenario: Scenario) -> list[tuple[Scenario, Point, Plan]]:
     points = scenario.points()
     plans = plans_for(scenario, points)
-    tasks = [(scenario, p, plans[(p.stages, p.partition, p.tp)]) for p in points]
-    return run_tasks(_simulate_task, tasks, jobs=jobs, dask=dask, progress=progress)
+    return [(scenario, p, plans[(p.stages, p.partition, p.tp)]) for p in points]
 
 
 def fastest_tp(tp_rates: dict[int, float], gpus: int) -> float | None:
@@ -160,8 +163,15 @@ def run_scenarios(scenarios: list[Scenario], jobs: int = 1, progress: Callable[[
                   dask: str | None = None) -> pd.DataFrame:
     """Every scenario of a file, one after another; their rows in one table (the `scenario` column
     tells them apart, and every speedup is taken within its own scenario)."""
-    frames = [results_frame(sc, sweep_results(sc, jobs, progress, dask)) for sc in scenarios]
-    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    if len(scenarios) == 1:
+        return results_frame(scenarios[0], sweep_results(scenarios[0], jobs, progress, dask))
+    tasks, spans = [], []
+    for sc in scenarios:           # one pool for all of them
+        more = _tasks(sc)
+        spans.append((len(tasks), len(tasks) + len(more)))
+        tasks += more
+    results = run_tasks(_simulate_task, tasks, jobs=jobs, dask=dask, progress=progress)
+    return pd.concat([results_frame(sc, results[a:b]) for sc, (a, b) in zip(scenarios, spans)], ignore_index=True)
 
 
 # --- the table -----------------------------------------------------------------------------------------
