@@ -72,6 +72,9 @@ def format_comparison(cmp: pd.DataFrame) -> str:
                      cell(r["tokens_per_cycle"], ".2f"), cell(r["bubble_ratio"], ".3f"), cell(r["speedup_vs_pp"], ".2f"),
                      cell(r["speedup_vs_ar"], ".2f"), cell(r["speedup_vs_tp"], ".2f"), cell(r["ms_per_token"], ".3f"),
                      cell(r["theoretical_speedup"], ".2f")))
+    if "scenario" in cmp.columns and cmp["scenario"].nunique() > 1:   # several scenarios: say which
+        rows = [("scenario", *rows[0])] + [(sc, *r) for sc, r in zip(cmp["scenario"], rows[1:])]
+        return align(rows, left=(0, 1, 5, 8))
     return align(rows, left=(0, 4, 7))
 
 
