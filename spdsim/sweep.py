@@ -177,15 +177,19 @@ def run_scenarios(scenarios: list[Scenario], jobs: int = 1, progress: Callable[[
 # --- the table -----------------------------------------------------------------------------------------
 
 def format_table(df: pd.DataFrame) -> str:
-    rows = [("scheme", "n", "partition", "α", "tok/s", "ms/tok", "×PP", "×AR", "bubble", "waste", "accept", "placement")]
+    """Every point (`spdsim run --full`); tp, GPUs and ×TP where the sweep has TP."""
+    tp = "tp" in df.columns and (df["tp"] > 1).any()
+    rows = [("scheme", "n", *(("tp", "gpus") if tp else ()), "partition", "α", "tok/s", "ms/tok", "×PP", "×AR",
+             *(("×TP",) if tp else ()), "bubble", "waste", "accept", "placement")]
     for _, r in df.iterrows():
         acc = r["acceptance"]
-        rows.append((r["scheme"], str(r["stages"]), r["partition"],
+        rows.append((r["scheme"], str(r["stages"]), *((str(r["tp"]), str(r["gpus"])) if tp else ()), r["partition"],
                      acc if isinstance(acc, str) else cell(acc, ".2f"),
                      cell(r["tokens_per_s"], ".1f"), cell(r["ms_per_token"], ".2f"), cell(r["speedup_vs_pp"], ".2f"),
-                     cell(r["speedup_vs_ar"], ".2f"), cell(r["bubble_ratio"], ".3f"), cell(r["waste_ratio"], ".3f"),
-                     cell(r["acceptance_rate"], ".3f"), r["placement"] if r["partition"] == "comm_aware" else ""))
-    return align(rows, left=(0, 2, 11))
+                     cell(r["speedup_vs_ar"], ".2f"), *((cell(r["speedup_vs_tp"], ".2f"),) if tp else ()),
+                     cell(r["bubble_ratio"], ".3f"), cell(r["waste_ratio"], ".3f"), cell(r["acceptance_rate"], ".3f"),
+                     r["placement"] if r["partition"] == "comm_aware" or (tp and r["tp"] > 1) else ""))
+    return align(rows, left=(0, 4 if tp else 2, len(rows[0]) - 1))
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -237,7 +241,13 @@ def run_command(args: argparse.Namespace) -> int:
             print(("\n" if i else "") +
                   f"{scenario.name}: {scenario.model.name} on {hw.count} × {hw.gpu.name} ({hw.topology.kind}), "
                   f"{scenario.workload.prompt_tokens} prompt + {scenario.workload.new_tokens} new tokens, batch 1{tp}")
-            print(format_summary(df[df["scenario"] == scenario.name] if len(scenarios) > 1 else df))
+            mine = df[df["scenario"] == scenario.name] if len(scenarios) > 1 else df
+            print(format_summary(mine))
+            if max(scenario.sweep.tp) > 1:           # TP beside SPD: the where-SPD-pays table
+                from spdsim.where import format_where, where_spd_pays
+                where = where_spd_pays(mine)
+                if not where.empty:
+                    print("\n" + format_where(where))
         print(f"\nwrote {out / 'results.csv'} ({len(df)} points; every one is in the table there and in "
               f"index.html{'' if getattr(args, 'full', False) else ', or print them with --full'})")
     if not getattr(args, "no_plots", False):

@@ -90,14 +90,17 @@ def where_spd_pays(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_where(table: pd.DataFrame) -> str:
-    """The where-SPD-pays table as aligned text (what `spdsim compare` prints)."""
+    """The where-SPD-pays table as aligned text (what `spdsim compare` and `spdsim run` print); the
+    scenario column only when the table holds several."""
     if table.empty:
         return "where SPD pays: nothing to compare (needs SPD points and an ar / plain-TP baseline)"
-    head = ("scenario", "α", "gpus", *FAMILIES, "SPD÷TP", "fastest")
+    several = table["scenario"].nunique() > 1
+    head = (*(("scenario",) if several else ()), "α", "gpus", *FAMILIES, "SPD÷TP", "fastest")
     rows = [head]
     for _, r in table.iterrows():
-        rows.append((str(r["scenario"]), cell(r["acceptance"], ".2f"), str(int(r["gpus"])),
+        rows.append((*((str(r["scenario"]),) if several else ()), cell(r["acceptance"], ".2f"), str(int(r["gpus"])),
                      *(cell(r[f], ".1f") for f in FAMILIES), cell(r["spd_vs_tp"], ".2f"), str(r["fastest"])))
     note = ("tokens/s, the best per family on exactly that many GPUs; SPD÷TP = the best SPD or TP×SPD point "
             "÷ the fastest plain TP / AR on at most that many GPUs")
-    return "where SPD pays (against tensor parallelism)\n" + align(rows, left=(0, len(head) - 1)) + "\n" + note
+    left = (0, len(head) - 1) if several else (len(head) - 1,)
+    return "where SPD pays (against tensor parallelism)\n" + align(rows, left=left) + "\n" + note
