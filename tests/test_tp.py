@@ -364,3 +364,32 @@ def test_plan_searches_tp_never_recommends_a_dominated_configuration_and_bounds_
     better = sim[(sim["tokens_per_s"] >= rec["tokens_per_s"]) & (sim["usd_per_hour"] <= rec["usd_per_hour"])]
     assert ((better["tokens_per_s"] == rec["tokens_per_s"]) & (better["usd_per_hour"] == rec["usd_per_hour"])).all()
     assert "cheapest meeting the target" in out
+
+
+# --- where SPD pays ----------------------------------------------------------------------------------
+
+def test_run_of_a_file_of_scenarios_prints_where_spd_pays_and_the_report_draws_it(tmp_path, capsys):
+    import argparse
+    from spdsim.plots import plot_where_spd_pays
+    from spdsim.sweep import run_command
+    from spdsim.where import where_spd_pays
+    base = {"name": "h100", "hardware": {"gpu": "h100-sxm", "count": 4, "topology": "nvswitch"},
+            "model": "llama-3-8b", "workload": {"prompt_tokens": 64, "new_tokens": 16},
+            "sweep": {"stages": [1, 2], "tp": [1, 2], "partition": ["uniform"], "acceptance": [0.8, 0.9],
+                      "schemes": ["ar", "pp", "spd", "sd"]}}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(base) + "---\nname: l40s\nhardware: {gpu: l40s, topology: pcie-tree}\n")
+    ns = argparse.Namespace(scenario=path, out=tmp_path / "out", jobs=1, quiet=False, no_plots=True, trace=None,
+                            dask=None, full=False)
+    assert run_command(ns) == 0
+    out = capsys.readouterr().out
+    assert out.count("where SPD pays") == 2 and "l40s: llama-3-8b on 4 × l40s" in out
+    df = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert set(df["scenario"]) == {"h100", "l40s"}
+    table = where_spd_pays(df)
+    for _, r in table.dropna(subset=["spd_vs_tp"]).iterrows():
+        spd = df[(df["scenario"] == r["scenario"]) & df["scheme"].isin(["spd", "spd_dedicated"])
+                 & (df["stages"] > 1) & (df["gpus"] == r["gpus"]) & (df["acceptance"] == r["acceptance"])]
+        assert r["spd_vs_tp"] == pytest.approx(spd["speedup_vs_tp"].max())
+        assert r["tp_best"] >= r["TP"] if not math.isnan(r["TP"]) else True
+    assert plot_where_spd_pays(df, tmp_path / "w.png") is not None and (tmp_path / "w.png").stat().st_size > 1000
