@@ -1,7 +1,22 @@
 """The calibrated cost model and its file: `CalibratedCosts`, the `spdsim.costs.CostModel` a scenario
 gets when it names `calibration: CALIB.yaml` (written by `spdsim calibrate`, fitted in
 `spdsim.calibrate`), how it is read and written, and the compute regimes it distinguishes.
-This module must not import torch, and imports nothing that simulates."""
+This module must not import torch, and imports nothing that simulates.
+
+Tensor parallelism: tp = 1 costs exactly as without TP. A point with tp > 1 needs the file's optional
+`tp:` section (which `spdsim calibrate` will write from the executor's TP profile), else a UserError
+naming `calibration`:
+
+    tp:
+      allreduce: {latency_us: 45.0, gbps: 0.4}   # one all-reduce of n bytes: latency + n / bandwidth
+      allgather: {latency_us: 50.0, gbps: 0.4}   # the LM head's logits all-gather (n = the whole row)
+      layer_scale: {2: 0.62, 4: 0.40}            # a layer's time at TP t ÷ at TP 1 on the profiled host
+
+A TP stage forward then costs its layers × layer_scale[t] (the LM head scales the same way; the
+embedding is replicated and does not), under the point's regime as at TP 1, plus two all-reduces of
+the hidden state per layer and, on the last stage, the all-gather of the logits row (measured on the
+host, so the topology does not enter). The message sizes come from the scenario's model shape
+(`spdsim.cost_choice` sets `model`)."""
 from __future__ import annotations
 
 import functools
@@ -13,6 +28,7 @@ import yaml
 
 from spdsim.errors import UserError
 from spdsim.jitter import Jitter
+from spdsim.models import ModelShape
 
 
 CALIBRATION_KIND = "spdsim-calibration"
@@ -20,6 +36,36 @@ VERSION = 1
 
 
 # --- the calibrated cost model ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TpCalibration:
+    """The `tp:` section: collectives measured on the profiled host and the TP layer-time factors."""
+    allreduce_latency_s: float
+    allreduce_bandwidth: float            # bytes / s
+    allgather_latency_s: float
+    allgather_bandwidth: float
+    layer_scale: dict[int, float]
+
+    def to_yaml_dict(self) -> dict:
+        return {"allreduce": {"latency_us": self.allreduce_latency_s * 1e6, "gbps": self.allreduce_bandwidth / 1e9},
+                "allgather": {"latency_us": self.allgather_latency_s * 1e6, "gbps": self.allgather_bandwidth / 1e9},
+                "layer_scale": {int(k): float(v) for k, v in self.layer_scale.items()}}
+
+    @classmethod
+    def from_yaml_dict(cls, d: dict, where: str) -> "TpCalibration":
+        try:
+            ar, ag = d["allreduce"], d.get("allgather") or d["allreduce"]
+            tp = cls(allreduce_latency_s=float(ar["latency_us"]) * 1e-6, allreduce_bandwidth=float(ar["gbps"]) * 1e9,
+                     allgather_latency_s=float(ag["latency_us"]) * 1e-6, allgather_bandwidth=float(ag["gbps"]) * 1e9,
+                     layer_scale={int(k): float(v) for k, v in (d.get("layer_scale") or {}).items()})
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where}: malformed tp section ({e.__class__.__name__}: {e}; expected allreduce: "
+                            "{latency_us, gbps}, allgather: {latency_us, gbps}, layer_scale: {T: factor})") from None
+        if min(tp.allreduce_latency_s, tp.allgather_latency_s) < 0 or min(tp.allreduce_bandwidth, tp.allgather_bandwidth) <= 0 \
+                or any(v <= 0 for v in tp.layer_scale.values()):
+            raise UserError(f"{where}: tp section has a negative time, a non-positive bandwidth or layer_scale")
+        return tp
+
 
 @dataclass
 class CalibratedCosts:
@@ -47,14 +93,55 @@ class CalibratedCosts:
     jitter: Jitter | None = None          # the picked regime's (None: every forward costs its mean)
     head_kind: str = "oracle"             # which drafter head_s stands for
     source: dict = field(default_factory=dict)
+    tp_calibration: TpCalibration | None = None   # the file's `tp:` section (module docstring)
+    model: ModelShape | None = None       # the scenario's shape: TP message sizes (set by cost_choice)
+    tp: int = 1                           # the TP degree for_point bound (1: exactly as without TP)
+
+    # --- TP ---
+    def _layer_scale(self) -> float:
+        return self.tp_calibration.layer_scale[self.tp] if self.tp > 1 else 1.0
+
+    def _allreduce_s(self) -> float:
+        c = self.tp_calibration
+        return c.allreduce_latency_s + self.model.activation_bytes / c.allreduce_bandwidth
+
+    def _allgather_s(self) -> float:
+        c = self.tp_calibration
+        return c.allgather_latency_s + self.model.logits_bytes / c.allgather_bandwidth
+
+    def stage_allreduce_s(self, stage: int, first_layer: int, last_layer: int, last: bool) -> float:
+        if self.tp == 1:
+            return 0.0
+        return 2 * (last_layer - first_layer) * self._allreduce_s() + (self._allgather_s() if last else 0.0)
+
+    def with_tp(self, tp: int, groups=None) -> "CalibratedCosts":
+        """Bound to TP tp (groups: unused, the collectives were measured on the host)."""
+        from dataclasses import replace
+        if tp == 1:
+            return replace(self, tp=1)
+        c = self.tp_calibration
+        profiled = self.source.get("profile") or self.source.get("trace_dir") or "the profile"
+        if c is None:
+            raise UserError(f"calibration: tp = {tp} needs the file's tp section (all-reduce, all-gather and "
+                            f"TP layer figures from a TP profile of this host); {profiled} has none")
+        if tp not in c.layer_scale:
+            raise UserError(f"calibration: tp section has no layer_scale for tp = {tp} "
+                            f"(profiled: {', '.join(map(str, sorted(c.layer_scale))) or 'none'})")
+        if self.model is None:
+            raise UserError("calibration: a TP point needs the model shape (use spdsim.cost_choice.cost_model)")
+        return replace(self, tp=tp)
 
     def layer_s(self, layer: int, ctx: int) -> float:
+        if self.tp > 1:
+            return self.scale * self._layer_scale() * (self.layer_a_s + self.layer_b_s * ctx) + 2 * self._allreduce_s()
         return self.scale * (self.layer_a_s + self.layer_b_s * ctx)
 
     def embed_s(self) -> float:
         return self.scale * self.embed_s_
 
     def lm_head_s(self) -> float:
+        if self.tp > 1:
+            return self.scale * self._layer_scale() * self.lm_head_s_ + self._allgather_s()
         return self.scale * self.lm_head_s_
 
     def head_s(self, ctx: int) -> float:
@@ -74,6 +161,12 @@ class CalibratedCosts:
         return 0.0
 
     def stage_s(self, stage: int, first_layer: int, last_layer: int, ctx: int, first: bool, last: bool) -> float:
+        if self.tp > 1:
+            k = self._layer_scale()
+            t = _micro_stage_s(k * self.layer_a_s, k * self.layer_b_s, self.embed_s_, k * self.lm_head_s_,
+                               (first_layer, last_layer), ctx, first, last)
+            return (t * self.role_scale.get(stage_role(first, last), self.scale)
+                    + self.stage_allreduce_s(stage, first_layer, last_layer, last))
         t = _micro_stage_s(self.layer_a_s, self.layer_b_s, self.embed_s_, self.lm_head_s_, (first_layer, last_layer),
                            ctx, first, last)
         return t * self.role_scale.get(stage_role(first, last), self.scale)
@@ -85,8 +178,11 @@ class CalibratedCosts:
         from dataclasses import replace
         return replace(self, head_kind=kind)
 
-    def for_point(self, scheme: str, stages: int) -> "CalibratedCosts":
-        """The costs of one simulated point: the compute regime its scheme runs in on the profiled host."""
+    def for_point(self, scheme: str, stages: int, tp: int = 1, groups=None) -> "CalibratedCosts":
+        """The costs of one simulated point: the compute regime its scheme runs in on the profiled host
+        (and, for tp > 1, the file's TP figures)."""
+        if tp > 1:
+            return self.with_tp(tp).for_point(scheme, stages)
         from dataclasses import replace
         regime = regime_of(scheme, stages, self.head_kind)
         if regime == "drafting" and "drafting" not in self.contention_by:
@@ -111,7 +207,8 @@ class CalibratedCosts:
                 "tick_by_ms": {k: v * 1e3 for k, v in self.tick_by.items()},
                 "jitter_by": {k: v.to_dict() for k, v in self.jitter_by.items()},
                 "msg_by_ms": {k: v * 1e3 for k, v in self.msg_by.items()},
-                "fit_error_pct": fit_error or {}, "source": self.source}
+                "fit_error_pct": fit_error or {}, "source": self.source,
+                **({"tp": self.tp_calibration.to_yaml_dict()} if self.tp_calibration is not None else {})}
 
     @classmethod
     def from_yaml_dict(cls, d: dict, where: str = "calibration") -> "CalibratedCosts":
@@ -134,7 +231,8 @@ class CalibratedCosts:
                         tick_by={str(k): float(v) * 1e-3 for k, v in (d.get("tick_by_ms") or {}).items()},
                         jitter_by={str(k): Jitter.from_dict(v) for k, v in (d.get("jitter_by") or {}).items()},
                         msg_by={str(k): float(v) * 1e-3 for k, v in (d.get("msg_by_ms") or {}).items()},
-                        source=dict(d.get("source") or {}))
+                        source=dict(d.get("source") or {}),
+                        tp_calibration=(TpCalibration.from_yaml_dict(d["tp"], where) if d.get("tp") else None))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: malformed calibration ({e.__class__.__name__}: {e})") from None
         if costs.link_bandwidth <= 0 or min(costs.layer_a_s, costs.tick_overhead_s, costs.msg_overhead_s,

@@ -46,7 +46,12 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="SPD draft acceptance: one α, or a table per stage count, e.g. 2:0.9,4:0.85 (default 0.8)")
     p.add_argument("--topology", default=None, metavar="KIND",
                    help="interconnect (default: nvswitch up to 8 NVLink GPUs, multi-node beyond; pcie-tree without NVLink)")
-    p.add_argument("--schemes", default="ar,pp,spd", help="schemes to consider (default ar,pp,spd)")
+    p.add_argument("--schemes", default="ar,pp,spd,sd,chain",
+                   help="schemes to consider (default ar,pp,spd,sd,chain; ar with tp > 1 is plain tensor "
+                        "parallelism, sd / chain run at one stage on a TP group)")
+    p.add_argument("--tp", default=None, metavar="T[,T2...]",
+                   help="TP degrees (GPUs per stage) to consider (default: every power of two up to 8 that "
+                        "the model's heads allow)")
     p.add_argument("--partition", default="uniform,compute_balanced,comm_aware", help="partitioners to consider (default uniform,compute_balanced,comm_aware)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=256)

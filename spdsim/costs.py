@@ -8,12 +8,25 @@ Everything the simulator charges time for comes from a `CostModel`:
   hop_s        one link hop: (time the link is held = bytes / bandwidth, latency after it)
   tick_overhead_s  fixed host-side time per compute (the executor's Python per tick), not device-busy
   msg_overhead_s   fixed host-side time per message sent, added to its delivery
-A calibrated model fitted from executor traces (the `calibration:` key, a later issue) implements the
-same methods. All times are seconds.
+A calibrated model fitted from executor traces (the `calibration:` key, spdsim/calibration_file.py)
+implements the same methods. All times are seconds.
+
+Tensor parallelism (DESIGN §2; the contract in `spdsim.protocol`). `for_point(scheme, stages, tp, groups)`
+binds a model to a point's TP degree (and, where known, each stage's TP group of devices); a bound
+model's `stage_s` is what one stage forward of a TP group costs: its layers at TP t (weights ÷ t, KV ÷ t
+with KV heads replicated when kv_heads < t, FLOPs ÷ t, the same launch overhead per layer), two
+all-reduces of one token's hidden state per layer, and on the last stage the vocab-parallel LM head
+(÷ t) plus the all-gather of the logits row; the embedding is replicated. `stage_allreduce_s` is the
+all-reduce + all-gather part of it (the engine's `allreduce` events). The speculative module, the
+verification of spd_dedicated's rank 0 (`head_s`, `draft_s`, `verify_s`) run on one GPU (TP rank 0):
+they keep their TP = 1 costs. Collectives are `spdsim.collectives` over the group's links
+(`Topology.allreduce_s`); `costs.allreduce` pins the algorithm, `costs.allreduce_us` fixes every
+collective's time (0: free collectives). `costs.layer_ms` / `lm_head_ms` are one GPU's figures: a TP
+group of t divides them by t.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from spdsim.hardware import GPU, Topology
@@ -46,6 +59,10 @@ class CostOverrides:
     control_ms: float = 0.0            # build + broadcast the control message (links' latency on top)
     sync_ms: float = 0.0               # wait for outstanding point-to-point operations
     draft_ms: float | None = None      # one draft of the speculative module (default: head_s)
+    # Tensor parallelism: the all-reduce algorithm (spdsim.collectives.ALGORITHMS), or a fixed time per
+    # collective (each all-reduce and the LM head's all-gather) that replaces the model.
+    allreduce: str = "auto"
+    allreduce_us: float | None = None
 
 
 class CostModel(Protocol):
@@ -55,6 +72,7 @@ class CostModel(Protocol):
     msg_overhead_s: float
     send_block_s: float                # the first rank blocks this long after each ACT send under SPD
     jitter: "Jitter | None"            # forward-to-forward variability the engine draws (spdsim/jitter.py)
+    tp: int                            # the TP degree the model is bound to (1 unless for_point set it)
 
     def layer_s(self, layer: int, ctx: int) -> float: ...
     def embed_s(self) -> float: ...
@@ -66,8 +84,12 @@ class CostModel(Protocol):
     def sync_s(self) -> float: ...     # spd_dedicated: wait for outstanding point-to-point operations
     def stage_s(self, stage: int, first_layer: int, last_layer: int, ctx: int,
                 first: bool, last: bool) -> float: ...
+    def stage_allreduce_s(self, stage: int, first_layer: int, last_layer: int, last: bool) -> float: ...
     def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]: ...
-    def for_point(self, scheme: str, stages: int) -> "CostModel": ...   # the costs one point runs with
+    # the costs one point runs with: its scheme's regime (calibrated), its TP degree and TP groups
+    def for_point(self, scheme: str, stages: int, tp: int = 1,
+                  groups: "tuple[tuple[str, ...], ...] | None" = None) -> "CostModel": ...
+    def with_tp(self, tp: int, groups: "tuple[tuple[str, ...], ...] | None" = None) -> "CostModel": ...
 
 
 @dataclass
@@ -78,6 +100,8 @@ class RooflineCosts:
     topology: Topology
     overrides: CostOverrides = CostOverrides()
     head_layers: int = 1          # the speculative module: this many decoder layers + a vocab projection
+    tp: int = 1                   # GPUs per stage (a TP group); see the module docstring
+    groups: tuple[tuple[str, ...], ...] | None = None   # each stage's TP group (None: the first tp devices)
 
     def __post_init__(self) -> None:
         o = self.overrides
@@ -93,15 +117,68 @@ class RooflineCosts:
         self._kv_bytes = m.kv_bytes_per_token_layer()
         self._flops0 = m.layer_flops(0)
         self._flops_per_ctx = m.layer_flops(1) - self._flops0
+        t = self.tp
+        self._tp_layer_bytes = m.layer_bytes_rank(t)
+        self._tp_kv_bytes = m.kv_bytes_per_token_layer(t)
+        self._tp_flops0 = m.layer_flops(0, t)
+        self._tp_flops_per_ctx = m.layer_flops(1, t) - self._tp_flops0
+        self._collective: dict[int, tuple[float, float]] = {}   # stage → (one all-reduce, the all-gather)
 
     def _roof(self, nbytes: float, flops: float) -> float:
         return max(nbytes / self._bw, flops / self._flops)
 
     def layer_s(self, layer: int, ctx: int) -> float:
+        """One decoder layer; bound to TP t, one rank's share of it plus its two all-reduces (on the
+        first stage's group: what the partitioners weigh layers by)."""
+        if self.tp > 1:
+            return self._tp_layer_s(ctx) + 2 * self._collectives(0)[0]
+        return self._layer1_s(ctx)
+
+    def _layer1_s(self, ctx: int) -> float:
         if self.overrides.layer_ms is not None:
             return self.overrides.layer_ms * 1e-3
         nbytes = self._layer_bytes + ctx * self._kv_bytes
         return self._roof(nbytes, self._flops0 + ctx * self._flops_per_ctx) + self._layer_overhead
+
+    def _tp_layer_s(self, ctx: int) -> float:
+        """One rank's share of a layer at TP t, no collectives."""
+        if self.overrides.layer_ms is not None:
+            return self.overrides.layer_ms * 1e-3 / self.tp
+        nbytes = self._tp_layer_bytes + ctx * self._tp_kv_bytes
+        return self._roof(nbytes, self._tp_flops0 + ctx * self._tp_flops_per_ctx) + self._layer_overhead
+
+    def _tp_lm_head_s(self) -> float:
+        if self.overrides.lm_head_ms is not None:
+            return self.overrides.lm_head_ms * 1e-3 / self.tp
+        m = self.model
+        return self._roof(m.lm_head_bytes_rank(self.tp), m.lm_head_flops / self.tp) + self._layer_overhead
+
+    def _group(self, stage: int) -> tuple[str, ...]:
+        g = self.groups
+        if g:
+            return g[stage] if 0 <= stage < len(g) else g[0]
+        return tuple(self.topology.devices[:self.tp])
+
+    def _collectives(self, stage: int) -> tuple[float, float]:
+        """(one all-reduce of the hidden state, the all-gather of the logits row) on stage's group."""
+        got = self._collective.get(stage)
+        if got is None:
+            o = self.overrides
+            if o.allreduce_us is not None:
+                got = (o.allreduce_us * 1e-6, o.allreduce_us * 1e-6)
+            else:
+                group, m = self._group(stage), self.model
+                got = (self.topology.allreduce_s(m.activation_bytes, group, o.allreduce),
+                       self.topology.allgather_s(m.logits_bytes, group, o.allreduce))
+            self._collective[stage] = got
+        return got
+
+    def stage_allreduce_s(self, stage: int, first_layer: int, last_layer: int, last: bool) -> float:
+        """The collectives inside stage_s: 2 all-reduces per layer, the logits all-gather if last."""
+        if self.tp == 1:
+            return 0.0
+        ar, ag = self._collectives(stage)
+        return 2 * (last_layer - first_layer) * ar + (ag if last else 0.0)
 
     def embed_s(self) -> float:
         if self.overrides.embed_ms is not None:
@@ -109,19 +186,26 @@ class RooflineCosts:
         return self.model.activation_bytes / self._bw + KERNEL_OVERHEAD_US * 1e-6
 
     def lm_head_s(self) -> float:
+        """Final norm + LM head; bound to TP t, vocab-parallel plus the logits all-gather."""
+        if self.tp > 1:
+            return self._tp_lm_head_s() + self._collectives(0)[1]
+        return self._lm_head1_s()
+
+    def _lm_head1_s(self) -> float:
         if self.overrides.lm_head_ms is not None:
             return self.overrides.lm_head_ms * 1e-3
         return self._roof(self.model.lm_head_bytes, self.model.lm_head_flops) + self._layer_overhead
 
     def head_s(self, ctx: int) -> float:
+        """The speculative module, on one GPU (TP rank 0 of stage 1, or its own): TP = 1 costs."""
         if self.overrides.head_ms is not None:
             return self.overrides.head_ms * 1e-3
-        return self.head_layers * self.layer_s(-1, ctx) + self.lm_head_s()
+        return self.head_layers * self._layer1_s(ctx) + self._lm_head1_s()
 
     def verify_s(self) -> float:
         if self.overrides.verify_ms is not None:
             return self.overrides.verify_ms * 1e-3
-        return self.lm_head_s()
+        return self._lm_head1_s()
 
     def draft_s(self, ctx: int) -> float:
         if self.overrides.draft_ms is not None:
@@ -134,11 +218,24 @@ class RooflineCosts:
     def sync_s(self) -> float:
         return self.overrides.sync_ms * 1e-3
 
-    def for_point(self, scheme: str, stages: int) -> "RooflineCosts":
-        return self                    # a roofline does not depend on what else runs on the host
+    def for_point(self, scheme: str, stages: int, tp: int = 1,
+                  groups: tuple[tuple[str, ...], ...] | None = None) -> "RooflineCosts":
+        # a roofline does not depend on what else runs on the host; only the TP binding changes it
+        return self if tp == self.tp == 1 else self.with_tp(tp, groups)
+
+    def with_tp(self, tp: int, groups: tuple[tuple[str, ...], ...] | None = None) -> "RooflineCosts":
+        return replace(self, tp=tp, groups=tuple(tuple(g) for g in groups) if groups else None)
 
     def stage_s(self, stage: int, first_layer: int, last_layer: int, ctx: int,
                 first: bool, last: bool) -> float:
+        if self.tp > 1:
+            ar, ag = self._collectives(stage)
+            t = (last_layer - first_layer) * (self._tp_layer_s(ctx) + 2 * ar)
+            if first:
+                t += self.embed_s()          # replicated: every rank looks its row up
+            if last:
+                t += self._tp_lm_head_s() + ag
+            return t
         if self.overrides.layer_ms is not None:       # every layer alike: no per-layer loop
             t = (last_layer - first_layer) * self.overrides.layer_ms * 1e-3
         else:
@@ -167,48 +264,54 @@ class StageMemory:
         return self.weights + self.kv_cache + self.activations + self.draft
 
 
-def activation_bytes(model: ModelShape, tokens: int, last: bool) -> int:
+def activation_bytes(model: ModelShape, tokens: int, last: bool, tp: int = 1) -> int:
     """Peak transient memory of one layer's forward over `tokens` positions at once (the prefill chunk):
     residual, q / k / v / attention output, the MLP's gate / up / product, and eager attention scores
-    (heads × tokens², fp32); the last stage adds fp32 logits for one position. Layers run one after
-    another, so this does not grow with the stage's layer count."""
+    (heads × tokens², fp32); the last stage adds fp32 logits for one position (the whole row: TP ranks
+    all-gather it). Layers run one after another, so this does not grow with the stage's layer count.
+    Under TP one rank holds its heads' and its MLP slice's share; the residual is replicated."""
     if tokens <= 0:
         return 0
     m = model
-    per_token = 2 * m.hidden + 2 * m.heads * m.hd + 2 * m.kv_heads * m.hd + 3 * m.ffn
-    b = tokens * per_token * m.dtype_bytes + 4 * m.heads * tokens * tokens
+    per_token = (2 * m.hidden + 2 * m.heads_rank(tp) * m.hd + 2 * m.kv_heads_rank(tp) * m.hd
+                 + 3 * -(-m.ffn // tp))
+    b = tokens * per_token * m.dtype_bytes + 4 * m.heads_rank(tp) * tokens * tokens
     if last:
         b += 4 * m.vocab
     return b
 
 
 def stage_memory(model: ModelShape, n_layers: int, first: bool, last: bool, max_ctx: int,
-                 head_layers: int = 0, prefill_tokens: int = 0) -> StageMemory:
+                 head_layers: int = 0, prefill_tokens: int = 0, tp: int = 1) -> StageMemory:
     """Weights + KV cache for max_ctx tokens on one stage's device (+ activations for a prefill of
     prefill_tokens; 0 leaves them out); head_layers > 0 when the speculative module (its layers and its
-    own vocab projection) lives there too."""
-    kv_layer = max_ctx * model.kv_bytes_per_token_layer()
-    weights = n_layers * model.layer_bytes
+    own vocab projection) lives there too. With tp > 1: one GPU of the stage's TP group (its rank 0,
+    which also holds a co-located module): layer weights ÷ t, KV ÷ t (one KV head per rank when
+    kv_heads < t), the LM head's vocab slice, the embedding and the norms whole."""
+    kv_layer = max_ctx * model.kv_bytes_per_token_layer(tp)
+    weights = n_layers * model.layer_bytes_rank(tp)
     if first:
         weights += model.embed_bytes
     if last:
-        weights += model.lm_head_bytes
-    draft = head_layers * (model.layer_bytes + kv_layer) + model.lm_head_bytes if head_layers else 0
-    return StageMemory(weights, n_layers * kv_layer, activation_bytes(model, prefill_tokens, last), draft)
+        weights += model.lm_head_bytes_rank(tp)
+    draft = 0
+    if head_layers:      # the module is one GPU's (TP = 1)
+        draft = head_layers * (model.layer_bytes + max_ctx * model.kv_bytes_per_token_layer()) + model.lm_head_bytes
+    return StageMemory(weights, n_layers * kv_layer, activation_bytes(model, prefill_tokens, last, tp), draft)
 
 
 def stage_memory_bytes(model: ModelShape, n_layers: int, first: bool, last: bool, max_ctx: int,
-                       head_layers: int = 0) -> int:
+                       head_layers: int = 0, tp: int = 1) -> int:
     """Weights + KV cache (+ a co-located speculative module): `stage_memory(...).total` without
     activations, in plain arithmetic (the partitioners' DP calls it tens of thousands of times)."""
-    per_layer = model.layer_bytes + max_ctx * model.kv_bytes_per_token_layer()
+    per_layer = model.layer_bytes_rank(tp) + max_ctx * model.kv_bytes_per_token_layer(tp)
     b = n_layers * per_layer
     if first:
         b += model.embed_bytes
     if last:
-        b += model.lm_head_bytes
+        b += model.lm_head_bytes_rank(tp)
     if head_layers:
-        b += head_layers * per_layer + model.lm_head_bytes
+        b += head_layers * (model.layer_bytes + max_ctx * model.kv_bytes_per_token_layer()) + model.lm_head_bytes
     return b
 
 

@@ -6,7 +6,7 @@ shared kernel (`spdsim.kernel`), measure with `spdsim.metrics.run_metrics`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ from spdsim.cost_choice import cost_model
 from spdsim.costs import CostModel
 from spdsim.kernel import RunConfig, Sim, jitter_rng, point_rng
 from spdsim.metrics import RunMetrics, run_metrics
-from spdsim.partition import Plan, PlanInputs, make_plan
+from spdsim.partition import Plan, PlanInputs, default_groups, make_plan
 from spdsim.schemes import SCHEMES
 from spdsim.schemes.spd import first_device, speculative_module
 from spdsim.trace import TraceEvent, TraceHeader
@@ -49,20 +49,27 @@ class PointResult:
     extra: dict = field(default_factory=dict)   # scheme-specific columns (per-cycle breakdown, ...)
 
 
-def plan_inputs(scenario, n: int) -> PlanInputs:
+def plan_inputs(scenario, n: int, tp: int = 1) -> PlanInputs:
+    """What the partitioners see for n stages (of TP groups of tp: costs bound to the default groups)."""
     alphas = [a.alpha for a in scenario.sweep.acceptance_for(n) if a.alpha is not None] if n > 1 else []
     w = scenario.workload
+    costs, groups = cost_model(scenario), ()
+    dedicated = scenario.head.placement == "dedicated"
+    drafts = "spd" in scenario.sweep.schemes
+    if tp > 1:
+        groups = default_groups(scenario.hardware.graph, n, tp)[0]
+        costs = costs.with_tp(tp, groups)
     return PlanInputs(
-        model=scenario.model, costs=cost_model(scenario), topology=scenario.hardware.graph,
-        gpu=scenario.hardware.gpu, n=n, drafts="spd" in scenario.sweep.schemes,
-        dedicated_head=scenario.head.placement == "dedicated", head_layers=scenario.head.layers,
+        model=scenario.model, costs=costs, topology=scenario.hardware.graph,
+        gpu=scenario.hardware.gpu, n=n, drafts=drafts,
+        dedicated_head=dedicated, head_layers=scenario.head.layers,
         features=scenario.head.features, checkpoints_per_stage=scenario.head.checkpoints_per_stage,
         alpha=float(np.mean(alphas)) if alphas else 0.8,
-        ctx=w.prompt_tokens + w.new_tokens // 2, max_ctx=w.prompt_tokens + w.new_tokens)
+        ctx=w.prompt_tokens + w.new_tokens // 2, max_ctx=w.prompt_tokens + w.new_tokens, tp=tp, groups=groups)
 
 
 def plan_point(scenario, point) -> Plan:
-    return make_plan(point.partition, plan_inputs(scenario, point.stages))
+    return make_plan(point.partition, plan_inputs(scenario, point.stages, point.tp))
 
 
 def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None = None,
@@ -77,19 +84,20 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
     # a run of N tokens verifies N - 1 drafts: exactly round(α(N-1)) of them accept (acceptance.sampler)
     accept = (sampler(point.acceptance, point_rng(scenario.seed, point), exact_over=scenario.workload.new_tokens - 1)
               if drafts and point.acceptance is not None else (lambda: True))
-    costs = (costs or cost_model(scenario)).for_point(point.scheme, n)   # a calibration differs per scheme
+    # a calibration differs per scheme; TP binds the costs to the plan's groups
+    costs = (costs or cost_model(scenario)).for_point(point.scheme, n, plan.tp, plan.groups or None)
     cfg = RunConfig(costs=costs, topology=scenario.hardware.graph,
                     prompt_tokens=scenario.workload.prompt_tokens, new_tokens=scenario.workload.new_tokens,
                     window=scheme.window(n), drafts=drafts, features=scenario.head.features,
                     activation_bytes=m.activation_bytes,
                     feature_bytes=m.activation_bytes * scenario.head.checkpoints_per_stage,
-                    accept=accept, rng=jitter_rng(scenario.seed))
+                    accept=accept, rng=jitter_rng(scenario.seed), logits_bytes=m.logits_bytes)
     extra: dict = {}
     if scheme.simulate is not None:      # schemes with their own process (spd_dedicated, sd, chain)
         events, plan, extra = scheme.simulate(scenario, point, plan, cfg, env, keep_events)
     else:
         if not drafts:
-            plan = Plan(plan.partition, plan.layers, plan.placement, None)
+            plan = replace(plan, head_device=None)
         sim = run(plan, cfg, env, log_sends=keep_events)
         events = sim.trace_events(sends=keep_events)
     metrics = run_metrics(events, point.scheme, n, scenario.workload.new_tokens, list(plan.placement))
@@ -97,7 +105,9 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
         scheme=point.scheme, stages=n, new_tokens=scenario.workload.new_tokens, source="simulator",
         partition=[list(r) for r in plan.layers], placement=list(plan.placement),
         prompt_tokens=scenario.workload.prompt_tokens, model=m.name, device_kind=scenario.hardware.gpu.name,
+        tp=plan.tp,
         extra={"scenario": scenario.name, "point_id": point.point_id, "partition_kind": plan.partition,
                "acceptance": None if point.acceptance is None else point.acceptance.value,
-               "head_device": plan.head_device, "seed": scenario.seed})
+               "head_device": plan.head_device, "seed": scenario.seed,
+               **({"groups": [list(g) for g in plan.groups]} if plan.groups else {})})
     return PointResult(point, plan, metrics, header, events if keep_events else None, extra)

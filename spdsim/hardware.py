@@ -3,16 +3,24 @@
 Every edge of a topology graph is one *directed* link with `latency_s` and `bandwidth` (bytes/s). A
 transfer follows the lowest-latency path and is store-and-forward: on each hop it holds that link for
 bytes / bandwidth (so concurrent transfers on one link queue), then pays the hop's latency. GPU nodes
-are named "gpu0", "gpu1", ...; switches, host bridges and NICs get their own node names.
+are named "gpu0", "gpu1", ...; switches, host bridges and NICs get their own node names. Every edge also
+has a `kind` (`spdsim.collectives.LINK_KINDS`: nvlink, pcie-switch, host-bridge, inter-node, or link for
+the what-if graphs), which the all-reduce model of a TP group reads (`Topology.group_links`).
+
+TP groups (DESIGN §2): `Topology.domains` are the device sets a group should stay inside — a node
+(multi-node), a PCIe switch (pcie-tree), all devices otherwise — and `Topology.node_of` the node of a
+device; on multi-node a group may span nodes only with `tp_across_nodes: true`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import networkx as nx
 
+from spdsim.collectives import LINK_KINDS, GroupLinks, allgather_s, allreduce_s
 from spdsim.errors import UserError
 
 GB = 1e9
@@ -64,8 +72,10 @@ TOPOLOGY_KEYS: dict[str, set[str]] = {
     "ring": {"latency_us", "gbps"},
     "pcie-tree": {"latency_us", "gbps", "gpus_per_switch", "switches_per_bridge",
                   "bridge_latency_us", "bridge_gbps"},
-    "multi-node": {"latency_us", "gbps", "nodes", "inter_latency_us", "inter_gbps"},
+    "multi-node": {"latency_us", "gbps", "nodes", "gpus_per_node", "inter_latency_us", "inter_gbps",
+                   "tp_across_nodes"},
 }
+BOOL_TOPOLOGY_KEYS = {"tp_across_nodes"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,9 @@ class Topology:
     graph: nx.DiGraph
     devices: list[str]
     kind: str
+    domains: list[list[str]] = field(default_factory=list)   # where a TP group should stay (see above)
+    node_of: dict[str, int] = field(default_factory=dict)     # device → node (multi-node); else 0
+    tp_across_nodes: bool = True        # may a TP group span nodes (multi-node: only when allowed)
 
     @cached_property
     def _paths(self) -> dict[str, dict[str, list[str]]]:
@@ -106,10 +119,45 @@ class Topology:
         """Unloaded transfer time: Σ over hops of latency + bytes / bandwidth."""
         return sum(lat + nbytes / bw for lat, bw in (self.edge(u, v) for u, v in self.path(src, dst)))
 
+    # --- TP groups -----------------------------------------------------------------------------
+    @cached_property
+    def _group_cache(self) -> dict[tuple[str, ...], GroupLinks]:
+        return {}
 
-def _link(g: nx.DiGraph, a: str, b: str, latency_us: float, gbps: float) -> None:
+    def group_links(self, group: tuple[str, ...] | list[str]) -> GroupLinks:
+        """What a collective over these devices crosses: the slowest link kind between two members in
+        one node, the nodes spanned, the slowest link bandwidth on any member-to-member path."""
+        key = tuple(sorted(group))
+        got = self._group_cache.get(key)
+        if got is not None:
+            return got
+        rank = {k: i for i, k in enumerate(LINK_KINDS)}
+        kind, bw, step = "nvlink", math.inf, 0.0
+        for i, a in enumerate(key):
+            for b in key[i + 1:]:
+                for u, v in (*self.path(a, b), *self.path(b, a)):
+                    d = self.graph.edges[u, v]
+                    bw = min(bw, d["bandwidth"])
+                    k = d.get("kind", "link")
+                    if k != "inter-node" and rank[k] > rank[kind]:
+                        kind = k
+                step = max(step, sum(self.graph.edges[u, v]["latency_s"] for u, v in self.path(a, b)))
+        nodes = len({self.node_of.get(d, 0) for d in key})
+        got = GroupLinks(size=len(key), nodes=nodes, kind=kind, bandwidth=bw, step_s=step)
+        self._group_cache[key] = got
+        return got
+
+    def allreduce_s(self, nbytes: float, group: tuple[str, ...] | list[str], algorithm: str = "auto") -> float:
+        """One all-reduce of nbytes over the TP group `group` (`spdsim.collectives`)."""
+        return allreduce_s(nbytes, self.group_links(group), algorithm)
+
+    def allgather_s(self, nbytes: float, group: tuple[str, ...] | list[str], algorithm: str = "auto") -> float:
+        return allgather_s(nbytes, self.group_links(group), algorithm)
+
+
+def _link(g: nx.DiGraph, a: str, b: str, latency_us: float, gbps: float, kind: str = "link") -> None:
     for u, v in ((a, b), (b, a)):
-        g.add_edge(u, v, latency_s=latency_us * 1e-6, bandwidth=gbps * GB)
+        g.add_edge(u, v, latency_s=latency_us * 1e-6, bandwidth=gbps * GB, kind=kind)
 
 
 def default_topology_params(kind: str, gpu: GPU) -> dict[str, float]:
@@ -129,7 +177,7 @@ def default_topology_params(kind: str, gpu: GPU) -> dict[str, float]:
         # Inter-node: REFERENCE.md, Vidur A100 inter-node ≈ 24 µs small, ≈ 7.8 GB/s large (H100: 17 µs, 36 GB/s).
         inter = (17.0, 36.0) if gpu.bf16_tflops > 500 else (24.0, 7.8)
         return {"latency_us": lat / 2, "gbps": fast, "nodes": 2,
-                "inter_latency_us": inter[0], "inter_gbps": inter[1]}
+                "inter_latency_us": inter[0], "inter_gbps": inter[1], "tp_across_nodes": 0.0}
     raise UserError(f"hardware.topology.kind: unknown {kind!r} (expected one of {', '.join(TOPOLOGY_KINDS)})")
 
 
@@ -139,6 +187,9 @@ def build_topology(spec: TopologySpec, count: int) -> Topology:
     devices = [f"gpu{i}" for i in range(count)]
     g.add_nodes_from(devices)
     lat, gbps = p["latency_us"], p["gbps"]
+    domains: list[list[str]] = [list(devices)]
+    node_of: dict[str, int] = {}
+    across = True
     if spec.kind == "full":
         for i in range(count):
             for j in range(i + 1, count):
@@ -148,28 +199,34 @@ def build_topology(spec: TopologySpec, count: int) -> Topology:
             _link(g, devices[i], devices[(i + 1) % count], lat, gbps)
     elif spec.kind == "nvswitch":
         for d in devices:
-            _link(g, d, "nvswitch", lat, gbps)
+            _link(g, d, "nvswitch", lat, gbps, "nvlink")
     elif spec.kind == "pcie-tree":
         per_sw, per_br = int(p["gpus_per_switch"]), int(p["switches_per_bridge"])
         n_sw = -(-count // per_sw)
         n_br = -(-n_sw // per_br)
         for i, d in enumerate(devices):
-            _link(g, d, f"pcie-sw{i // per_sw}", lat, gbps)
-        for s in range(n_sw):
-            _link(g, f"pcie-sw{s}", f"bridge{s // per_br}", lat, gbps)
+            _link(g, d, f"pcie-sw{i // per_sw}", lat, gbps, "pcie-switch")
+        for s in range(n_sw):   # a path through here crosses the CPU root complex
+            _link(g, f"pcie-sw{s}", f"bridge{s // per_br}", lat, gbps, "host-bridge")
         for b in range(1, n_br):   # sockets joined in a chain (UPI / Infinity Fabric)
-            _link(g, f"bridge{b - 1}", f"bridge{b}", p["bridge_latency_us"], p["bridge_gbps"])
+            _link(g, f"bridge{b - 1}", f"bridge{b}", p["bridge_latency_us"], p["bridge_gbps"], "host-bridge")
+        domains = [devices[i:i + per_sw] for i in range(0, count, per_sw)]
     elif spec.kind == "multi-node":
         nodes = int(p["nodes"])
-        per_node = -(-count // nodes)
+        # gpus_per_node (optional): nodes of that size, the last one partly used; else count spread evenly
+        per_node = int(p["gpus_per_node"]) if p.get("gpus_per_node") else -(-count // nodes)
         for i, d in enumerate(devices):
-            _link(g, d, f"node{i // per_node}-switch", lat, gbps)
+            _link(g, d, f"node{i // per_node}-switch", lat, gbps, "nvlink")   # an HGX node
+            node_of[d] = i // per_node
         for k in range(-(-count // per_node)):
-            _link(g, f"node{k}-switch", f"node{k}-nic", p["inter_latency_us"] / 2, p["inter_gbps"])
-            _link(g, f"node{k}-nic", "fabric", 0.0, p["inter_gbps"])
+            _link(g, f"node{k}-switch", f"node{k}-nic", p["inter_latency_us"] / 2, p["inter_gbps"], "inter-node")
+            _link(g, f"node{k}-nic", "fabric", 0.0, p["inter_gbps"], "inter-node")
+        domains = [devices[i:i + per_node] for i in range(0, count, per_node)]
+        across = bool(p.get("tp_across_nodes", 0.0))
     else:
         raise UserError(f"hardware.topology.kind: unknown {spec.kind!r} (expected one of {', '.join(TOPOLOGY_KINDS)})")
-    return Topology(graph=g, devices=devices, kind=spec.kind)
+    return Topology(graph=g, devices=devices, kind=spec.kind, domains=domains, node_of=node_of,
+                    tp_across_nodes=across)
 
 
 @dataclass(frozen=True)

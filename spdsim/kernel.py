@@ -12,6 +12,17 @@ engine, `spdsim.engine`, imports the schemes):
     that never committed is marked discarded: the waste of DESIGN §3);
   - `point_rng` / `jitter_rng`: each point's random streams.
 Simulated time is in nanoseconds (floats inside SimPy, rounded in the trace).
+
+Tensor-parallel stages (the contract in `spdsim.protocol`): a TP group is one stage process. Its
+forward costs the bound cost model's `stage_s` (TP layers + all-reduces + the last stage's logits
+all-gather); one `allreduce` event per stage forward aggregates that forward's collectives (bytes = their
+sum, span = their total time, at the end of the compute event: inside it, as the contract asks). The
+tp parallel ACT messages (TP rank r → TP rank r of the next stage) and stage 1's issue to its TP peers
+cross the topology's links as one *burst* (`Sim.burst` / `Sim.book`): every message of it is booked on
+every hop of its path at send time and the burst is delivered as one event when its last message
+arrives (a stage starts when all its ranks have their input: the first all-reduce waits for the last).
+Booking a whole path at send time reserves later hops in send order rather than arrival order; exact
+whenever a hop is not contended, as for activations that hold a link for nanoseconds.
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ from typing import Callable
 import numpy as np
 import simpy
 
+from spdsim.collectives import tp_stage_bytes
 from spdsim.costs import CostModel
 from spdsim.hardware import Topology
 from spdsim.jitter import JitterProcess
@@ -75,6 +87,7 @@ class RunConfig:
     feature_bytes: int = 8192
     accept: Callable[[], bool] = lambda: True
     rng: np.random.Generator | None = None   # draws of the costs' jitter (None: seed 0)
+    logits_bytes: int = 0           # one logits row (a TP last stage all-gathers it)
 
 
 class Sim:
@@ -102,6 +115,38 @@ class Sim:
         self._jitter = (JitterProcess(jitter, self.n, cfg.rng or np.random.default_rng(0))
                         if jitter is not None and jitter.sd > 0 else None)
         self._paths: dict[tuple[str, str], list[tuple[str, str, float, float]]] = {}
+        self.tp = plan.tp
+        self._issue_pairs = [(plan.placement[0], d) for d in plan.group(0)[1:]]
+
+    def group_pairs(self, s: int) -> list[tuple[str, str]]:
+        """TP rank r of stage s → TP rank r of stage s+1."""
+        return list(zip(self.plan.group(s), self.plan.group(s + 1)))
+
+    def send_act(self, s: int, box: Mailbox, msg: tuple) -> None:
+        """Stage s's activation to stage s+1: one message, or tp in parallel (a burst)."""
+        if self.tp == 1:
+            self.send(self.plan.placement[s], self.plan.placement[s + 1], self.cfg.activation_bytes, box, msg, s)
+        else:
+            self.burst(self.group_pairs(s), self.cfg.activation_bytes, box, msg, s)
+
+    def issue_wait_ns(self, position: int, epoch: int) -> float:
+        """TP: stage 1's rank 0 sends the issue to its TP peers; its group's forward can only end once
+        the last of them has it. The wait before the forward's own time (0 without TP)."""
+        if not self._issue_pairs:
+            return 0.0
+        return max(0.0, self.book(self._issue_pairs, RESULT_BYTES, 0, position, epoch) - self.env.now)
+
+    def log_compute(self, t0: float, s: int, dev: str, q: int, e: int, lm_head: bool | None = None) -> None:
+        """The compute event of stage s's forward (now ends it) and, under TP, its allreduce event
+        (lm_head: does this forward end with the LM head's all-gather; default: s is the last stage)."""
+        now = self.env.now
+        self.log.append(("compute", t0, now, s, dev, q, e, 0, "", None))
+        if self.tp > 1:
+            a, b = self.plan.layers[s]
+            last = s == self.n - 1 if lm_head is None else lm_head
+            ar = self.cfg.costs.stage_allreduce_s(s, a, b, last) * NS
+            nbytes = sum(tp_stage_bytes(self.cfg.activation_bytes, self.cfg.logits_bytes, b - a, last))
+            self.log.append(("allreduce", max(t0, now - ar), now, s, dev, q, e, nbytes, "allreduce", None))
 
     # --- costs ------------------------------------------------------------------------------------
     def stage_ns(self, s: int, position: int) -> float:
@@ -163,6 +208,35 @@ class Sim:
                 return
         box.put(msg)
 
+    def book(self, pairs: list[tuple[str, str]], nbytes: int, stage: int, position: int, epoch: int) -> float:
+        """Book one message per (src, dst) pair, all sent now, on every hop of its path (see the module
+        docstring); returns the time the last one arrives."""
+        now = self.env.now
+        latest = now
+        for src, dst in pairs:
+            t = now + self._msg
+            for link, name, ser, lat in self._path(src, dst, nbytes):
+                start = self.link_free.get(link, 0.0)
+                if start < t:
+                    start = t
+                end = start + ser
+                self.link_free[link] = end
+                if self.log_sends:
+                    self.log.append(("send", start, end, stage, src, position, epoch, nbytes, name, None))
+                t = end + lat
+            if t > latest:
+                latest = t
+        return latest
+
+    def burst(self, pairs: list[tuple[str, str]], nbytes: int, box: Mailbox, msg: tuple, stage: int) -> None:
+        """Deliver msg to box once every message of the burst has arrived."""
+        delay = self.book(pairs, nbytes, stage, msg[2], msg[1]) - self.env.now
+        if delay > 0.5:
+            ev = self.env.timeout(delay)
+            ev.callbacks.append(lambda _e: box.put(msg))
+        else:
+            box.put(msg)
+
     # --- stages 2..n ---------------------------------------------------------------------------------
     def stage(self, s: int):
         """Stage s ≥ 1: take ACTs in order, adopt newer epochs, drop older ones, compute, pass on."""
@@ -175,6 +249,7 @@ class Sim:
         log = self.log
         feature_to = self.head_device if (cfg.features and self.head_device and self.head_device != dev) else None
         feature_box = self.first_box if self.head_box is None else self.head_box
+        tp = self.tp > 1
         while True:
             if not box.items:
                 yield box.wait()
@@ -186,11 +261,16 @@ class Sim:
                 yield env.timeout(self._tick)
             t0 = env.now
             yield env.timeout(self.stage_ns(s, q))
-            log.append(("compute", t0, env.now, s, dev, q, e, 0, "", None))
+            if tp:
+                self.log_compute(t0, s, dev, q, e)
+            else:
+                log.append(("compute", t0, env.now, s, dev, q, e, 0, "", None))
             if feature_to is not None:
                 self.send(dev, feature_to, cfg.feature_bytes, feature_box, (FEATURE, e, q, s), s)
             if last:
                 self.send(dev, first_dev, RESULT_BYTES, self.first_box, (RESULT, e, q), s)
+            elif tp:
+                self.send_act(s, self.stage_boxes[s + 1], (ACT, e, q))
             else:
                 self.send(dev, nxt, cfg.activation_bytes, self.stage_boxes[s + 1], (ACT, e, q), s)
 

@@ -17,12 +17,21 @@ speculative module) on devices.
                     head, so there this cut is close to, not exactly, the best.
 
 All stage times are taken at a reference context (prompt + half the new tokens).
+
+Tensor parallelism (tp > 1): each stage runs on a TP group of tp devices (`Plan.groups`; its first
+device, TP rank 0, is `placement[s]`: the rank that sends RESULT and features, `spdsim.protocol`).
+`default_groups` keeps every group inside one of the topology's domains — a node (multi-node), a PCIe
+switch (pcie-tree) — where it fits, filling domains in order, so pipeline stages, not TP groups, cross
+nodes; uniform, compute_balanced and draft_colocated use it. comm_aware starts from it and swaps
+devices between groups (and with unused devices) while `estimate_token_s` — now counting every stage's
+all-reduces on its group, the tp parallel activation messages and stage 1's issue to its TP peers —
+improves. The memory check is per GPU of a group (`costs.stage_memory_bytes(..., tp)`).
 """
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from spdsim.costs import CostModel, fits, stage_memory_bytes
@@ -38,12 +47,34 @@ EXHAUSTIVE_LIMIT = 5040    # placements tried one by one up to this many (7!), l
 class Plan:
     partition: str
     layers: tuple[tuple[int, int], ...]      # [first, last) layer of each stage
-    placement: tuple[str, ...]               # device of each stage
+    placement: tuple[str, ...]               # device of each stage (its TP rank 0)
     head_device: str | None                  # the speculative module's device; None when nothing drafts
+    groups: tuple[tuple[str, ...], ...] = field(default=())   # each stage's TP group; () without TP
 
     @property
     def stages(self) -> int:
         return len(self.layers)
+
+    @property
+    def tp(self) -> int:
+        return len(self.groups[0]) if self.groups else 1
+
+    def group(self, s: int) -> tuple[str, ...]:
+        return self.groups[s] if self.groups else (self.placement[s],)
+
+    def placement_str(self) -> str:
+        """The results' `placement` column: devices by stage; a TP group as gpu0+gpu1."""
+        if not self.groups:
+            return ",".join(self.placement)
+        return ",".join("+".join(g) for g in self.groups)
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the plan occupies: every stage's group, and the module's device when it is apart."""
+        used = {d for s in range(self.stages) for d in self.group(s)}
+        if self.head_device is not None:
+            used.add(self.head_device)
+        return len(used)
 
     @property
     def head_colocated(self) -> bool:
@@ -69,6 +100,8 @@ class PlanInputs:
     alpha: float = 0.8              # comm_aware's reference acceptance
     ctx: int = 512                  # reference context length for stage times
     max_ctx: int = 768              # for memory
+    tp: int = 1                     # GPUs per stage; `costs` is bound to it (and to `groups`)
+    groups: tuple[tuple[str, ...], ...] = ()   # tp > 1: the default TP groups (`default_groups`)
 
     @property
     def has_head(self) -> bool:
@@ -85,21 +118,53 @@ def uniform_layers(L: int, n: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def stage_times(inp: PlanInputs, layers: Sequence[tuple[int, int]]) -> list[float]:
+def default_groups(topology: Topology, n: int, tp: int, extra: int = 0) -> tuple[tuple[tuple[str, ...], ...],
+                                                                                tuple[str, ...]]:
+    """(n TP groups of tp devices, `extra` more single devices): each group inside one domain of the
+    topology where one has room (domains filled in order), else on the first free devices (across
+    domains, where the topology allows it); the extra devices (a dedicated module) after them."""
+    free = [list(d) for d in topology.domains] or [list(topology.devices)]
+    groups = []
+    for s in range(n):
+        dom = next((d for d in free if len(d) >= tp), None)
+        if dom is None:
+            if not topology.tp_across_nodes:
+                raise UserError(f"sweep.tp: a TP group of {tp} GPUs does not fit inside one node "
+                                f"({max(len(d) for d in topology.domains)} GPUs per node) and "
+                                "hardware.topology.tp_across_nodes is false")
+            left = [x for x in topology.devices if any(x in d for d in free)]
+            if len(left) < tp:
+                raise UserError(f"sweep.tp: {n} stages × tp {tp} need {n * tp} GPUs, "
+                                f"hardware.count is {len(topology.devices)}")
+            take = left[:tp]
+        else:
+            take = dom[:tp]
+        for d in free:
+            d[:] = [x for x in d if x not in take]
+        groups.append(tuple(take))
+    left = [x for x in topology.devices if any(x in d for d in free)]
+    if len(left) < extra:
+        raise UserError(f"sweep.tp: {n} stages × tp {tp} + {extra} need {n * tp + extra} GPUs, "
+                        f"hardware.count is {len(topology.devices)}")
+    return tuple(groups), tuple(left[:extra])
+
+
+def stage_times(inp: PlanInputs, layers: Sequence[tuple[int, int]], costs: CostModel | None = None) -> list[float]:
     """Per-stage time on its device for one token: layers, embedding / LM head, a co-located module."""
     n = len(layers)
+    costs = costs or inp.costs
     out = []
     for s, (a, b) in enumerate(layers):
-        t = inp.costs.stage_s(s, a, b, inp.ctx, s == 0, s == n - 1)
+        t = costs.stage_s(s, a, b, inp.ctx, s == 0, s == n - 1)
         if s == 0 and inp.has_head and not inp.dedicated_head:
-            t += inp.costs.head_s(inp.ctx)
+            t += costs.head_s(inp.ctx)
         out.append(t)
     return out
 
 
 def _fits(inp: PlanInputs, s: int, a: int, b: int) -> bool:
     head = inp.head_layers if (s == 0 and inp.has_head and not inp.dedicated_head) else 0
-    return fits(stage_memory_bytes(inp.model, b - a, s == 0, s == inp.n - 1, inp.max_ctx, head), inp.gpu)
+    return fits(stage_memory_bytes(inp.model, b - a, s == 0, s == inp.n - 1, inp.max_ctx, head, inp.tp), inp.gpu)
 
 
 def balanced_layers(inp: PlanInputs, lm_head_last: bool = True) -> tuple[tuple[int, int], ...]:
@@ -151,17 +216,28 @@ def balanced_layers(inp: PlanInputs, lm_head_last: bool = True) -> tuple[tuple[i
 # --- placement ----------------------------------------------------------------------------------
 
 def estimate_token_s(inp: PlanInputs, layers: Sequence[tuple[int, int]], placement: Sequence[str],
-                     head_device: str | None) -> float:
+                     head_device: str | None, groups: Sequence[tuple[str, ...]] | None = None) -> float:
     """Expected seconds per committed token under SPD at acceptance inp.alpha (PP when nothing drafts).
 
     period: the steady-state tick, the slowest of each stage, the first device (stage 1 + a co-located
     module, delayed by feature arrival) and the busiest link per tick; RT: one round trip through the
-    pipeline and back. Accepted drafts cost max(period, RT/n), rejected ones RT."""
+    pipeline and back. Accepted drafts cost max(period, RT/n), rejected ones RT. With TP groups: each
+    stage's time on its own group (its all-reduces), the slowest of the tp parallel activation
+    messages, and stage 1 waiting for its issue to reach its TP peers."""
     n = len(layers)
     topo = inp.topology
-    S = stage_times(inp, layers)
     act = inp.model.activation_bytes
-    rt = sum(S) + sum(topo.transfer_s(placement[j], placement[j + 1], act) for j in range(n - 1))
+    costs = inp.costs.with_tp(inp.tp, tuple(groups)) if groups else inp.costs
+    issue = 0.0
+    if groups:
+        S = stage_times(inp, layers, costs)
+        issue = max((topo.transfer_s(groups[0][0], d, RESULT_BYTES) for d in groups[0][1:]), default=0.0)
+        S[0] += issue
+        hops = [max(topo.transfer_s(a, b, act) for a, b in zip(groups[j], groups[j + 1])) for j in range(n - 1)]
+    else:
+        S = stage_times(inp, layers)
+        hops = [topo.transfer_s(placement[j], placement[j + 1], act) for j in range(n - 1)]
+    rt = sum(S) + sum(hops)
     rt += topo.transfer_s(placement[-1], placement[0], RESULT_BYTES)
     rt += (2 * n - 1) * inp.costs.msg_overhead_s
     if not inp.has_head:
@@ -173,7 +249,8 @@ def estimate_token_s(inp: PlanInputs, layers: Sequence[tuple[int, int]], placeme
             busy[(u, v)] = busy.get((u, v), 0.0) + nbytes / topo.edge(u, v)[1]
 
     for j in range(n - 1):
-        load(placement[j], placement[j + 1], act)
+        for a, b in (zip(groups[j], groups[j + 1]) if groups else ((placement[j], placement[j + 1]),)):
+            load(a, b, act)
     load(placement[-1], placement[0], RESULT_BYTES)
     lag = 0.0
     if inp.features:
@@ -183,7 +260,7 @@ def estimate_token_s(inp: PlanInputs, layers: Sequence[tuple[int, int]], placeme
                 load(placement[j], head_device, fb)
                 lag = max(lag, topo.transfer_s(placement[j], head_device, fb))
     h = inp.costs.head_s(inp.ctx)
-    s0 = inp.costs.stage_s(0, layers[0][0], layers[0][1], inp.ctx, True, n == 1)
+    s0 = costs.stage_s(0, layers[0][0], layers[0][1], inp.ctx, True, n == 1) + issue
     first = max(s0, lag) + h if head_device == placement[0] else max(s0, lag + h)
     period = max([first, *S[1:], *busy.values()])
     a = inp.alpha
@@ -236,10 +313,89 @@ def best_placement(inp: PlanInputs, layers, exhaustive_limit: int = EXHAUSTIVE_L
     return tuple(cur)
 
 
+def _split(inp: PlanInputs, flat: Sequence[str]) -> tuple[tuple[tuple[str, ...], ...], str | None]:
+    """A flat device list (group 0's devices, group 1's, ..., then the dedicated module's) as groups."""
+    t, n = inp.tp, inp.n
+    groups = tuple(tuple(flat[s * t:(s + 1) * t]) for s in range(n))
+    head = None
+    if inp.has_head:
+        head = flat[n * t] if inp.dedicated_head else groups[0][0]
+    return groups, head
+
+
+def best_group_placement(inp: PlanInputs, layers) -> tuple[tuple[tuple[str, ...], ...], str | None]:
+    """TP groups (and a dedicated module's device) minimising estimate_token_s: pairwise-swap local
+    search from `default_groups`, swapping devices between different groups and with unused devices
+    (a swap inside one group changes nothing but its rank 0). Ties keep the default. A group may not
+    span nodes where the topology forbids it."""
+    topo = inp.topology
+    extra = 1 if inp.has_head and inp.dedicated_head else 0
+    groups, more = default_groups(topo, inp.n, inp.tp, extra)
+    t, k = inp.tp, inp.n * inp.tp + extra
+
+    def score(flat: Sequence[str]) -> float:
+        g, head = _split(inp, flat)
+        if not topo.tp_across_nodes and any(len({topo.node_of.get(d, 0) for d in grp}) > 1 for grp in g):
+            return math.inf
+        return estimate_token_s(inp, layers, tuple(grp[0] for grp in g), head, g)
+
+    cur = [d for grp in groups for d in grp] + list(more)
+    cur_v = score(cur)
+    improved = True
+    while improved:
+        improved = False
+        unused = [d for d in topo.devices if d not in cur]
+        for i in range(k):
+            for j in range(i + 1, k + len(unused)):
+                if j < k and i // t == j // t and j < inp.n * t:
+                    continue                     # same group
+                cand = list(cur)
+                if j < k:
+                    cand[i], cand[j] = cand[j], cand[i]
+                else:
+                    cand[i] = unused[j - k]
+                v = score(cand)
+                if v < cur_v - 1e-15:
+                    cur, cur_v, improved = cand, v, True
+                    break
+            if improved:
+                break
+    return _split(inp, cur)
+
+
+def _make_tp_plan(kind: str, inp: PlanInputs) -> Plan:
+    """make_plan for tp > 1: the partitioners' layer cuts on TP-bound costs, TP groups for devices."""
+    n = inp.n
+    extra = 1 if inp.has_head and inp.dedicated_head else 0
+    if kind == "draft_colocated":
+        inp = replace(inp, drafts=True, dedicated_head=False)
+        extra = 0
+    groups, more = default_groups(inp.topology, n, inp.tp, extra)
+    if kind == "uniform":
+        layers = uniform_layers(inp.model.layers, n)
+    elif kind in ("compute_balanced", "comm_aware"):
+        layers = balanced_layers(inp)
+    elif kind == "draft_colocated":
+        layers = balanced_layers(inp, lm_head_last=False)
+    else:
+        raise UserError(f"sweep.partition: unknown {kind!r}")
+    head = (more[0] if extra else groups[0][0]) if inp.has_head else None
+    if kind == "comm_aware":
+        groups, head = best_group_placement(inp, layers)
+    for s, (a, b) in enumerate(layers):
+        if not _fits(inp, s, a, b):
+            need = stage_memory_bytes(inp.model, b - a, s == 0, s == n - 1, inp.max_ctx, 0, inp.tp)
+            raise UserError(f"sweep.partition: {kind} stage {s + 1} ({b - a} layers, {need / 1e9:.1f} GB per GPU "
+                            f"at tp {inp.tp}) does not fit {inp.gpu.name} memory")
+    return Plan(kind, layers, tuple(g[0] for g in groups), head, groups)
+
+
 def make_plan(kind: str, inp: PlanInputs) -> Plan:
     n = inp.n
     if n > inp.model.layers:
         raise UserError(f"sweep.stages: {n} > model.layers {inp.model.layers}")
+    if inp.tp > 1:
+        return _make_tp_plan(kind, inp)
     devices = inp.topology.devices
     if kind == "uniform":
         layers = uniform_layers(inp.model.layers, n)

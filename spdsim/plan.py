@@ -5,18 +5,26 @@ scheme, and what it costs, for a model and a tokens/s target.
                 [--acceptance 0.8 | 2:0.9,4:0.85,8:0.8] [--topology KIND] [--out DIR] [--jobs N | --dask ADDR]
 
 How (every reported tokens/s figure is simulated; the bound only decides what needs simulating):
-  1. enumerate configurations: GPU type × scheme × stage count × speculative-module placement
-     (co-located: n GPUs, dedicated: n + 1) × partitioner; the GPU count is what the configuration uses;
+  1. enumerate configurations: GPU type × TP degree × scheme × stage count × speculative-module
+     placement (co-located: tp × n GPUs, dedicated: tp × n + 1) × partitioner; the GPU count is what the
+     configuration uses. tp (`--tp`, default every power of two up to a node's 8 GPUs that the model's
+     heads allow) makes `ar` plain tensor-parallel decoding, and sd / chain run at one stage on a TP
+     group (SD on TP, as vLLM and SGLang serve; sd drafts at the --acceptance α, chain with the EAGLE
+     table); TP groups stay inside a node (8 GPUs each beyond 8);
   2. assess each (on the executor): the partitioner's plan (`engine.plan_point`), the per-device memory
      (`costs.stage_memory`: weights, KV cache for prompt + new tokens, prefill activations, the draft
-     module) against the usable memory after headroom, and an upper bound on tokens/s — every committed
-     token passes through every stage, one position at a time per stage, so tokens/s ≤ 1 / slowest
-     stage (SPD) or 1 / Σ stages (window 1: AR, PP);
+     module; per GPU of a TP group) against the usable memory after headroom, and an upper bound on
+     tokens/s — every committed token passes through every stage, one position at a time per stage, so
+     tokens/s ≤ 1 / slowest stage (SPD) or 1 / Σ stages (window 1: AR, PP), stage times with their
+     all-reduces; sd / chain commit at most γ + 1 tokens per step of γ drafts and one pass, so
+     tokens/s ≤ max((γ+1) / (γ·draft + pass), 1 / pass);
   3. simulate (`engine.simulate_point`) every feasible configuration whose bound reaches the target, then,
      branch-and-bound, the others in decreasing bound order until no bound beats the fastest simulated
      figure: the fastest and best-achievable figures are therefore exact, and the rest are "pruned";
   4. rank: meeting the target first, then $/hour, GPUs, tokens/s. Write DIR/plan.csv (every configuration,
-     with its status and reason), DIR/pareto.png, and print the cheapest and the fastest.
+     with its status and reason), DIR/pareto.png, and print the cheapest and the fastest. A configuration
+     that another simulated one matches or beats on both tokens/s and $/hour (GPUs where unpriced) is
+     never the recommendation.
 Exit 0 when a configuration meets the target, 1 when none does (the best achievable is printed), 2 on
 bad input.
 """
@@ -41,9 +49,10 @@ from spdsim.metrics import RunMetrics
 from spdsim.models import MODEL_CATALOG, ModelShape
 from spdsim.parallel import make_executor, progress_bar, run_tasks
 from spdsim.partition import Plan, uniform_layers
-from spdsim.scenario import PARTITIONERS, HeadSpec, Point, Scenario, Sweep, Workload
+from spdsim.scenario import PARTITIONERS, Baselines, HeadSpec, Point, Scenario, Sweep, Workload
 
-DEFAULT_SCHEMES = ("ar", "pp", "spd")
+DEFAULT_SCHEMES = ("ar", "pp", "spd", "sd", "chain")
+PLANNED_SCHEMES = DEFAULT_SCHEMES
 NODE_GPUS = 8          # GPUs behind one NVSwitch (an HGX node); more NVLink GPUs span nodes by default
 BOUND_MARGIN = 1.001   # float rounding of simulated nanoseconds must never beat the bound
 
@@ -66,6 +75,17 @@ class PlanRequest:
     prices: dict[str, float] = field(default_factory=dict)
     reserve: float = MEMORY_RESERVE
     seed: int = 0
+    tps: tuple[int, ...] | None = None              # TP degrees; None: every valid power of two ≤ a node
+
+    def tp_values(self) -> tuple[int, ...]:
+        if self.tps is not None:
+            return self.tps
+        m, out, t = self.model, [], 1
+        while t <= min(self.max_gpus, NODE_GPUS):
+            if tp_problem(m, t) == "":
+                out.append(t)
+            t *= 2
+        return tuple(out)
 
     def alpha_for(self, n: int) -> AcceptanceSpec | None:
         if self.acceptance_table is not None:
@@ -76,11 +96,23 @@ class PlanRequest:
 @dataclass(frozen=True)
 class Config:
     gpu: str
-    gpus: int              # GPUs the configuration uses (n, or n + 1 with a dedicated module)
+    gpus: int              # GPUs the configuration uses (tp × n, + 1 with a dedicated module)
     scheme: str
     stages: int
     head: str              # colocated | dedicated | "" (nothing drafts)
     partition: str
+    tp: int = 1            # GPUs per stage (a TP group)
+
+
+def tp_problem(model: ModelShape, tp: int) -> str:
+    """Why a model cannot be split tp ways ('' when it can): the heads (and KV heads) must divide."""
+    if model.heads % tp:
+        return f"{tp} does not divide the model's {model.heads} heads"
+    if model.kv_heads >= tp and model.kv_heads % tp:
+        return f"{tp} does not divide the model's {model.kv_heads} KV heads"
+    if model.kv_heads < tp and tp % model.kv_heads:
+        return f"{tp} is not a multiple of the model's {model.kv_heads} KV heads"
+    return ""
 
 
 def topology_for(req: PlanRequest, gpu: GPU, count: int) -> TopologySpec:
@@ -89,6 +121,7 @@ def topology_for(req: PlanRequest, gpu: GPU, count: int) -> TopologySpec:
     params = default_topology_params(kind, gpu)
     if kind == "multi-node":
         params["nodes"] = max(2, -(-count // NODE_GPUS))
+        params["gpus_per_node"] = NODE_GPUS        # HGX nodes of 8; the last one partly used
     return TopologySpec(kind, params)
 
 
@@ -97,19 +130,20 @@ def configurations(req: PlanRequest) -> list[Config]:
     out = []
     K = req.max_gpus
     for gpu in req.gpus:
-        for scheme in req.schemes:
-            sch = SCHEMES[scheme]
-            if scheme == "ar" or sch.single_device:
-                out.append(Config(gpu.name, 1, scheme, 1, "", "uniform"))
-                continue
-            for n in range(2, min(K, req.model.layers) + 1):
-                heads = ("colocated", "dedicated") if scheme == "spd" else ("",)
-                for head in heads:
-                    gpus = n + (head == "dedicated")
-                    if gpus > K:
-                        continue
-                    for part in req.partitions:
-                        out.append(Config(gpu.name, gpus, scheme, n, head, part))
+        for tp in req.tp_values():
+            for scheme in req.schemes:
+                sch = SCHEMES[scheme]
+                if scheme in ("ar", "sd") or sch.single_device:   # one stage on one TP group
+                    out.append(Config(gpu.name, tp, scheme, 1, "", "uniform", tp))
+                    continue
+                for n in range(2, min(K // tp, req.model.layers) + 1):
+                    heads = ("colocated", "dedicated") if scheme == "spd" else ("",)
+                    for head in heads:
+                        gpus = tp * n + (head == "dedicated")
+                        if gpus > K:
+                            continue
+                        for part in req.partitions:
+                            out.append(Config(gpu.name, gpus, scheme, n, head, part, tp))
     return out
 
 
@@ -118,12 +152,16 @@ def scenario_for(req: PlanRequest, c: Config) -> tuple[Scenario, Point]:
     from spdsim.schemes import SCHEMES
     gpu = next(g for g in req.gpus if g.name == c.gpu)
     a = req.alpha_for(c.stages) if SCHEMES[c.scheme].drafts and c.stages > 1 else None
+    if c.scheme == "chain":
+        a = Baselines().chain_point_acceptance()
+    elif c.scheme == "sd":
+        a = req.alpha_for(1) or req.acceptance
     s = Scenario(name=f"plan-{req.model.name}", hardware=Hardware(gpu, c.gpus, topology_for(req, gpu, c.gpus)),
                  model=req.model, workload=req.workload,
                  head=HeadSpec(placement=c.head or "colocated", layers=req.head_layers),
-                 sweep=Sweep([c.stages], [c.partition], [c.scheme], [a] if a else []),
+                 sweep=Sweep([c.stages], [c.partition], [c.scheme], [a] if a else [], tp=[c.tp]),
                  costs=CostOverrides(), seed=req.seed)
-    return s, Point(c.scheme, c.stages, c.partition, a)
+    return s, Point(c.scheme, c.stages, c.partition, a, c.tp)
 
 
 # --- step 2: assess (plan, memory, bound) -------------------------------------------------------------
@@ -142,7 +180,7 @@ def memory_report(req: PlanRequest, c: Config, layers, drafts: bool) -> list[tup
     out = []
     for s, (a, b) in enumerate(layers):
         head = req.head_layers if (drafts and c.head == "colocated" and s == 0) else 0
-        out.append((f"s{s + 1}", stage_memory(m, b - a, s == 0, s == n - 1, ctx, head, prefill)))
+        out.append((f"s{s + 1}", stage_memory(m, b - a, s == 0, s == n - 1, ctx, head, prefill, c.tp)))
     if drafts and c.head == "dedicated":   # the module drafts from token embeddings of its own
         mem = stage_memory(m, 0, False, False, ctx, req.head_layers)
         out.append(("head", StageMemory(m.embed_bytes, 0, 0, mem.draft)))
@@ -164,14 +202,28 @@ def over_memory(req: PlanRequest, gpu: GPU, memory: list[tuple[str, StageMemory]
 
 def rate_bound(scenario: Scenario, plan: Plan, scheme: str) -> float:
     """Tokens/s no simulation of this plan can exceed (see the module docstring); inf if unknown."""
-    if scheme not in ("ar", "pp", "spd"):
+    if scheme not in ("ar", "pp", "spd", "sd", "chain"):
         return math.inf
-    costs = cost_model(scenario)
+    costs = cost_model(scenario).for_point(scheme, plan.stages, plan.tp, plan.groups or None)
     ctx = max(1, scenario.workload.prompt_tokens - 1)     # stage time grows with context: take the least
     n = plan.stages
     times = [costs.stage_s(s, a, b, ctx, s == 0, s == n - 1) for s, (a, b) in enumerate(plan.layers)]
     per_token = max(times) if scheme == "spd" and n > 1 else sum(times)
-    return BOUND_MARGIN / per_token if per_token > 0 else math.inf
+    if per_token <= 0:
+        return math.inf
+    if scheme in ("sd", "chain"):
+        # ≤ γ + 1 tokens per step of γ drafts (sequential, before the pass) and one pass
+        b = scenario.baselines
+        if scheme == "sd":
+            gamma = b.sd.gamma
+            draft = (b.sd.draft_ms * 1e-3 if b.sd.draft_ms is not None
+                     else b.sd.cost_ratio * costs.stage_s(0, 0, scenario.model.layers, ctx, True, True))
+        else:
+            gamma = len(b.chain.acceptance)
+            draft = (b.chain.draft_ms * 1e-3 if b.chain.draft_ms is not None
+                     else b.chain.head_layers * costs.layer_s(-1, ctx) + costs.lm_head_s())
+        return BOUND_MARGIN * max((gamma + 1) / (gamma * draft + per_token), 1 / per_token)
+    return BOUND_MARGIN / per_token
 
 
 def assess(req: PlanRequest, c: Config) -> Assessment:
@@ -180,6 +232,8 @@ def assess(req: PlanRequest, c: Config) -> Assessment:
     drafts = SCHEMES[c.scheme].drafts and c.stages > 1
     if drafts and req.alpha_for(c.stages) is None:
         return Assessment(None, [], f"no acceptance given for {c.stages} stages (--acceptance table)", math.inf)
+    if c.scheme == "sd" and req.alpha_for(1) is None and req.acceptance is None:
+        return Assessment(None, [], "sd needs one α (--acceptance ALPHA or a table entry 1:ALPHA)", math.inf)
     scenario, point = scenario_for(req, c)
     try:
         plan = plan_point(scenario, point)
@@ -206,7 +260,7 @@ def _simulate_task(req: PlanRequest, c: Config, plan: Plan) -> RunMetrics:
 def _sim_key(c: Config, plan: Plan) -> tuple:
     """Configurations with the same key run the same simulation (e.g. comm_aware keeping the identity
     placement on a symmetric switch gives compute_balanced's plan): simulate it once."""
-    return (c.gpu, c.gpus, c.scheme, c.head, plan.layers, plan.placement, plan.head_device)
+    return (c.gpu, c.gpus, c.scheme, c.head, plan.layers, plan.placement, plan.head_device, c.tp, plan.groups)
 
 
 def evaluate(req: PlanRequest, jobs: int = 1, dask: str | None = None, quiet: bool = True) -> pd.DataFrame:
@@ -250,9 +304,10 @@ def evaluate(req: PlanRequest, jobs: int = 1, dask: str | None = None, quiet: bo
             reason = "" if groups[key][0] == i else f"same plan as {configs[groups[key][0]].partition}"
         tps = m.tokens_per_s if m else math.nan
         rows.append({
-            "gpu": c.gpu, "gpus": c.gpus, "scheme": c.scheme, "stages": c.stages, "head": c.head,
+            "gpu": c.gpu, "gpus": c.gpus, "scheme": c.scheme, "stages": c.stages, "tp": c.tp, "head": c.head,
             "partition": c.partition,
-            "acceptance": (req.alpha_for(c.stages).value if c.head and req.alpha_for(c.stages) else None),
+            "acceptance": (req.alpha_for(c.stages).value if c.head and req.alpha_for(c.stages) else
+                           req.acceptance.value if c.scheme == "sd" and req.acceptance else None),
             "topology": topology_for(req, next(g for g in req.gpus if g.name == c.gpu), c.gpus).kind,
             "status": status, "meets_target": bool(m is not None and m.tokens_per_s >= req.target),
             "tokens_per_s": tps, "ms_per_token": m.ms_per_token if m else math.nan,
@@ -262,7 +317,7 @@ def evaluate(req: PlanRequest, jobs: int = 1, dask: str | None = None, quiet: bo
             "bubble_ratio": m.bubble_ratio if m else math.nan,
             "acceptance_rate": m.acceptance_rate if m else None,
             "layers": a.plan.layers_str() if a.plan else "",
-            "placement": ",".join(a.plan.placement) if a.plan else "",
+            "placement": a.plan.placement_str() if a.plan else "",
             "head_device": (a.plan.head_device or "") if a.plan else "",
             "memory_gb": memory_str(a.memory, usable_bytes(next(g for g in req.gpus if g.name == c.gpu), req.reserve)),
             "reason": reason,
@@ -284,20 +339,47 @@ def rank(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=["_s", "_t"]).reset_index(drop=True)
 
 
+def dominated(df: pd.DataFrame) -> pd.Series:
+    """Rows that another simulated row matches or beats on tokens/s and on $/hour (GPUs where a price is
+    missing), strictly on one of them."""
+    sim = df["tokens_per_s"].notna()
+    cost = df["usd_per_hour"].where(df["usd_per_hour"].notna(), df["gpus"].astype(float))
+    tps = df["tokens_per_s"]
+    out = pd.Series(False, index=df.index)
+    idx = list(df.index[sim])
+    for i in idx:
+        better = [(tps[j] >= tps[i] and cost[j] <= cost[i] and (tps[j] > tps[i] or cost[j] < cost[i]))
+                  for j in idx if j != i]
+        out[i] = any(better)
+    return out
+
+
 def recommendations(df: pd.DataFrame) -> tuple[pd.Series | None, pd.Series | None]:
-    """(cheapest configuration meeting the target or None, fastest simulated configuration or None)."""
-    ok = df[df["status"] == "ok"]
+    """(cheapest configuration meeting the target or None, fastest simulated configuration or None);
+    neither is ever dominated by another simulated configuration."""
+    beaten = dominated(df)
+    ok = df[(df["status"] == "ok") & ~beaten]
     cheapest = ok.iloc[0] if len(ok) else None          # `rank` put the cheapest first
-    sim = df[df["tokens_per_s"].notna()]
-    fastest = sim.loc[sim["tokens_per_s"].idxmax()] if len(sim) else None
+    sim = df[df["tokens_per_s"].notna() & ~beaten]
+    if len(sim):
+        fastest = sim.sort_values(["tokens_per_s", "usd_per_hour", "gpus"], ascending=[False, True, True],
+                                  kind="stable").iloc[0]
+    else:
+        fastest = None
     return cheapest, fastest
 
 
 # --- output --------------------------------------------------------------------------------------------
 
 def describe(r: pd.Series) -> str:
-    what = {"ar": "AR on 1 GPU", "pp": f"PP over {r['stages']} stages"}.get(
-        r["scheme"], f"{r['scheme'].upper()} over {r['stages']} stages")
+    tp = int(r["tp"]) if "tp" in r.index else 1
+    if r["scheme"] == "ar":
+        what = f"TP = {tp} (plain tensor parallel)" if tp > 1 else "AR on 1 GPU"
+    elif r["stages"] == 1:
+        what = f"{r['scheme'].upper()} on {'TP ' + str(tp) if tp > 1 else '1 GPU'}"
+    else:
+        what = {"pp": f"PP over {r['stages']} stages"}.get(
+            r["scheme"], f"{r['scheme'].upper()} over {r['stages']} stages") + (f" of TP {tp}" if tp > 1 else "")
     if r["head"]:
         what += f", module {r['head']}"
     cost = f", ${r['usd_per_hour']:.2f}/h" if not math.isnan(r["usd_per_hour"]) else ""
@@ -407,9 +489,24 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
     schemes = tuple(s.strip() for s in args.schemes.split(",") if s.strip())
     for s in schemes:
         if s not in SCHEMES:
-            raise UserError(f"--schemes: unknown {s!r} (expected some of {', '.join(DEFAULT_SCHEMES)})")
-        if s not in DEFAULT_SCHEMES:   # their device counts and bounds are not modelled here yet
-            raise UserError(f"--schemes: {s!r} is not planned yet (plan knows {', '.join(DEFAULT_SCHEMES)})")
+            raise UserError(f"--schemes: unknown {s!r} (expected some of {', '.join(PLANNED_SCHEMES)})")
+        if s not in PLANNED_SCHEMES:   # their device counts and bounds are not modelled here yet
+            raise UserError(f"--schemes: {s!r} is not planned yet (plan knows {', '.join(PLANNED_SCHEMES)})")
+    model = MODEL_CATALOG[args.model]
+    tps = None
+    if getattr(args, "tp", None):
+        try:
+            tps = tuple(dict.fromkeys(int(t) for t in args.tp.split(",") if t.strip()))
+        except ValueError:
+            raise UserError(f"--tp: {args.tp!r} is not a list of whole numbers") from None
+        for t in tps:
+            if t < 1 or t > args.max_gpus:
+                raise UserError(f"--tp: {t} must be in 1..--max-gpus ({args.max_gpus})")
+            why = tp_problem(model, t)
+            if why:
+                raise UserError(f"--tp: {why}")
+        if not tps:
+            raise UserError("--tp: must not be empty")
     parts = tuple(p.strip() for p in args.partition.split(",") if p.strip())
     for p in parts:
         if p not in PARTITIONERS:
@@ -426,7 +523,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
                        target=args.target_tokens_per_s, acceptance=a, acceptance_table=table,
                        workload=Workload(args.prompt_tokens, args.new_tokens), schemes=schemes,
                        partitions=parts, topology=args.topology, prices=parse_prices(args.price, gpus),
-                       reserve=args.headroom, seed=args.seed)
+                       reserve=args.headroom, seed=args.seed, tps=tps)
 
 
 def plan_command(args: argparse.Namespace) -> int:

@@ -282,5 +282,45 @@ def plot_utilization(df: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+# --- where_spd_pays.png ------------------------------------------------------------------------
+
+def plot_where_spd_pays(df: pd.DataFrame, path: Path) -> Path | None:
+    """SPD's best ÷ plain TP's best (`spdsim.where`) against the GPU count, one line per α, one panel
+    per scenario; None when the table has no SPD or no AR / TP rows."""
+    from spdsim.where import where_spd_pays
+    table = where_spd_pays(df)
+    if table.empty or table["spd_vs_tp"].notna().sum() == 0:
+        return None
+    scenarios = list(dict.fromkeys(table["scenario"]))
+    alphas = sorted(table["acceptance"].unique())
+    colors = series_colors([f"α = {a:g}" for a in alphas])
+    cols = min(len(scenarios), 3)
+    rows = -(-len(scenarios) // cols)
+    fig = Figure(figsize=(4.6 * cols + 1.8, 3.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    for i, sc in enumerate(scenarios):
+        ax = axes[i // cols][i % cols]
+        sub = table[table["scenario"] == sc]
+        for a in alphas:
+            pts = sub[(sub["acceptance"] == a)].dropna(subset=["spd_vs_tp"])
+            if not pts.empty:
+                ax.plot(pts["gpus"], pts["spd_vs_tp"], marker="o", lw=1.8, ms=5, color=colors[f"α = {a:g}"])
+        ax.axhline(1.0, color="black", lw=0.9, ls="--")
+        ax.set_title(str(sc), fontsize=10)
+        ax.set_xlabel("GPUs")
+        ax.grid(True, alpha=0.3)
+        ax.set_xticks(sorted(sub.dropna(subset=["spd_vs_tp"])["gpus"].unique()))
+        if i % cols == 0:
+            ax.set_ylabel("best SPD ÷ best plain TP (×)")
+    for j in range(len(scenarios), rows * cols):
+        axes[j // cols][j % cols].set_visible(False)
+    handles = [Line2D([], [], color=colors[f"α = {a:g}"], lw=2, label=f"α = {a:g}") for a in alphas]
+    handles.append(Line2D([], [], color="black", ls="--", lw=0.9, label="TP is as fast"))
+    fig.legend(handles=handles, loc="outside right center")
+    fig.suptitle("Where SPD pays: its best point (SPD or TP×SPD) against the fastest plain TP on ≤ as many GPUs")
+    return _save(fig, path)
+
+
 PLOTS = (("speedup_vs_n.png", plot_speedup_vs_n), ("bubble_vs_n.png", plot_bubble_vs_n),
-         ("tokens_per_s.png", plot_tokens_per_s), ("utilization.png", plot_utilization))
+         ("tokens_per_s.png", plot_tokens_per_s), ("utilization.png", plot_utilization),
+         ("where_spd_pays.png", plot_where_spd_pays))

@@ -165,6 +165,9 @@ CAPTIONS = {
     "tokens_per_s.png": "Absolute decode speed (tokens/s at batch 1) per scheme against n.",
     "utilization.png": "Busy share of the decode window per stage, for the fastest configuration of each "
                        "(scheme, n, α).",
+    "where_spd_pays.png": "Where SPD pays: the best SPD or TP×SPD point on g GPUs ÷ the fastest plain tensor "
+                          "parallelism (scheme ar, one stage) on at most g GPUs, against g; one line per α, one "
+                          "panel per scenario. Above the dashed line SPD beats TP.",
 }
 
 
@@ -220,6 +223,18 @@ def render_html(df: pd.DataFrame, report: Report, scenario_text: str | None) -> 
                   "<p class='note'>Fastest point (tokens/s) over every scheme, stage count, partition and "
                   "placement swept; AR and PP do not depend on α and compete at every α.</p>",
                   _table(best, cols)]
+
+    from spdsim.where import FAMILIES, where_spd_pays
+    where = where_spd_pays(df)
+    if not where.empty:
+        where = where.rename(columns={"acceptance": "α", "spd_vs_tp": "SPD÷TP"})
+        parts += ["<h2>Where SPD pays (against tensor parallelism)</h2>",
+                  "<p class='note'>For each GPU count, the best tokens/s of each way to use exactly that many "
+                  "GPUs: AR (one GPU), TP (plain tensor parallelism), PP, SPD, TP×SPD (SPD over TP groups) and "
+                  "SD on TP (sd / chain at one stage); SPD÷TP = the best SPD or TP×SPD point ÷ the fastest "
+                  "plain TP on at most that many GPUs (above 1: SPD pays). AR, TP, PP and chain do not depend "
+                  "on α.</p>",
+                  _table(where, ["scenario", "α", "gpus", *FAMILIES, "SPD÷TP", "fastest"])]
 
     parts.append("<h2>Plots</h2>")
     for img in report.images:

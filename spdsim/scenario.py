@@ -6,7 +6,7 @@ that names the offending key.
     model: {name: llama-3-8b}                                         # or an inline shape
     workload: {prompt_tokens: 512, new_tokens: 256}
     head: {placement: colocated, layers: 1, features: true}           # the speculative module
-    sweep: {stages: [1, 2, 4, 8], partition: [uniform], acceptance: [0.8, 0.9], schemes: [ar, pp, spd]}
+    sweep: {stages: [1, 2, 4, 8], tp: [1, 2], partition: [uniform], acceptance: [0.8, 0.9], schemes: [ar, pp, spd]}
     costs: {layer_ms: 1.0}                                            # overrides of the roofline
     calibration: null                                                 # a `spdsim calibrate` file (later)
     seed: 0
@@ -14,6 +14,17 @@ that names the offending key.
 `sweep.acceptance` forms: a number or a list of numbers (i.i.d.); a list may also hold the mapping forms;
 `{kind: table, values: {2: 0.9, 4: 0.85}}` (one α per stage count); `{kind: markov, mean: 0.8 | [..],
 run_length: 3}`; `{kind: replay, file: seq.txt}` or `{kind: replay, sequence: [1, 0, 1]}`.
+
+`sweep.tp` (default [1]): GPUs per stage, a TP group (DESIGN §2). Every scheme runs at every tp; `ar` at
+tp t is plain tensor-parallel decoding. tp must divide model.heads (and model.kv_heads when kv_heads ≥
+tp; when kv_heads < tp, tp must be a multiple of kv_heads: each rank keeps one replicated KV head).
+With one tp value a stage count that does not fit the GPUs or their memory is an error, as without
+TP; with several, such (tp, stages) combinations are skipped (a note says how many) and only a tp or a
+stage count that fits in no combination is an error.
+
+A file may hold several scenarios as YAML documents separated by `---` (`load_scenarios`; `spdsim run`
+and `spdsim compare` take such files): each later document is merged over the first (mappings key by
+key, anything else replaced), so it states only what differs, and needs its own `name`.
 """
 from __future__ import annotations
 
@@ -25,10 +36,11 @@ import yaml
 
 from spdsim import acceptance as acc
 from spdsim.acceptance import AcceptanceSpec
+from spdsim.collectives import ALGORITHMS
 from spdsim.costs import CostOverrides, fits, stage_memory_bytes
 from spdsim.errors import UserError
-from spdsim.hardware import (GPU, GPU_CATALOG, TOPOLOGY_KEYS, TOPOLOGY_KINDS, Hardware, TopologySpec,
-                             default_topology_params)
+from spdsim.hardware import (BOOL_TOPOLOGY_KEYS, GPU, GPU_CATALOG, TOPOLOGY_KEYS, TOPOLOGY_KINDS, Hardware,
+                             TopologySpec, default_topology_params)
 from spdsim.models import MODEL_CATALOG, ModelShape
 
 SCHEMES = ("ar", "pp", "spd", "spd_dedicated", "sd", "chain")
@@ -89,10 +101,12 @@ class Point:
     stages: int
     partition: str
     acceptance: AcceptanceSpec | None   # None for AR / PP
+    tp: int = 1                         # GPUs per stage (a TP group)
 
     @property
     def point_id(self) -> str:
-        pid = f"{self.scheme}-n{self.stages}-{self.partition}"
+        tp = f"-t{self.tp}" if self.tp > 1 else ""
+        pid = f"{self.scheme}-n{self.stages}{tp}-{self.partition}"
         if self.acceptance is not None:
             label = self.acceptance.label.replace(":", "_").replace("/", "_")
             pid += f"-a{label}" if self.acceptance.kind != "markov" else f"-markov{label}"
@@ -106,6 +120,7 @@ class Sweep:
     schemes: list[str]
     acceptance: list[AcceptanceSpec] = field(default_factory=list)
     acceptance_table: dict[int, AcceptanceSpec] | None = None   # kind: table
+    tp: list[int] = field(default_factory=lambda: [1])
 
     def acceptance_for(self, n: int) -> list[AcceptanceSpec]:
         if self.acceptance_table is not None:
@@ -128,6 +143,7 @@ class Scenario:
     path: Path | None = None
     notes: list[str] = field(default_factory=list)   # things skipped, said once on stderr
     baselines: Baselines = Baselines()
+    combos: list[tuple[int, int]] | None = None      # (tp, stages) that fit (set by the checks; None: all)
 
     def calibration_path(self) -> Path | None:
         """The `calibration:` file: as written when it exists from here, else next to the scenario file."""
@@ -142,28 +158,36 @@ class Scenario:
     def max_ctx(self) -> int:
         return self.workload.prompt_tokens + self.workload.new_tokens
 
-    def ar_fits(self) -> bool:
+    def ar_fits(self, tp: int = 1) -> bool:
+        """The whole model on one GPU (tp = 1) or on one TP group of tp GPUs that the hardware has."""
         m = self.model
-        return fits(stage_memory_bytes(m, m.layers, True, True, self.max_ctx), self.hardware.gpu)
+        if tp > 1 and group_problem(self, tp, 1):
+            return False
+        return fits(stage_memory_bytes(m, m.layers, True, True, self.max_ctx, 0, tp), self.hardware.gpu)
 
     def points(self) -> list[Point]:
+        """Every point of the sweep: for each tp, the one-group baselines (ar, chain, sd at one stage),
+        then per stage count and partition pp, spd, spd_dedicated, sd. tp = 1 first (as without TP)."""
         out: list[Point] = []
         schemes = self.sweep.schemes
-        if "ar" in schemes and self.ar_fits():
-            out.append(Point("ar", 1, "uniform", None))
-        if self.ar_fits():          # the one-device baselines
-            if "chain" in schemes:
-                out.append(Point("chain", 1, "uniform", self.baselines.chain_point_acceptance()))
-            if "sd" in schemes and (self.sweep.acceptance_table is None or 1 in self.sweep.acceptance_table):
-                out += [Point("sd", 1, "uniform", a) for a in self.sweep.acceptance_for(1)]
-        for n in self.sweep.stages:
-            for part in self.sweep.partitions:
-                if "pp" in schemes:
-                    out.append(Point("pp", n, part, None))
-                for scheme in ("spd", "spd_dedicated", "sd"):
-                    if scheme not in schemes or (scheme != "spd" and n == 1):
-                        continue
-                    out += [Point(scheme, n, part, a) for a in self.sweep.acceptance_for(n)]
+        for tp in self.sweep.tp:
+            if "ar" in schemes and self.ar_fits(tp):
+                out.append(Point("ar", 1, "uniform", None, tp))
+            if self.ar_fits(tp):          # the one-device (one-group) baselines
+                if "chain" in schemes:
+                    out.append(Point("chain", 1, "uniform", self.baselines.chain_point_acceptance(), tp))
+                if "sd" in schemes and (self.sweep.acceptance_table is None or 1 in self.sweep.acceptance_table):
+                    out += [Point("sd", 1, "uniform", a, tp) for a in self.sweep.acceptance_for(1)]
+            for n in self.sweep.stages:
+                if self.combos is not None and (tp, n) not in self.combos:
+                    continue
+                for part in self.sweep.partitions:
+                    if "pp" in schemes:
+                        out.append(Point("pp", n, part, None, tp))
+                    for scheme in ("spd", "spd_dedicated", "sd"):
+                        if scheme not in schemes or (scheme != "spd" and n == 1):
+                            continue
+                        out += [Point(scheme, n, part, a, tp) for a in self.sweep.acceptance_for(n)]
         return out
 
 
@@ -239,7 +263,12 @@ def _topology(obj: Any, gpu: GPU) -> TopologySpec:
     for k, v in d.items():
         if k == "kind":
             continue
-        integer = k in ("gpus_per_switch", "switches_per_bridge", "nodes")
+        if k in BOOL_TOPOLOGY_KEYS:
+            if not isinstance(v, bool):
+                raise UserError(f"hardware.topology.{k}: expected true or false")
+            params[k] = 1.0 if v else 0.0
+            continue
+        integer = k in ("gpus_per_switch", "switches_per_bridge", "nodes", "gpus_per_node")
         positive = integer or k.endswith("gbps")
         params[k] = _num(v, f"hardware.topology.{k}", positive=positive, nonneg=True, integer=integer)
     return TopologySpec(kind, params)
@@ -268,7 +297,9 @@ def _model(obj: Any) -> ModelShape:
                         "or give an inline shape)")
     vals: dict[str, Any] = dict(base.__dict__) if base else {"name": str(name or "custom")}
     for k, v in d.items():
-        if k != "name":
+        if k in ("weight_bytes", "kv_bytes"):      # bf16 2, fp8 / int8 1, int4 0.5
+            vals[k] = _num(v, f"model.{k}", nonneg=True)
+        elif k != "name":
             vals[k] = _num(v, f"model.{k}", integer=True)
     for k in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab"):
         if k not in vals:
@@ -350,8 +381,9 @@ def _acceptance(obj: Any, base: Path | None) -> tuple[list[AcceptanceSpec], dict
 
 def _sweep(obj: Any, base: Path | None) -> Sweep:
     d = _mapping(obj or {}, "sweep")
-    _only(d, {"stages", "partition", "acceptance", "schemes"}, "sweep")
+    _only(d, {"stages", "partition", "acceptance", "schemes", "tp"}, "sweep")
     stages = [_num(s, "sweep.stages", positive=True, integer=True) for s in _list(d.get("stages", [1, 2, 4]))]
+    tps = [_num(t, "sweep.tp", positive=True, integer=True) for t in _list(d.get("tp", [1]))]
     parts = [str(p) for p in _list(d.get("partition", ["uniform"]))]
     for p in parts:
         if p not in PARTITIONERS:
@@ -365,10 +397,10 @@ def _sweep(obj: Any, base: Path | None) -> Sweep:
         missing = [n for n in stages if n not in table and (n > 1 or "spd" in schemes)]
         if missing and {"spd", "spd_dedicated", "sd"} & set(schemes):
             raise UserError(f"sweep.acceptance.values: no α for {missing[0]} stages")
-    if not stages or not parts or not schemes:
-        raise UserError("sweep: stages, partition and schemes must not be empty")
+    if not stages or not parts or not schemes or not tps:
+        raise UserError("sweep: stages, tp, partition and schemes must not be empty")
     return Sweep(sorted(dict.fromkeys(stages)), list(dict.fromkeys(parts)), list(dict.fromkeys(schemes)),
-                 accs, table)
+                 accs, table, sorted(dict.fromkeys(tps)))
 
 
 def _costs(obj: Any) -> CostOverrides:
@@ -378,6 +410,11 @@ def _costs(obj: Any) -> CostOverrides:
     vals = {}
     for k, v in d.items():
         if v is None:
+            continue
+        if k == "allreduce":
+            if v not in ALGORITHMS:
+                raise UserError(f"costs.allreduce: {v!r} (expected one of {', '.join(ALGORITHMS)})")
+            vals[k] = str(v)
             continue
         vals[k] = _num(v, f"costs.{k}", nonneg=True)
         if k == "hbm_efficiency" and not 0 < vals[k] <= 1:
@@ -410,30 +447,101 @@ def _baselines(obj: Any) -> Baselines:
                         draft_ms=opt(ch.get("draft_ms"), "baselines.chain.draft_ms")))
 
 
-def _check_fit(s: Scenario) -> None:
-    """n ≤ layers, n (+1 for a dedicated head) ≤ GPUs, and the uniform partition fits in memory."""
-    m, hw = s.model, s.hardware
+def _extra_gpus(s: Scenario) -> int:
+    """A dedicated device beside the stages (the module, or spd_dedicated's rank 0) for n > 1."""
     extra = 1 if s.head.placement == "dedicated" and "spd" in s.sweep.schemes else 0
     if "spd_dedicated" in s.sweep.schemes and any(p != "draft_colocated" for p in s.sweep.partitions):
         extra = 1       # rank 0 of the reference layout on a device of its own
+    return extra
+
+
+def _check_tp(s: Scenario) -> None:
+    """Every tp divides the heads (and the KV heads, or is a multiple of them)."""
+    m = s.model
+    for tp in s.sweep.tp:
+        if m.heads % tp:
+            raise UserError(f"sweep.tp: {tp} does not divide model.heads {m.heads}")
+        if m.kv_heads >= tp and m.kv_heads % tp:
+            raise UserError(f"sweep.tp: {tp} does not divide model.kv_heads {m.kv_heads}")
+        if m.kv_heads < tp and tp % m.kv_heads:
+            raise UserError(f"sweep.tp: {tp} is not a multiple of model.kv_heads {m.kv_heads} (each rank "
+                            "keeps one replicated KV head)")
+
+
+def group_problem(s: Scenario, tp: int, n: int, extra: int = 0) -> str:
+    """Why n stages of TP groups of tp (+ extra devices) cannot be placed ('' when they can)."""
+    hw = s.hardware
+    need = tp * n + extra
+    if need > hw.count:
+        what = f"{n} stage(s) × tp {tp}" + (" + a dedicated module" if extra else "")
+        return f"{what} need {need} GPUs > {hw.count} (hardware.count)"
+    topo = hw.graph
+    if tp > 1 and not topo.tp_across_nodes and tp > max(len(d) for d in topo.domains):
+        return (f"a TP group of {tp} GPUs would span nodes ({max(len(d) for d in topo.domains)} GPUs per node; "
+                "set hardware.topology.tp_across_nodes: true to allow it)")
+    return ""
+
+
+def _stage_problem(s: Scenario, tp: int, n: int, extra: int) -> str:
+    """Why n stages at tp do not fit the hardware ('' when they do): GPUs, nodes, memory per GPU."""
+    m, hw = s.model, s.hardware
+    why = group_problem(s, tp, n, extra if n > 1 else 0)
+    if why:
+        return why
+    base, rem = divmod(m.layers, n)
+    for i in range(n):
+        nl = base + (1 if i < rem else 0)
+        head_here = s.head.layers if (i == 0 and n > 1 and extra == 0 and "spd" in s.sweep.schemes) else 0
+        need = stage_memory_bytes(m, nl, i == 0, i == n - 1, s.max_ctx, head_here, tp)
+        if not fits(need, hw.gpu) and (n > 1 or "pp" in s.sweep.schemes or "spd" in s.sweep.schemes):
+            per = f" per GPU at tp {tp}" if tp > 1 else " on one device"
+            return (f"{n} stage(s) of {m.name} need {need / 1e9:.1f} GB{per}, more than {hw.gpu.name}'s "
+                    f"{hw.gpu.mem_gb:g} GB allows")
+    return ""
+
+
+def _check_fit(s: Scenario) -> None:
+    """n ≤ layers, tp × n (+1 for a dedicated head) ≤ GPUs, and the uniform partition fits in memory."""
+    m, hw = s.model, s.hardware
+    _check_tp(s)
+    extra = _extra_gpus(s)
     for n in s.sweep.stages:
         if n > m.layers:
             raise UserError(f"sweep.stages: {n} > model.layers {m.layers}")
-        if n + (extra if n > 1 else 0) > hw.count:
-            what = f"{n} stages + a dedicated head" if extra and n > 1 else f"{n}"
-            raise UserError(f"sweep.stages: {what} > {hw.count} GPUs (hardware.count)")
-        base, rem = divmod(m.layers, n)
-        for i in range(n):
-            nl = base + (1 if i < rem else 0)
-            head_here = s.head.layers if (i == 0 and n > 1 and extra == 0 and "spd" in s.sweep.schemes) else 0
-            need = stage_memory_bytes(m, nl, i == 0, i == n - 1, s.max_ctx, head_here)
-            if not fits(need, hw.gpu) and (n > 1 or "pp" in s.sweep.schemes or "spd" in s.sweep.schemes):
-                raise UserError(f"sweep.stages: {n} stage(s) of {m.name} need {need / 1e9:.1f} GB on one "
-                                f"device, more than {hw.gpu.name}'s {hw.gpu.mem_gb:g} GB allows")
+    if len(s.sweep.tp) == 1:
+        # one TP degree: every stage count must fit, as without TP
+        tp = s.sweep.tp[0]
+        key = "sweep.stages" if tp == 1 else "sweep.tp"
+        for n in s.sweep.stages:
+            if tp == 1 and n + (extra if n > 1 else 0) > hw.count:
+                what = f"{n} stages + a dedicated head" if extra and n > 1 else f"{n}"
+                raise UserError(f"sweep.stages: {what} > {hw.count} GPUs (hardware.count)")
+            why = _stage_problem(s, tp, n, extra)
+            if why:
+                raise UserError(f"{key}: {why}")
+    else:
+        # several: skip the (tp, n) that do not fit; a tp or a stage count that never fits is an error
+        ok, skipped = [], []
+        for tp in s.sweep.tp:
+            for n in s.sweep.stages:
+                why = _stage_problem(s, tp, n, extra)
+                (skipped if why else ok).append((tp, n, why))
+        for tp in s.sweep.tp:
+            if not any(t == tp for t, _, _ in ok):
+                raise UserError(f"sweep.tp: {tp} fits with no stage count: "
+                                + next(w for t, _, w in skipped if t == tp))
+        for n in s.sweep.stages:
+            if not any(k == n for _, k, _ in ok):
+                raise UserError(f"sweep.stages: {n} fits at no tp: " + next(w for _, k, w in skipped if k == n))
+        s.combos = [(t, n) for t, n, _ in ok]
+        if skipped:
+            s.notes.append(f"skipped {len(skipped)} (tp, stages) combination(s) the hardware cannot hold, e.g. "
+                           f"tp {skipped[0][0]} × {skipped[0][1]} stage(s): {skipped[0][2]}")
     if "ar" in s.sweep.schemes and not s.ar_fits():
-        if s.sweep.schemes == ["ar"]:
+        if s.sweep.schemes == ["ar"] and s.sweep.tp == [1]:
             raise UserError(f"sweep.schemes: ar needs {m.name} on one {hw.gpu.name}, and it does not fit")
-        s.notes.append(f"{m.name} does not fit one {hw.gpu.name}: no AR point, speedup_vs_ar left empty")
+        if 1 in s.sweep.tp:
+            s.notes.append(f"{m.name} does not fit one {hw.gpu.name}: no AR point, speedup_vs_ar left empty")
 
 
 def parse_scenario(text: str, name: str = "scenario", path: Path | None = None) -> Scenario:
@@ -462,10 +570,64 @@ def parse_scenario(text: str, name: str = "scenario", path: Path | None = None) 
     return s
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    path = Path(path)
+def _merged(base: Any, over: Any) -> Any:
+    """over merged onto base: mappings key by key, anything else replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = _merged(base.get(k), v) if k in base else v
+        return out
+    return over
+
+
+def parse_scenarios(text: str, name: str = "scenario", path: Path | None = None) -> list[Scenario]:
+    """Every scenario of a file: one per YAML document, each later one merged over the first."""
     try:
-        text = path.read_text()
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{path or name}: not valid YAML{where}") from None
+    if len(docs) <= 1:
+        return [parse_scenario(text, name, path)]
+    first = _mapping(docs[0], "scenario")
+    out, names = [], set()
+    for i, doc in enumerate(docs):
+        d = first if i == 0 else _merged(first, _mapping(doc, f"scenario document {i + 1}"))
+        if i > 0 and "name" not in doc:
+            raise UserError(f"{path or name}: document {i + 1}: name: missing (each scenario of a file needs its own)")
+        try:
+            sc = parse_scenario(yaml.safe_dump(d, sort_keys=False), name, path)
+        except UserError as e:
+            raise UserError(f"{path or name}: document {i + 1}: {e}") from None
+        if sc.name in names:
+            raise UserError(f"{path or name}: document {i + 1}: name: {sc.name!r} is used twice")
+        names.add(sc.name)
+        sc.text = text
+        out.append(sc)
+    return out
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
     except OSError as e:
         raise UserError(f"{path}: cannot read scenario ({e.strerror})") from None
+
+
+def load_scenarios(path: str | Path) -> list[Scenario]:
+    """Every scenario of a file (several YAML documents: several scenarios; see the module docstring)."""
+    path = Path(path)
+    return parse_scenarios(_read(path), name=path.stem, path=path)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    text = _read(path)
+    if text.lstrip().startswith("---") or "\n---" in text:
+        found = parse_scenarios(text, name=path.stem, path=path)
+        if len(found) > 1:
+            raise UserError(f"{path}: holds {len(found)} scenarios ({', '.join(s.name for s in found)}); "
+                            "this command takes a file with one")
+        return found[0]
     return parse_scenario(text, name=path.stem, path=path)

@@ -4,6 +4,12 @@ Public API (used by `executor validate` and `spdsim plan` too):
   run_sweep(scenario, jobs=1, progress=None, dask=None) -> pandas.DataFrame   one row per point, DESIGN §4 columns first
   sweep_results(scenario, jobs=1, progress=None, dask=None) -> list[PointResult]
   results_frame(scenario, results) -> pandas.DataFrame
+  run_scenarios(scenarios, jobs=1, ...) -> pandas.DataFrame    every scenario of a file, one table
+
+Columns beyond DESIGN §4's: `tp` (GPUs per stage), `gpus` (GPUs the point occupies: tp × stages, + a
+dedicated device), `speedup_vs_tp` (÷ the fastest plain TP, scheme ar at one stage, on at most as many
+GPUs; empty when the sweep has none: sweep.tp must hold the needed tp values), `allreduce_share` (the
+TP collectives' share of the stages' compute time; empty without TP).
 """
 from __future__ import annotations
 
@@ -21,26 +27,27 @@ from spdsim.errors import UserError
 from spdsim.metrics import speedup
 from spdsim.parallel import progress_bar, run_tasks
 from spdsim.partition import Plan
-from spdsim.scenario import Point, Scenario, load_scenario
+from spdsim.scenario import Point, Scenario, load_scenarios
 from spdsim.summary import format_summary
 from spdsim.textable import align, cell
 from spdsim.trace import Trace, write_chrome_trace, write_trace
 
-COLUMNS = ["scenario", "scheme", "stages", "partition", "acceptance", "tokens_per_s", "ms_per_token",
-           "speedup_vs_pp", "speedup_vs_ar", "bubble_ratio", "waste_ratio", "acceptance_rate"]
+COLUMNS = ["scenario", "scheme", "stages", "tp", "gpus", "partition", "acceptance", "tokens_per_s", "ms_per_token",
+           "speedup_vs_pp", "speedup_vs_ar", "speedup_vs_tp", "bubble_ratio", "waste_ratio", "acceptance_rate"]
 EXTRA = ["accepted", "rejected", "new_tokens", "window_ns", "acceptance_kind", "placement", "layers",
-         "head_device", "point_id"]
+         "head_device", "point_id", "allreduce_share"]
 # Per-cycle breakdown (spd_dedicated: a synchronous cycle; sd / chain: a draft-and-verify step); empty for
 # the other schemes. theoretical_speedup = n × committed tokens per cycle (spd_dedicated only).
 BREAKDOWN = ["cycle_ms", "draft_ms", "slowest_stage_ms", "fixed_ms", "tokens_per_cycle", "theoretical_speedup",
              "acceptance_by_depth"]
 
 
-def plans_for(scenario: Scenario, points: Iterable[Point]) -> dict[tuple[int, str], Plan]:
-    """One plan per (stages, partition): PP and SPD rows share it, so speedup_vs_pp compares like with like."""
-    plans: dict[tuple[int, str], Plan] = {}
+def plans_for(scenario: Scenario, points: Iterable[Point]) -> dict[tuple[int, str, int], Plan]:
+    """One plan per (stages, partition, tp): PP and SPD rows share it, so speedup_vs_pp compares like
+    with like."""
+    plans: dict[tuple[int, str, int], Plan] = {}
     for p in points:
-        key = (p.stages, p.partition)
+        key = (p.stages, p.partition, p.tp)
         if key not in plans:
             plans[key] = plan_point(scenario, p)
     return plans
@@ -55,29 +62,43 @@ def sweep_results(scenario: Scenario, jobs: int = 1,
                   dask: str | None = None) -> list[PointResult]:
     """Every point of the sweep, in the order of `scenario.points()` (independent of `jobs` and of
     where the points ran: in this process, in `jobs` local processes or on a Dask cluster)."""
+    return run_tasks(_simulate_task, _tasks(scenario), jobs=jobs, dask=dask, progress=progress)
+
+
+def _tasks(scenario: Scenario) -> list[tuple[Scenario, Point, Plan]]:
     points = scenario.points()
     plans = plans_for(scenario, points)
-    tasks = [(scenario, p, plans[(p.stages, p.partition)]) for p in points]
-    return run_tasks(_simulate_task, tasks, jobs=jobs, dask=dask, progress=progress)
+    return [(scenario, p, plans[(p.stages, p.partition, p.tp)]) for p in points]
+
+
+def fastest_tp(tp_rates: dict[int, float], gpus: int) -> float | None:
+    """tokens/s of the fastest plain TP (scheme ar, one stage) on at most `gpus` GPUs; None if none."""
+    rates = [v for t, v in tp_rates.items() if t <= gpus]
+    return max(rates) if rates else None
 
 
 def results_frame(scenario: Scenario, results: list[PointResult]) -> pd.DataFrame:
-    pp = {(r.point.stages, r.point.partition): r.metrics.tokens_per_s for r in results if r.point.scheme == "pp"}
-    ar = next((r.metrics.tokens_per_s for r in results if r.point.scheme == "ar"), None)
+    pp = {(r.point.stages, r.point.partition, r.point.tp): r.metrics.tokens_per_s
+          for r in results if r.point.scheme == "pp"}
+    ar = next((r.metrics.tokens_per_s for r in results if r.point.scheme == "ar" and r.point.tp == 1), None)
+    tp_rates = {r.point.tp: r.metrics.tokens_per_s for r in results if r.point.scheme == "ar"}
     rows = []
     for r in results:
         m, p = r.metrics, r.point
+        gpus = r.plan.gpus
         row = {
-            "scenario": scenario.name, "scheme": p.scheme, "stages": p.stages, "partition": p.partition,
+            "scenario": scenario.name, "scheme": p.scheme, "stages": p.stages, "tp": p.tp, "gpus": gpus,
+            "partition": p.partition,
             "acceptance": p.acceptance.value if p.acceptance is not None else None,
             "tokens_per_s": m.tokens_per_s, "ms_per_token": m.ms_per_token,
-            "speedup_vs_pp": speedup(m.tokens_per_s, pp.get((p.stages, p.partition))),
+            "speedup_vs_pp": speedup(m.tokens_per_s, pp.get((p.stages, p.partition, p.tp))),
             "speedup_vs_ar": speedup(m.tokens_per_s, ar),
+            "speedup_vs_tp": speedup(m.tokens_per_s, fastest_tp(tp_rates, gpus)),
             "bubble_ratio": m.bubble_ratio, "waste_ratio": m.waste_ratio, "acceptance_rate": m.acceptance_rate,
             "accepted": m.accepted, "rejected": m.rejected, "new_tokens": m.new_tokens, "window_ns": m.window_ns,
             "acceptance_kind": p.acceptance.kind if p.acceptance is not None else None,
-            "placement": ",".join(r.plan.placement), "layers": r.plan.layers_str(),
-            "head_device": r.plan.head_device, "point_id": p.point_id,
+            "placement": r.plan.placement_str(), "layers": r.plan.layers_str(),
+            "head_device": r.plan.head_device, "point_id": p.point_id, "allreduce_share": m.allreduce_share,
         }
         row.update({k: r.extra.get(k) for k in BREAKDOWN})
         for s, u in enumerate(m.utilization):
@@ -126,48 +147,69 @@ def select_points(df: pd.DataFrame, select: str) -> list[str]:
     return ids
 
 
-def write_timelines(scenario: Scenario, out: Path, point_ids: list[str]) -> list[Path]:
+def write_timelines(scenario: Scenario, out: Path, point_ids: list[str], prefix: str = "") -> list[Path]:
     by_id = {p.point_id: p for p in scenario.points()}
     written = []
     for pid in point_ids:
         r = simulate_point(scenario, by_id[pid], keep_events=True)   # deterministic: same as the sweep's
-        jsonl = write_trace(out / "timelines" / f"{pid}.jsonl", r.header, r.events or [])
-        write_chrome_trace(out / f"timeline_{pid}.json", Trace(r.header, r.events or []))
+        name = prefix + pid
+        jsonl = write_trace(out / "timelines" / f"{name}.jsonl", r.header, r.events or [])
+        write_chrome_trace(out / f"timeline_{name}.json", Trace(r.header, r.events or []))
         written.append(jsonl)
     return written
+
+
+def run_scenarios(scenarios: list[Scenario], jobs: int = 1, progress: Callable[[int, int], None] | None = None,
+                  dask: str | None = None) -> pd.DataFrame:
+    """Every scenario of a file, one after another; their rows in one table (the `scenario` column
+    tells them apart, and every speedup is taken within its own scenario)."""
+    if len(scenarios) == 1:
+        return results_frame(scenarios[0], sweep_results(scenarios[0], jobs, progress, dask))
+    tasks, spans = [], []
+    for sc in scenarios:           # one pool for all of them
+        more = _tasks(sc)
+        spans.append((len(tasks), len(tasks) + len(more)))
+        tasks += more
+    results = run_tasks(_simulate_task, tasks, jobs=jobs, dask=dask, progress=progress)
+    return pd.concat([results_frame(sc, results[a:b]) for sc, (a, b) in zip(scenarios, spans)], ignore_index=True)
 
 
 # --- the table -----------------------------------------------------------------------------------------
 
 def format_table(df: pd.DataFrame) -> str:
-    rows = [("scheme", "n", "partition", "α", "tok/s", "ms/tok", "×PP", "×AR", "bubble", "waste", "accept", "placement")]
+    """Every point (`spdsim run --full`); tp, GPUs and ×TP where the sweep has TP."""
+    tp = "tp" in df.columns and (df["tp"] > 1).any()
+    rows = [("scheme", "n", *(("tp", "gpus") if tp else ()), "partition", "α", "tok/s", "ms/tok", "×PP", "×AR",
+             *(("×TP",) if tp else ()), "bubble", "waste", "accept", "placement")]
     for _, r in df.iterrows():
         acc = r["acceptance"]
-        rows.append((r["scheme"], str(r["stages"]), r["partition"],
+        rows.append((r["scheme"], str(r["stages"]), *((str(r["tp"]), str(r["gpus"])) if tp else ()), r["partition"],
                      acc if isinstance(acc, str) else cell(acc, ".2f"),
                      cell(r["tokens_per_s"], ".1f"), cell(r["ms_per_token"], ".2f"), cell(r["speedup_vs_pp"], ".2f"),
-                     cell(r["speedup_vs_ar"], ".2f"), cell(r["bubble_ratio"], ".3f"), cell(r["waste_ratio"], ".3f"),
-                     cell(r["acceptance_rate"], ".3f"), r["placement"] if r["partition"] == "comm_aware" else ""))
-    return align(rows, left=(0, 2, 11))
+                     cell(r["speedup_vs_ar"], ".2f"), *((cell(r["speedup_vs_tp"], ".2f"),) if tp else ()),
+                     cell(r["bubble_ratio"], ".3f"), cell(r["waste_ratio"], ".3f"), cell(r["acceptance_rate"], ".3f"),
+                     r["placement"] if r["partition"] == "comm_aware" or (tp and r["tp"] > 1) else ""))
+    return align(rows, left=(0, 4 if tp else 2, len(rows[0]) - 1))
 
 
 def run_command(args: argparse.Namespace) -> int:
     """`spdsim run SCENARIO.yaml [--out DIR] [--jobs N] [--quiet] [--no-plots] [--trace SELECT]`"""
-    scenario = load_scenario(args.scenario)
+    scenarios = load_scenarios(args.scenario)
     if args.jobs < 1:
         raise UserError("--jobs: must be ≥ 1")
     out = Path(args.out) if args.out else Path("reports") / Path(args.scenario).stem
     quiet = bool(args.quiet)
-    for note in scenario.notes:
-        if not quiet:
-            print(f"spdsim: note: {note}", file=sys.stderr)
-    if scenario.calibration and not quiet:
-        from spdsim.gpu_calibration import is_gpu_calibration
-        what = ("the roofline with a GPU's fitted parameters" if is_gpu_calibration(scenario.calibration_path())
-                else "not the roofline")
-        print(f"spdsim: note: costs from calibration {scenario.calibration!r} ({what})", file=sys.stderr)
-    results = sweep_results(scenario, args.jobs, progress_bar("simulating", quiet), getattr(args, "dask", None))
-    df = results_frame(scenario, results)
+    for scenario in scenarios:
+        who = f"{scenario.name}: " if len(scenarios) > 1 else ""
+        for note in scenario.notes:
+            if not quiet:
+                print(f"spdsim: note: {who}{note}", file=sys.stderr)
+        if scenario.calibration and not quiet:
+            from spdsim.gpu_calibration import is_gpu_calibration
+            what = ("the roofline with a GPU's fitted parameters" if is_gpu_calibration(scenario.calibration_path())
+                    else "not the roofline")
+            print(f"spdsim: note: {who}costs from calibration {scenario.calibration!r} ({what})", file=sys.stderr)
+    df = run_scenarios(scenarios, args.jobs, progress_bar("simulating", quiet), getattr(args, "dask", None))
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "results.csv", index=False)
     src = Path(args.scenario)
@@ -176,16 +218,36 @@ def run_command(args: argparse.Namespace) -> int:
     except shutil.SameFileError:
         pass
     if getattr(args, "trace", None):
-        written = write_timelines(scenario, out, select_points(df, args.trace))
+        written = []
+        if len(scenarios) == 1:
+            written = write_timelines(scenarios[0], out, select_points(df, args.trace))
+        else:       # per scenario; a filter only has to match somewhere
+            for sc in scenarios:
+                try:
+                    ids = select_points(df[df["scenario"] == sc.name], args.trace)
+                except UserError:
+                    continue
+                written += write_timelines(sc, out, ids, prefix=f"{sc.name}-")
+            if not written:
+                raise UserError(f"--trace: no point matches {args.trace!r}")
         if not quiet:
             print(f"spdsim: wrote {len(written)} timeline(s) under {out}/timelines/", file=sys.stderr)
     if not quiet:
         if getattr(args, "full", False):
             print(format_table(df) + "\n")
-        hw = scenario.hardware
-        print(f"{scenario.name}: {scenario.model.name} on {hw.count} × {hw.gpu.name} ({hw.topology.kind}), "
-              f"{scenario.workload.prompt_tokens} prompt + {scenario.workload.new_tokens} new tokens, batch 1")
-        print(format_summary(df))
+        for i, scenario in enumerate(scenarios):     # a file of several scenarios: one summary each
+            hw = scenario.hardware
+            tp = f", tp {'/'.join(map(str, scenario.sweep.tp))}" if scenario.sweep.tp != [1] else ""
+            print(("\n" if i else "") +
+                  f"{scenario.name}: {scenario.model.name} on {hw.count} × {hw.gpu.name} ({hw.topology.kind}), "
+                  f"{scenario.workload.prompt_tokens} prompt + {scenario.workload.new_tokens} new tokens, batch 1{tp}")
+            mine = df[df["scenario"] == scenario.name] if len(scenarios) > 1 else df
+            print(format_summary(mine))
+            if max(scenario.sweep.tp) > 1:           # TP beside SPD: the where-SPD-pays table
+                from spdsim.where import format_where, where_spd_pays
+                where = where_spd_pays(mine)
+                if not where.empty:
+                    print("\n" + format_where(where))
         print(f"\nwrote {out / 'results.csv'} ({len(df)} points; every one is in the table there and in "
               f"index.html{'' if getattr(args, 'full', False) else ', or print them with --full'})")
     if not getattr(args, "no_plots", False):

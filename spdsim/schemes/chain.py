@@ -13,6 +13,8 @@ probability table[k] / table[k-1], so the measured `acceptance_by_depth` column 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from spdsim.kernel import NS, RunConfig, point_rng
 from spdsim.partition import Plan
 from spdsim.schemes.base import Scheme
@@ -30,7 +32,7 @@ def conditional(table: list[float]) -> list[float]:
 
 def simulate(scenario, point, plan: Plan, cfg: RunConfig, env, keep_events: bool):
     spec = scenario.baselines.chain
-    plan = Plan(plan.partition, plan.layers, plan.placement, plan.placement[0])
+    plan = replace(plan, head_device=plan.placement[0])
     costs = cfg.costs
     cond = conditional(list(spec.acceptance))
     rng = point_rng(scenario.seed, point)

@@ -16,12 +16,20 @@ reference layout); `costs.tick_overhead_ms` / `msg_overhead_ms` apply as for the
 
 `chain` (EAGLE-style chain drafting, `spdsim.schemes.chain`) is the same step with a light head drafting
 from the target's features and a per-position acceptance table.
+
+On TP groups (what vLLM and SGLang serve): the bound cost model's stage times (TP layers, all-reduces,
+the logits all-gather) and the draft c × that target pass (the draft model runs on the same TP group);
+stage 1's TP rank 0 sends each pass's input to its TP peers first, activations pass as tp parallel
+messages (the slowest one, with shared links queueing, sets the arrival), and each stage pass logs an
+`allreduce` event like the pipeline schemes.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from spdsim.acceptance import sampler
+from spdsim.collectives import tp_stage_bytes
 from spdsim.kernel import NS, RunConfig, point_rng
 from spdsim.partition import RESULT_BYTES, Plan
 from spdsim.schemes.base import Scheme
@@ -61,6 +69,26 @@ def draft_verify(plan: Plan, cfg: RunConfig, gamma: int, draft_ns: Callable[[int
                 E("send", t, t + ser * NS, stage, src, position, nbytes, name=f"{u}->{v}")
             t += (ser + lat) * NS
 
+    def transfer_group(pairs, nbytes: int, stage: int, position: int) -> None:
+        """tp messages sent at once (TP): each link a FIFO server, arrival of the last one."""
+        nonlocal t
+        free: dict[tuple[str, str], float] = {}
+        latest = t
+        for src, dst in pairs:
+            tt = t + msg if src != dst else t
+            for u, v in topo.path(src, dst):
+                ser, lat = costs.hop_s(u, v, nbytes)
+                start = max(free.get((u, v), 0.0), tt)
+                free[(u, v)] = start + ser * NS
+                if keep_sends:
+                    E("send", start, start + ser * NS, stage, src, position, nbytes, name=f"{u}->{v}")
+                tt = start + (ser + lat) * NS
+            latest = max(latest, tt)
+        t = latest
+
+    tp = plan.tp
+    groups = [plan.group(s) for s in range(n)]
+
     while committed < N:
         g = min(gamma, N - committed - 1)          # no drafts past the last token asked for
         last = known - 1                            # the last known token: the pass's first input
@@ -75,12 +103,21 @@ def draft_verify(plan: Plan, cfg: RunConfig, gamma: int, draft_ns: Callable[[int
         for s, (a, b) in enumerate(plan.layers):    # one verification pass of g + 1 tokens
             t += tick
             t0 = t
+            if tp > 1 and s == 0:                   # the pass's input to stage 1's TP peers
+                transfer_group([(dev0, d) for d in groups[0][1:]], RESULT_BYTES * (g + 1), 0, last)
             t += costs.stage_s(s, a, b, last + g + 1, s == 0, s == n - 1) * NS
             slowest = max(slowest, t - t0)
             E("compute", t0, t, s, plan.placement[s], last)
+            if tp > 1:
+                ar = costs.stage_allreduce_s(s, a, b, s == n - 1) * NS
+                nb = sum(tp_stage_bytes(cfg.activation_bytes * (g + 1), cfg.logits_bytes * (g + 1), b - a, s == n - 1))
+                E("allreduce", max(t0, t - ar), t, s, plan.placement[s], last, nb, name="allreduce")
             nxt = plan.placement[s + 1] if s < n - 1 else dev0
-            transfer(plan.placement[s], nxt, (cfg.activation_bytes if s < n - 1 else RESULT_BYTES) * (g + 1),
-                     s, last)
+            if tp > 1 and s < n - 1:
+                transfer_group(list(zip(groups[s], groups[s + 1])), cfg.activation_bytes * (g + 1), s, last)
+            else:
+                transfer(plan.placement[s], nxt, (cfg.activation_bytes if s < n - 1 else RESULT_BYTES) * (g + 1),
+                         s, last)
         pass_ns += slowest
         accepted = 0
         verdicts = []
@@ -110,7 +147,7 @@ def draft_verify(plan: Plan, cfg: RunConfig, gamma: int, draft_ns: Callable[[int
 
 def simulate(scenario, point, plan: Plan, cfg: RunConfig, env, keep_events: bool):
     sd = scenario.baselines.sd
-    plan = Plan(plan.partition, plan.layers, plan.placement, plan.placement[0])
+    plan = replace(plan, head_device=plan.placement[0])
     L = scenario.model.layers
     costs = cfg.costs
 

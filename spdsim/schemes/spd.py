@@ -15,6 +15,11 @@ First device, per issued position q (window W = n; PP and AR are W = 1 with no d
   first rank): `on_result` commits, and asks the acceptance process (the `accept` callback) whether
   the draft at p+1 holds; a rejection bumps the epoch and re-issues p+1 with the true token.
 
+TP (a stage on a TP group, `spdsim.protocol`): this process is stage 1's TP rank 0. It sends each issue
+to its TP peers before the forward (the forward's compute event ends once the slowest peer can have
+finished: `Sim.issue_wait_ns`), the activation leaves as tp parallel messages (`Sim.send_act`), and the
+module, the verification and RESULT stay on rank 0.
+
 Features (a trained drafter, `head.features: true`): the draft of q+1 uses what exists when q enters
 stage 1 (DESIGN §2): stage s's output for q-s (1-based s), and everything older. Each stage sends its
 checkpoint features to the module's device every tick; the draft waits until the ones it needs for the
@@ -59,6 +64,7 @@ def first_device(sim: Sim):
     issue_epoch: dict[int, int] = {}              # position → epoch of its latest issue
     drafts: set[tuple[int, int]] = set()          # (position, epoch) of drafted tokens ready here
     accept = cfg.accept
+    tp = sim.tp > 1
 
     def handle(msg: tuple) -> None:
         kind = msg[0]
@@ -100,10 +106,16 @@ def first_device(sim: Sim):
         if sim._tick:
             yield env.timeout(sim._tick)
         t0 = env.now
-        yield env.timeout(sim.stage_ns(0, q))
-        log.append(("compute", t0, env.now, 0, dev, q, e, 0, "", None))
+        if tp:      # the issue goes to stage 1's TP peers first; the group's forward ends after theirs
+            yield env.timeout(sim.issue_wait_ns(q, e) + sim.stage_ns(0, q))
+            sim.log_compute(t0, 0, dev, q, e)
+        else:
+            yield env.timeout(sim.stage_ns(0, q))
+            log.append(("compute", t0, env.now, 0, dev, q, e, 0, "", None))
         if n == 1:
             box.put((RESULT, e, q))
+        elif tp:
+            sim.send_act(0, sim.stage_boxes[1], (ACT, e, q))
         else:
             sim.send(dev, plan.placement[1], cfg.activation_bytes, sim.stage_boxes[1], (ACT, e, q), 0)
             if sim._send_block:

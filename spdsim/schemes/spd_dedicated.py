@@ -19,12 +19,19 @@ With the `draft_colocated` partitioner the module shares stage 1's device (n GPU
 stage 1's forward then run one after the other on that device, and the partitioner gives stage 1 fewer
 layers to compensate. Any other partitioner puts rank 0 on a device of its own (n + 1 GPUs).
 
+TP (stages on TP groups, `spdsim.protocol`): rank 0 stays one GPU; its control message and stage 1's
+input reach every TP rank of their stage, activations pass rank r → rank r, the last stage's rank 0
+returns the hidden state; with draft_colocated rank 0 is stage 1's TP rank 0 and sends the input to its
+TP peers before the forward.
+
 Extra columns: `cycle_ms`, `draft_ms`, `slowest_stage_ms`, `fixed_ms` (means per cycle, over the cycles
 up to the N-th commit), `tokens_per_cycle` and `theoretical_speedup` = n × committed tokens per cycle
 (the reference implementation's "theoretical speedup": what SPD would give over PP if every cycle were
 as short as one stage).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 from spdsim.acceptance import sampler
 from spdsim.kernel import ACT, NS, RESULT, Mailbox, RunConfig, Sim, point_rng
@@ -44,14 +51,15 @@ def _window(n: int) -> int:
 def dedicated_plan(scenario, plan: Plan) -> Plan:
     """The plan with rank 0's device: stage 1's under draft_colocated, else the first free device."""
     if plan.partition == "draft_colocated":
-        return Plan(plan.partition, plan.layers, plan.placement, plan.placement[0])
+        return replace(plan, head_device=plan.placement[0])
     if plan.head_device is not None and not plan.head_colocated:
         return plan
-    free = [d for d in scenario.hardware.graph.devices if d not in plan.placement]
+    used = {d for s in range(plan.stages) for d in plan.group(s)}
+    free = [d for d in scenario.hardware.graph.devices if d not in used]
     if not free:
-        raise UserError(f"sweep.schemes: spd_dedicated with {plan.stages} stages needs {plan.stages + 1} GPUs "
-                        f"(hardware.count is {len(plan.placement)}); or use partition draft_colocated")
-    return Plan(plan.partition, plan.layers, plan.placement, free[0])
+        raise UserError(f"sweep.schemes: spd_dedicated with {plan.stages} stages needs {len(used) + 1} GPUs "
+                        f"(hardware.count is {len(used)}); or use partition draft_colocated")
+    return replace(plan, head_device=free[0])
 
 
 class CycleSim(Sim):
@@ -77,6 +85,10 @@ class CycleSim(Sim):
         a, b = self.plan.layers[s]
         return self.cfg.costs.stage_s(s, a, b, position + 1, False, False) * NS
 
+    def to_group(self, s: int) -> list[tuple[str, str]]:
+        """Rank 0's messages to every TP rank of stage s (one pair without TP)."""
+        return [(self.rank0, d) for d in self.plan.group(s)]
+
     def _forward(self, s: int, cycle: int, slot):
         """Stage s forwards its slot's position, then sends it on (stage n: to rank 0)."""
         env, dev = self.env, self.plan.placement[s]
@@ -84,16 +96,17 @@ class CycleSim(Sim):
         if self._tick:
             yield env.timeout(self._tick)
         t0 = env.now
-        yield env.timeout(self.layers_ns(s, q))
-        self.log.append(("compute", t0, env.now, s, dev, q, e, 0, "", None))
+        # co-located with TP: rank 0 is stage 1's TP rank 0 and first sends the input to its TP peers
+        wait = self.issue_wait_ns(q, e) if s == 0 and self.colocated else 0.0
+        yield env.timeout(wait + self.layers_ns(s, q))
+        self.log_compute(t0, s, dev, q, e, lm_head=False)
         self._slowest[cycle] = max(self._slowest.get(cycle, 0.0), env.now - t0)
         if self.cfg.features and dev != self.rank0 and s < self.n - 1:
             self.send(dev, self.rank0, self.cfg.feature_bytes, Mailbox(env), ("feature", e, q), s)
         if s == self.n - 1:
             self.send(dev, self.rank0, self.cfg.activation_bytes, self.first_box, (RESULT, e, q), s)
         else:
-            self.send(dev, self.plan.placement[s + 1], self.cfg.activation_bytes, self.stage_boxes[s + 1],
-                      (ACT, e, q), s)
+            self.send_act(s, self.stage_boxes[s + 1], (ACT, e, q))
 
     def stage_rank(self, s: int):
         """Ranks 1..n: per cycle, a control message; forward the slot's position once its input is here."""
@@ -127,8 +140,11 @@ class CycleSim(Sim):
                 if s == 0 and self.colocated:
                     continue
                 slot = c.slots[s]
-                self.send(dev, self.plan.placement[s], CONTROL_BYTES, self.control_boxes[s],
-                          (CONTROL, cc.ctl.epoch, slot.position if slot else -1, c.cycle, slot), -1)
+                msg = (CONTROL, cc.ctl.epoch, slot.position if slot else -1, c.cycle, slot)
+                if self.tp > 1:      # the slot table reaches every TP rank of the stage
+                    self.burst(self.to_group(s), CONTROL_BYTES, self.control_boxes[s], msg, -1)
+                else:
+                    self.send(dev, self.plan.placement[s], CONTROL_BYTES, self.control_boxes[s], msg, -1)
             new = c.slots[0]
             if new is not None:
                 if self._embed:
@@ -137,8 +153,12 @@ class CycleSim(Sim):
                     yield from self._forward(0, c.cycle, new)
                 else:
                     self._taken[c.cycle] = env.event()
-                    self.send(dev, self.plan.placement[0], self.cfg.activation_bytes, self.stage_boxes[0],
-                              (ACT, new.epoch, new.position), -1)
+                    msg = (ACT, new.epoch, new.position)
+                    if self.tp > 1:  # the embedded token goes to every TP rank of stage 1
+                        self.burst(self.to_group(0), self.cfg.activation_bytes, self.stage_boxes[0], msg, -1)
+                    else:
+                        self.send(dev, self.plan.placement[0], self.cfg.activation_bytes, self.stage_boxes[0],
+                                  msg, -1)
             draft = 0.0
             if c.draft_for is not None:
                 t0 = env.now
