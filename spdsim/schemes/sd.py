@@ -156,7 +156,9 @@ def simulate(scenario, point, plan: Plan, cfg: RunConfig, env, keep_events: bool
             return sd.draft_ms * 1e-3 * NS
         return sd.cost_ratio * costs.stage_s(0, 0, L, q + 1, True, True) * NS
 
-    verdict = sampler(point.acceptance, point_rng(scenario.seed, point))
+    # at most one verdict per committed token: the first N - 1 hold exactly round(α(N - 1)) accepts, so the
+    # verdicts a run consumes realise α to within the finite-population spread (acceptance.sampler)
+    verdict = sampler(point.acceptance, point_rng(scenario.seed, point), exact_over=scenario.workload.new_tokens - 1)
     events, extra = draft_verify(plan, cfg, sd.gamma, draft_ns, lambda k: verdict(), keep_events)
     return events, plan, extra
 
