@@ -39,7 +39,7 @@ from spdsim.verdict import FAIL, PASS, UNDETERMINED, Interval, error_interval, m
 # Measured on this prompt; `executor profile` calibrates on executor.profile.CALIBRATION_PROMPT.
 VALIDATION_PROMPT = "def parse(line):\n    key, _, value = line.partition('=')\n    return "
 METRICS = ("tokens_per_s", "speedup_vs_pp", "bubble_ratio")
-COLUMNS = ["scheme", "stages", "partition", "acceptance", "metric", "predicted", "measured", "error_pct",
+COLUMNS = ["scheme", "stages", "tp", "partition", "acceptance", "metric", "predicted", "measured", "error_pct",
            "measured_spread",   # half the range over repeats, in error_pct's unit: the measurement's own noise
            "ci_low", "ci_high",  # 95% bootstrap interval of the measured median (the metric's unit)
            "error_ci_low", "error_ci_high",   # ... of the error, in error_pct's unit (spdsim.verdict)
@@ -57,10 +57,12 @@ class Case:
     stages: int
     draft: str | None          # oracle:ALPHA | head:PATH | None
     acceptance: str            # the validation.csv `acceptance` column ('' for AR / PP)
+    tp: int = 1                # ranks per stage (tensor parallel)
 
     @property
     def label(self) -> str:
-        return f"{self.scheme} n={self.stages}" + (f" α={self.acceptance}" if self.acceptance else "")
+        return (f"{self.scheme} n={self.stages}" + (f" tp={self.tp}" if self.tp > 1 else "")
+                + (f" α={self.acceptance}" if self.acceptance else ""))
 
 
 def runnable_cases(scenario, max_stages: int, head: str | None) -> tuple[list[Case], list[str]]:
@@ -74,8 +76,9 @@ def runnable_cases(scenario, max_stages: int, head: str | None) -> tuple[list[Ca
             why = f"scheme {p.scheme}: the executor runs ar / pp / spd only"
         elif p.partition != "uniform":
             why = f"partition {p.partition}: the executor runs the uniform partition only"
-        elif p.stages > max_stages:
-            why = f"{p.stages} stages > {max_stages} cores/devices here (oversubscribed: not validated)"
+        elif p.stages * p.tp > max_stages:
+            why = (f"{p.stages} stages × tp {p.tp} > {max_stages} cores/devices here (oversubscribed: not validated)"
+                   if p.tp > 1 else f"{p.stages} stages > {max_stages} cores/devices here (oversubscribed: not validated)")
         elif p.acceptance is not None and p.stages > 1 and p.acceptance.kind not in ("iid", "table"):
             why = f"acceptance {p.acceptance.kind}: only an oracle α can be run"
         if why:
@@ -84,20 +87,20 @@ def runnable_cases(scenario, max_stages: int, head: str | None) -> tuple[list[Ca
             continue
         if p.scheme == "spd" and p.stages > 1:
             alpha = float(p.acceptance.alpha)
-            case = Case("spd", p.stages, f"oracle:{alpha:g}", f"{alpha:g}")
-        elif p.stages == 1:         # AR, PP and SPD on one rank are the same decode: measured once, as AR
-            case = Case("ar", 1, None, "")
+            case = Case("spd", p.stages, f"oracle:{alpha:g}", f"{alpha:g}", p.tp)
+        elif p.stages == 1:         # AR, PP and SPD on one stage are the same decode: measured once, as AR
+            case = Case("ar", 1, None, "", p.tp)
             if p.scheme != "ar":
                 why = "pp / spd on 1 stage: the same one-rank decode as ar (measured once, as ar)"
                 if why not in notes:
                     notes.append(why)
         else:
-            case = Case(p.scheme, p.stages, None, "")
+            case = Case(p.scheme, p.stages, None, "", p.tp)
         if case not in seen:
             seen.add(case)
             cases.append(case)
     if head:
-        for n in sorted({c.stages for c in cases if c.scheme == "spd" and c.stages > 1}):
+        for n in sorted({c.stages for c in cases if c.scheme == "spd" and c.stages > 1 and c.tp == 1}):
             cases.append(Case("spd", n, f"head:{head}", "head"))
     return cases, notes
 
@@ -120,13 +123,14 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
     import tempfile
     from executor.runner import RunSpec, launch
     out: dict[Case, list[dict]] = {}
-    for n in sorted({c.stages for c in cases}):
-        group = [c for c in cases if c.stages == n]
+    for n, tp in sorted({(c.stages, c.tp) for c in cases}):
+        group = [c for c in cases if (c.stages, c.tp) == (n, tp)]
         calib: list[tuple[str, str, str | None]] = []
         if calib_out is not None:
-            calib = [("ar-n1", "ar", None)] if n == 1 else [(f"pp-n{n}", "pp", None),
-                                                            (f"spd-n{n}-a{calib_alpha:g}", "spd", f"oracle:{calib_alpha:g}")]
-            if head and n > 1:
+            t = f"-tp{tp}" if tp > 1 else ""
+            calib = [(f"ar-n1{t}", "ar", None)] if n == 1 else [
+                (f"pp-n{n}{t}", "pp", None), (f"spd-n{n}{t}-a{calib_alpha:g}", "spd", f"oracle:{calib_alpha:g}")]
+            if head and n > 1 and tp == 1:
                 calib.append((f"spd-n{n}-head", "spd", f"head:{head}"))
         # Round-robin over the cases (case 1, case 2, …, case 1, case 2, …): a slow spell of a shared
         # machine then hits every case alike instead of one case's repeats.
@@ -147,19 +151,19 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
         tmp = Path(tempfile.mkdtemp(prefix="spd-validate.")) if calib else None
         t0 = time.time()
         try:
-            res = launch(RunSpec(model=model, stages=n, jobs=jobs, device=device, threads=threads, pin=pin,
+            res = launch(RunSpec(model=model, stages=n, tp=tp, jobs=jobs, device=device, threads=threads, pin=pin,
                                  model_label=Path(model).name, trace_dir=str(tmp) if tmp else None,
                                  trace_each=bool(tmp)))
             for j, (kind, what) in enumerate(kinds):
                 if kind == "calib":
-                    dst = calib_out / "runs" / what
+                    dst = calib_out / ("runs_tp" if tp > 1 else "runs") / what   # as `executor profile --tp` lays them
                     shutil.rmtree(dst, ignore_errors=True)
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     shutil.move(str(tmp / f"job{j}"), dst)
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
-        log(f"validate: measured {len(group) * repeats} decodes on {n} rank(s)"
+        log(f"validate: measured {len(group) * repeats} decodes on {n * tp} rank(s)"
             + (f", {len(calib) * repeats} calibration decodes interleaved" if calib else "")
             + f" ({time.time() - t0:.0f} s)")
         results = [(what, r) for (kind, what), r in zip(kinds, res) if kind == "case"]
@@ -178,7 +182,7 @@ def predict(scenario, case: Case, calibration: Path, prompt_tokens: int, new_tok
     from spdsim.replay import replay_point
     features = bool(case.draft and case.draft.startswith("head:"))
     sc = dataclasses.replace(scenario, calibration=str(calibration), path=None)
-    r = replay_point(sc, case.scheme, case.stages, prompt_tokens, new_tokens, accepts, features, seed=seed)
+    r = replay_point(sc, case.scheme, case.stages, prompt_tokens, new_tokens, accepts, features, seed=seed, tp=case.tp)
     m = r.metrics
     return {"tokens_per_s": m.tokens_per_s, "bubble_ratio": m.bubble_ratio, "acceptance_rate": m.acceptance_rate,
             "accepted": m.accepted, "rejected": m.rejected}
@@ -208,13 +212,13 @@ def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict
     median of per-round ratios), each with the bootstrap interval of the measured median (ci_low,
     ci_high), of the error (error_ci_low, error_ci_high; repeats resampled in pairs, spdsim.verdict) and
     the verdict that interval gives against the tolerance."""
-    pp_case = {c.stages: c for c in cases if c.scheme == "pp"}
+    pp_case = {(c.stages, c.tp): c for c in cases if c.scheme == "pp"}
     rows = []
     for k, c in enumerate(cases):
         series: dict[str, tuple[list[float], list[float]]] = {
             m: ([r[m] for r in measured[c]], [r[m] for r in predicted[c]]) for m in ("tokens_per_s", "bubble_ratio")}
-        if c.stages in pp_case:
-            base = pp_case[c.stages]
+        if (c.stages, c.tp) in pp_case:
+            base = pp_case[(c.stages, c.tp)]
             series["speedup_vs_pp"] = (_paired_ratios(measured[c], measured[base]),
                                        _paired_ratios(predicted[c], predicted[base]))
         for metric in METRICS:
@@ -232,7 +236,7 @@ def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict
             scale = 100.0 / med.estimate if relative else 100.0
             spread = (max(meas_xs) - min(meas_xs)) / 2 * scale if len(meas_xs) > 1 else 0.0
             tol = tolerance_pct(metric, tolerance, bubble_tolerance)
-            rows.append({"scheme": c.scheme, "stages": c.stages, "partition": "uniform", "acceptance": c.acceptance,
+            rows.append({"scheme": c.scheme, "stages": c.stages, "tp": c.tp, "partition": "uniform", "acceptance": c.acceptance,
                          "metric": metric, "predicted": statistics.median(pred_xs), "measured": med.estimate,
                          "error_pct": err.estimate, "measured_spread": spread,
                          "ci_low": med.low, "ci_high": med.high,
@@ -294,7 +298,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         unit = " pp" if r["metric"] == "bubble_ratio" else "%"
         fmt = ".3f" if r["metric"] != "tokens_per_s" else ".2f"
-        lines.append((r["scheme"], str(r["stages"]), r["acceptance"], r["metric"], format(r["predicted"], fmt),
+        lines.append((r["scheme"], str(r["stages"]) + (f"×tp{r['tp']}" if r.get("tp", 1) > 1 else ""),
+                      r["acceptance"], r["metric"], format(r["predicted"], fmt),
                       format(r["measured"], fmt), f"[{r['ci_low']:{fmt}}, {r['ci_high']:{fmt}}]",
                       f"{r['error_pct']:+.1f}{unit}", f"[{r['error_ci_low']:+.1f}, {r['error_ci_high']:+.1f}]{unit}",
                       r["verdict"]))
@@ -392,9 +397,10 @@ def validate_command(args) -> int:
     else:                                             # microbenchmarks now, run traces interleaved below
         stages = max(c.stages for c in cases)
         pcfg = ProfileConfig(model=str(model), stages=stages, device=args.device, threads=args.threads,
-                             head=head, contexts=None, repeats=9, runs=False)
+                             head=head, contexts=None, repeats=9, runs=False, tp=max(c.tp for c in cases))
         profile(pcfg, out / "profile", log=print)
-        shutil.rmtree(out / "profile" / "runs", ignore_errors=True)
+        for runs in ("runs", "runs_tp"):           # a fresh set of calibration runs, interleaved below
+            shutil.rmtree(out / "profile" / runs, ignore_errors=True)
 
     own_calibration = calib is None
     t_start = time.time()

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spdsim.calibrate_tp import fit_tp, with_tp_section
 from spdsim.calibration_file import (CalibratedCosts, _micro_stage_s, regime_of, stage_role,
                                      write_calibration)
 from spdsim.errors import UserError
@@ -327,7 +328,9 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
                 costs.jitter_by[regime] = Jitter(j.sd * k, j.lag1, j.cross)
                 lines.append(f"jitter    {regime}: drawn sd {j.sd * k:.3f} = {k:.2f} × the traced {j.sd:.3f}, the "
                              f"factor at which the simulated runs idle as much as the traced ones (mean bubble)")
-    return costs, err, lines
+    tp, tp_err, tp_lines = fit_tp(prof, load_runs(trace_dir, "runs_tp"), costs)
+    err.update(tp_err)
+    return with_tp_section(costs, tp), err, lines + tp_lines
 
 
 def calibrate_command(args: argparse.Namespace) -> int:

@@ -25,8 +25,9 @@ def draft_kind(trace: Trace) -> str:
     return str(trace.header.extra.get("draft") or "").split(":")[0]
 
 
-def load_runs(trace_dir: Path) -> list[Trace]:
-    runs_dir = trace_dir / "runs"
+def load_runs(trace_dir: Path, sub: str = "runs") -> list[Trace]:
+    """The traced runs under trace_dir/sub (runs/: TP = 1; runs_tp/: `executor profile --tp T`)."""
+    runs_dir = trace_dir / sub
     if not runs_dir.is_dir():
         return []
     out = []
@@ -38,21 +39,22 @@ def load_runs(trace_dir: Path) -> list[Trace]:
     return out
 
 
-def _replay_scenario(model: dict, stages: int):
+def _replay_scenario(model: dict, stages: int, tp: int = 1):
     """A scenario to replay traced runs of the profiled model on: one device per rank (the costs come
     from the calibration given to `_replay`, not from this scenario's made-up hardware)."""
     return parse_scenario(yaml.safe_dump({
         "name": "in-sample", "hardware": {"gpu": {"name": "host", "mem_gb": 1000, "hbm_gbps": 100, "bf16_tflops": 1},
-                                          "count": stages, "topology": {"kind": "full"}},
+                                          "count": stages * tp, "topology": {"kind": "full"}},
         "model": {"name": "profiled", "layers": model["layers"], "hidden": model["dim"], "ffn": model["ffn"],
                   "heads": model["heads"], "kv_heads": model["kv_heads"], "vocab": model["vocab"],
                   "dtype_bytes": model.get("dtype_bytes", 4)},
         # spd in the sweep: the plan places the drafter only for sweeps that draft (engine.plan_inputs)
-        "sweep": {"stages": [1], "schemes": ["ar", "pp", "spd"]}}))
+        "sweep": {"stages": [1], "tp": [tp], "schemes": ["ar", "pp", "spd"]}}))
 
 
 def replay_point(scenario, scheme: str, stages: int, prompt_tokens: int, new_tokens: int, accepts: list[int],
-                 features: bool, seed: int = 0, costs: CalibratedCosts | None = None, keep_events: bool = False):
+                 features: bool, seed: int = 0, costs: CalibratedCosts | None = None, keep_events: bool = False,
+                 tp: int = 1):
     """One simulated decode replaying a measured one (an engine.PointResult): the same scheme, stages,
     lengths and accept/reject verdicts, the module co-located with stage 1 as the executor runs it, and
     jitter draws `seed`. `costs` replaces the scenario's cost model (the calibration being fitted);
@@ -60,15 +62,17 @@ def replay_point(scenario, scheme: str, stages: int, prompt_tokens: int, new_tok
     acc = replay(sequence=accepts or [1]) if scheme == "spd" and stages > 1 else None
     sc = dc_replace(scenario, seed=seed, workload=Workload(prompt_tokens, new_tokens),
                     head=dc_replace(scenario.head, features=features, placement="colocated"))
-    return simulate_point(sc, Point(scheme, stages, "uniform", acc), keep_events=keep_events,
-                          costs=None if costs is None else costs.with_head("head" if features else "oracle"))
+    if costs is not None:       # the calibration being fitted, with this scenario's shape (TP message sizes)
+        costs = dc_replace(costs.with_head("head" if features else "oracle"), model=scenario.model)
+    return simulate_point(sc, Point(scheme, stages, "uniform", acc, tp=tp), keep_events=keep_events, costs=costs)
 
 
 def _replay(base, tr: Trace, costs: CalibratedCosts, seed: int = 0, keep_events: bool = False):
     """`replay_point` for a traced run."""
     h = tr.header
     return replay_point(base, h.scheme, h.stages, h.prompt_tokens, h.new_tokens, list(h.extra.get("accepts") or []),
-                        draft_kind(tr) not in ("", "oracle"), seed=seed, costs=costs, keep_events=keep_events)
+                        draft_kind(tr) not in ("", "oracle"), seed=seed, costs=costs, keep_events=keep_events,
+                        tp=h.tp)
 
 
 def replay_seeds(runs: list[Trace]) -> list[int]:
@@ -121,16 +125,22 @@ def in_sample(trace_dir: Path, calib: Path) -> list[str]:
     model's structure rather than drift between calibration and validation. Not a validation."""
     prof = json.loads((trace_dir / "profile.json").read_text())
     runs = load_runs(trace_dir)
+    tp_runs = load_runs(trace_dir, "runs_tp")
     if not prof.get("model") or not runs:
         return []
     base = _replay_scenario(prof["model"], max(t.header.stages for t in runs))
+    bases = {t: _replay_scenario(prof["model"], max(r.header.stages for r in tp_runs), t)
+             for t in {r.header.tp for r in tp_runs}}
     costs = load_calibration(calib)
     out = []
-    for tr, seed in zip(runs, replay_seeds(runs)):
+    for tr, seed in [*zip(runs, replay_seeds(runs)), *zip(tp_runs, replay_seeds(tp_runs))]:
         h = tr.header
         meas = run_metrics(tr.events, h.scheme, h.stages, h.new_tokens, h.placement)
-        pred = _replay(base, tr, costs, seed=seed).metrics
-        out.append(f"in-sample {h.scheme}-n{h.stages} {h.extra.get('draft') or ''}: tokens/s predicted "
+        pred = _replay(bases.get(h.tp, base) if h.tp > 1 else base, tr, costs, seed=seed).metrics
+        tp = f"-tp{h.tp}" if h.tp > 1 else ""
+        cores = prof.get("cpu_count") if prof.get("device", "cpu") == "cpu" else None
+        over = " (oversubscribed: more ranks than cores, not modelled)" if cores and h.tp * h.stages > cores else ""
+        out.append(f"in-sample {h.scheme}-n{h.stages}{tp} {h.extra.get('draft') or ''}{over}: tokens/s predicted "
                    f"{pred.tokens_per_s:.2f} vs traced {meas.tokens_per_s:.2f} "
                    f"({100 * (pred.tokens_per_s / meas.tokens_per_s - 1):+.1f}%), "
                    f"bubble {pred.bubble_ratio:.3f} vs {meas.bubble_ratio:.3f}")

@@ -179,3 +179,16 @@ def test_validate_says_undetermined_when_too_few_repeats_were_allowed(tmp_path):
     assert "undetermined" in r.stderr and "more minutes" in r.stderr and "Traceback" not in r.stderr
     rows = list(csv.DictReader(open(out / "validation.csv")))
     assert rows and all(x["verdict"] == "undetermined" for x in rows)
+
+
+def test_tp_points_run_where_the_ranks_fit_the_cores(tmp_path):
+    text = SMALL.replace("STAGES", "[1, 2], tp: [1, 2]").replace("PARTS", "[uniform]")
+    p = tmp_path / "tp.yaml"
+    p.write_text(text)
+    from spdsim.scenario import load_scenario
+    sc = load_scenario(p)
+    cases, notes = runnable_cases(sc, max_stages=2, head=None)
+    assert Case("ar", 1, None, "", 2) in cases                       # TP 2 on one stage: 2 ranks
+    assert not [c for c in cases if c.tp == 2 and c.stages == 2]     # 4 ranks on 2 cores: oversubscribed
+    assert any("tp 2" in n and "oversubscribed" in n for n in notes)
+    assert Case("ar", 1, None, "", 2).label == "ar n=1 tp=2"
