@@ -109,3 +109,19 @@ def test_slower_head_never_faster():
         s = scenario(layer_ms=0.5, head_ms=head_ms, new_tokens=30)
         rates.append(simulate_point(s, Point("spd", 3, "uniform", acc.replay(sequence=SEQ))).metrics.tokens_per_s)
     assert rates[0] >= rates[1] >= rates[2] and rates[0] > rates[2]
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_a_slow_colocated_module_still_speculates_every_position(features):
+    """The first device reads its messages only when it cannot issue, as the executor's first rank does:
+    a RESULT that arrives while the module drafts (here a draft takes 1.5 stages' time) waits, the next
+    position goes in with its draft and is verified. Reading it first had issued the true token instead:
+    no verification at all, and α changed nothing."""
+    s = scenario(layer_ms=1.0, head_ms=6.0, features=features)      # 8 layers: 4 ms per stage at n = 2
+    N = s.workload.new_tokens
+    rates = []
+    for a in (0.0, 0.5, 1.0):
+        m = simulate_point(s, Point("spd", 2, "uniform", acc.iid(a))).metrics
+        assert m.accepted + m.rejected == N - 1
+        rates.append(m.tokens_per_s)
+    assert rates[0] < rates[1] < rates[2]

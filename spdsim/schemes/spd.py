@@ -11,9 +11,10 @@ First device, per issued position q (window W = n; PP and AR are W = 1 with no d
   3. draft the token at q+1. Co-located module: on this device right after the forward, sequential with
      it, once the features it needs have arrived. Dedicated module: an ISSUE(q) message goes to its
      device before the forward, and it drafts in parallel; its DRAFT(q+1) comes back over a link.
-  Any RESULT that arrived meanwhile is handled between these steps (one thread, like the executor's
-  first rank): `on_result` commits, and asks the acceptance process (the `accept` callback) whether
-  the draft at p+1 holds; a rejection bumps the epoch and re-issues p+1 with the true token.
+  Messages are read, one at a time, only when the first device cannot issue (or waits for features),
+  exactly as the executor's first rank reads its sockets: `on_result` commits, and asks the acceptance
+  process (the `accept` callback) whether the draft at p+1 holds; a rejection bumps the epoch and
+  re-issues p+1 with the true token.
 
 TP (a stage on a TP group, `spdsim.protocol`): this process is stage 1's TP rank 0. It sends each issue
 to its TP peers before the forward (the forward's compute event ends once the slowest peer can have
@@ -84,18 +85,19 @@ def first_device(sim: Sim):
         elif kind == DRAFT:
             drafts.add((msg[2], msg[1]))
 
-    def drain() -> None:
-        while box.items:
-            handle(box.items.popleft())
-
     while True:
-        drain()
         if ctl.done:
             return
         q = ctl.next_position
         ready = ctl.can_issue() and (q < ctl.known or not sim.head_device or (q, ctl.epoch) in drafts)
         if not ready:
-            yield box.wait()
+            # As the executor's first rank does: it reads a message only when it cannot issue, one at a
+            # time. A RESULT that arrived while it was drafting waits, so the next position goes in with
+            # its draft and is verified later (reading it first would issue the true token instead).
+            if box.items:
+                handle(box.items.popleft())
+            else:
+                yield box.wait()
             continue
         issue = ctl.issue()
         q, e = issue.position, issue.epoch
@@ -128,8 +130,10 @@ def first_device(sim: Sim):
         if drafting and colocated:
             # the module shares this device: wait for its features, then draft q+1 here
             while wait_features and not _features_ready(feats, issue_epoch, q, n, first_decode):
-                yield box.wait()
-                drain()
+                if box.items:
+                    handle(box.items.popleft())
+                else:
+                    yield box.wait()
                 if ctl.epoch != e or ctl.done:
                     break
             if ctl.epoch != e or ctl.done:
