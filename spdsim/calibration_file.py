@@ -174,6 +174,26 @@ class CalibratedCosts:
     def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]:
         return nbytes / self.link_bandwidth, self.link_latency_s
 
+    # serving (workload.arrivals): the executor does not measure prefill or batched ticks yet
+    def prefill_s(self, stage: int, first_layer: int, last_layer: int, tokens: int, ctx: int,
+                  first: bool, last: bool) -> float:
+        if tokens <= 0:
+            return 0.0
+        raise UserError("calibration: a calibration file has no prefill measurements; serving "
+                        "(workload.arrivals) needs the roofline (calibration: null) until the executor measures prefill")
+
+    def batch_stage_s(self, stage: int, first_layer: int, last_layer: int, ctxs, first: bool, last: bool) -> float:
+        if len(ctxs) == 1:
+            return self.stage_s(stage, first_layer, last_layer, ctxs[0], first, last)
+        raise UserError("calibration: a calibration file has no batched measurements; serving.max_batch > 1 "
+                        "needs the roofline (calibration: null)")
+
+    def batch_head_s(self, ctxs) -> float:
+        if len(ctxs) == 1:
+            return self.head_s(ctxs[0])
+        raise UserError("calibration: a calibration file has no batched measurements; serving.max_batch > 1 "
+                        "needs the roofline (calibration: null)")
+
     def with_head(self, kind: str) -> "CalibratedCosts":
         from dataclasses import replace
         return replace(self, head_kind=kind)

@@ -8,6 +8,8 @@ Everything the simulator charges time for comes from a `CostModel`:
   hop_s        one link hop: (time the link is held = bytes / bandwidth, latency after it)
   tick_overhead_s  fixed host-side time per compute (the executor's Python per tick), not device-busy
   msg_overhead_s   fixed host-side time per message sent, added to its delivery
+  prefill_s        serving: one stage's forward over a chunk of prompt tokens (compute-bound)
+  batch_stage_s, batch_head_s  serving: one decode tick of several requests' positions at once
 A calibrated model fitted from executor traces (the `calibration:` key, spdsim/calibration_file.py)
 implements the same methods. All times are seconds.
 
@@ -27,7 +29,7 @@ group of t divides them by t.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from spdsim.hardware import GPU, Topology
 from spdsim.jitter import Jitter
@@ -63,6 +65,7 @@ class CostOverrides:
     # collective (each all-reduce and the LM head's all-gather) that replaces the model.
     allreduce: str = "auto"
     allreduce_us: float | None = None
+    prefill_layer_ms: float | None = None   # serving: one layer's prefill time per prompt token (default: roofline)
 
 
 class CostModel(Protocol):
@@ -90,6 +93,13 @@ class CostModel(Protocol):
     def for_point(self, scheme: str, stages: int, tp: int = 1,
                   groups: "tuple[tuple[str, ...], ...] | None" = None) -> "CostModel": ...
     def with_tp(self, tp: int, groups: "tuple[tuple[str, ...], ...] | None" = None) -> "CostModel": ...
+    # serving (workload.arrivals): a prefill chunk of `tokens` prompt positions after `ctx` cached ones,
+    # and one decode tick of several sequences at contexts `ctxs` (batch 1: exactly stage_s / head_s)
+    def prefill_s(self, stage: int, first_layer: int, last_layer: int, tokens: int, ctx: int,
+                  first: bool, last: bool) -> float: ...
+    def batch_stage_s(self, stage: int, first_layer: int, last_layer: int, ctxs: "Sequence[int]",
+                      first: bool, last: bool) -> float: ...
+    def batch_head_s(self, ctxs: "Sequence[int]") -> float: ...
 
 
 @dataclass
@@ -249,6 +259,92 @@ class RooflineCosts:
     def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]:
         latency, bandwidth = self.topology.edge(u, v)
         return nbytes / bandwidth, latency
+
+    # --- serving: prefill chunks and batched decode ticks ------------------------------------------
+    def _collective_k(self, stage: int, k: int) -> tuple[float, float]:
+        """(one all-reduce of k tokens' hidden states, the all-gather of k logits rows) on stage's
+        group; k = 1 is `_collectives`."""
+        if k == 1:
+            return self._collectives(stage)
+        o = self.overrides
+        if o.allreduce_us is not None:
+            return o.allreduce_us * 1e-6, o.allreduce_us * 1e-6
+        group, m = self._group(stage), self.model
+        return (self.topology.allreduce_s(k * m.activation_bytes, group, o.allreduce),
+                self.topology.allgather_s(k * m.logits_bytes, group, o.allreduce))
+
+    def prefill_s(self, stage: int, first_layer: int, last_layer: int, tokens: int, ctx: int,
+                  first: bool, last: bool) -> float:
+        """A chunk of prompt positions ctx .. ctx+tokens-1 through one stage's layers, the embedding
+        on the first stage (position ctx+i attends to ctx+i+1 positions). Weights are read once, so a
+        chunk of hundreds of tokens is compute-bound: FLOPs over peak. No LM head: the chunk ends
+        before the prompt's last token, whose logits its first decode tick makes (spdsim.protocol's
+        positions). At TP t one rank's share (weights, KV, FLOPs ÷ t) plus two all-reduces of the
+        chunk's hidden states per layer. Without overrides one token at ctx costs what stage_s at
+        ctx + 1 costs less the LM head. `costs.prefill_layer_ms` fixes one layer's time per token."""
+        if tokens <= 0:
+            return 0.0
+        o, t = self.overrides, self.tp
+        nl = last_layer - first_layer
+        if o.prefill_layer_ms is not None:
+            layer = tokens * o.prefill_layer_ms * 1e-3 / t
+        else:
+            lb, kv = (self._layer_bytes, self._kv_bytes) if t == 1 else (self._tp_layer_bytes, self._tp_kv_bytes)
+            f0, fc = (self._flops0, self._flops_per_ctx) if t == 1 else (self._tp_flops0, self._tp_flops_per_ctx)
+            nbytes = lb + (ctx + tokens) * kv
+            flops = tokens * f0 + fc * (tokens * ctx + tokens * (tokens + 1) / 2)
+            layer = self._roof(nbytes, flops) + self._layer_overhead
+        if t > 1:
+            layer += 2 * self._collective_k(stage, tokens)[0]
+        s = nl * layer
+        if first:
+            s += (self.embed_s() if tokens == 1 or o.embed_ms is not None
+                  else tokens * self.model.activation_bytes / self._bw + KERNEL_OVERHEAD_US * 1e-6)
+        return s
+
+    def batch_stage_s(self, stage: int, first_layer: int, last_layer: int, ctxs: Sequence[int],
+                      first: bool, last: bool) -> float:
+        """One decode tick of len(ctxs) sequences (different requests) through one stage: per layer the
+        weights are streamed once, every sequence reads its own KV cache and adds its own FLOPs; the
+        embedding reads one row per sequence; the LM head's weights once, its FLOPs per sequence. At TP
+        t one rank's share, the all-reduces and the logits all-gather carrying every sequence. A fixed
+        `layer_ms` (or lm_head_ms) stands for the whole batched forward."""
+        k = len(ctxs)
+        if k == 1:
+            return self.stage_s(stage, first_layer, last_layer, ctxs[0], first, last)
+        o, t = self.overrides, self.tp
+        total_ctx = sum(ctxs)
+        if o.layer_ms is not None:
+            layer = o.layer_ms * 1e-3 / t
+        else:
+            lb, kv = (self._layer_bytes, self._kv_bytes) if t == 1 else (self._tp_layer_bytes, self._tp_kv_bytes)
+            f0, fc = (self._flops0, self._flops_per_ctx) if t == 1 else (self._tp_flops0, self._tp_flops_per_ctx)
+            layer = self._roof(lb + total_ctx * kv, k * f0 + total_ctx * fc) + self._layer_overhead
+        ar, ag = self._collective_k(stage, k) if t > 1 else (0.0, 0.0)
+        s = (last_layer - first_layer) * (layer + 2 * ar)
+        if first:
+            s += (o.embed_ms * 1e-3 if o.embed_ms is not None
+                  else k * self.model.activation_bytes / self._bw + KERNEL_OVERHEAD_US * 1e-6)
+        if last:
+            s += self._batch_lm_head_s(k, t) + ag
+        return s
+
+    def _batch_lm_head_s(self, k: int, t: int = 1) -> float:
+        if self.overrides.lm_head_ms is not None:
+            return self.overrides.lm_head_ms * 1e-3 / t
+        m = self.model
+        return self._roof(m.lm_head_bytes_rank(t), k * m.lm_head_flops / t) + self._layer_overhead
+
+    def batch_head_s(self, ctxs: Sequence[int]) -> float:
+        """The speculative module drafting for len(ctxs) sequences at once, on one GPU: its layers and
+        its vocab projection batched as in batch_stage_s (a fixed head_ms stands for the whole batch)."""
+        k = len(ctxs)
+        if k == 1:
+            return self.head_s(ctxs[0])
+        if self.overrides.head_ms is not None:
+            return self.overrides.head_ms * 1e-3
+        one = self if self.tp == 1 else replace(self, tp=1, groups=None)
+        return self.head_layers * one.batch_stage_s(-1, 0, 1, ctxs, False, False) + one._batch_lm_head_s(k)
 
 
 @dataclass(frozen=True)

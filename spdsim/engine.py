@@ -20,6 +20,8 @@ from spdsim.metrics import RunMetrics, run_metrics
 from spdsim.partition import Plan, PlanInputs, default_groups, make_plan
 from spdsim.schemes import SCHEMES
 from spdsim.schemes.spd import first_device, speculative_module
+from spdsim.serving import run_serving
+from spdsim.serving_metrics import serving_metrics
 from spdsim.trace import TraceEvent, TraceHeader
 
 __all__ = ["PointResult", "plan_inputs", "plan_point", "point_rng", "run", "simulate_point"]
@@ -47,6 +49,7 @@ class PointResult:
     header: TraceHeader
     events: list[TraceEvent] | None = None
     extra: dict = field(default_factory=dict)   # scheme-specific columns (per-cycle breakdown, ...)
+    requests: list | None = None     # serving: one spdsim.serving_metrics.RequestRecord per request
 
 
 def plan_inputs(scenario, n: int, tp: int = 1) -> PlanInputs:
@@ -93,14 +96,22 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
                     feature_bytes=m.activation_bytes * scenario.head.checkpoints_per_stage,
                     accept=accept, rng=jitter_rng(scenario.seed), logits_bytes=m.logits_bytes)
     extra: dict = {}
-    if scheme.simulate is not None:      # schemes with their own process (spd_dedicated, sd, chain)
+    requests = None
+    if scenario.workload.serving:        # several requests share the pipeline (spdsim.serving)
+        if not drafts:
+            plan = replace(plan, head_device=None)
+        out = run_serving(scenario, point, plan, cfg, env, keep_events)
+        events, metrics, requests = out.events, out.metrics, out.records
+        extra = {**out.extra, **serving_metrics(requests, scenario.serving.slo).columns()}
+    elif scheme.simulate is not None:      # schemes with their own process (spd_dedicated, sd, chain)
         events, plan, extra = scheme.simulate(scenario, point, plan, cfg, env, keep_events)
     else:
         if not drafts:
             plan = replace(plan, head_device=None)
         sim = run(plan, cfg, env, log_sends=keep_events)
         events = sim.trace_events(sends=keep_events)
-    metrics = run_metrics(events, point.scheme, n, scenario.workload.new_tokens, list(plan.placement))
+    if requests is None:
+        metrics = run_metrics(events, point.scheme, n, scenario.workload.new_tokens, list(plan.placement))
     header = TraceHeader(
         scheme=point.scheme, stages=n, new_tokens=scenario.workload.new_tokens, source="simulator",
         partition=[list(r) for r in plan.layers], placement=list(plan.placement),
@@ -109,5 +120,6 @@ def simulate_point(scenario, point, keep_events: bool = False, plan: Plan | None
         extra={"scenario": scenario.name, "point_id": point.point_id, "partition_kind": plan.partition,
                "acceptance": None if point.acceptance is None else point.acceptance.value,
                "head_device": plan.head_device, "seed": scenario.seed,
-               **({"groups": [list(g) for g in plan.groups]} if plan.groups else {})})
-    return PointResult(point, plan, metrics, header, events if keep_events else None, extra)
+               **({"groups": [list(g) for g in plan.groups]} if plan.groups else {}),
+               **({"policy": point.policy, "load": point.load} if requests is not None else {})})
+    return PointResult(point, plan, metrics, header, events if keep_events else None, extra, requests)

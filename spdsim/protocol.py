@@ -2,6 +2,8 @@
 
 The executor's first rank and the simulator's stage-1 process both drive this state machine, so the
 simulator models exactly the protocol the real pipeline runs. AR is n = 1, PP is SPD with window 1.
+Several requests in one pipeline (serving, DESIGN §2 ⚑): `spdsim.serving_protocol.ServingController`,
+one SpdController per request plus admission and the policy choosing what enters stage 1.
 
 Positions. The prompt fills positions 0..P-1 (prefill writes the KV cache of 0..P-2). Decoding starts
 by feeding the last prompt token, position P-1, to stage 1. The output of position q leaving the last

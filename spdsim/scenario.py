@@ -11,6 +11,10 @@ that names the offending key.
     calibration: null                                                 # a `spdsim calibrate` file (later)
     seed: 0
 
+Serving (several requests, DESIGN §5 ⚑): `workload.arrivals` / `requests` / length distributions are read
+by `spdsim.workload`, the `serving:` section by `spdsim.serving_config`; each decode point then runs once
+per policy × load (`serving_points`).
+
 `sweep.acceptance` forms: a number or a list of numbers (i.i.d.); a list may also hold the mapping forms;
 `{kind: table, values: {2: 0.9, 4: 0.85}}` (one α per stage count); `{kind: markov, mean: 0.8 | [..],
 run_length: 3}`; `{kind: replay, file: seq.txt}` or `{kind: replay, sequence: [1, 0, 1]}`.
@@ -28,7 +32,7 @@ key, anything else replaced), so it states only what differs, and needs its own 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +46,18 @@ from spdsim.errors import UserError
 from spdsim.hardware import (BOOL_TOPOLOGY_KEYS, GPU, GPU_CATALOG, TOPOLOGY_KEYS, TOPOLOGY_KINDS, Hardware,
                              TopologySpec, default_topology_params)
 from spdsim.models import MODEL_CATALOG, ModelShape
+from spdsim.serving_config import ServingSpec, parse_serving
+from spdsim.workload import Workload, parse_workload
+from spdsim.yamlkeys import as_list as _list, mapping as _mapping, num as _num, only as _only
 
 SCHEMES = ("ar", "pp", "spd", "spd_dedicated", "sd", "chain")
 PARTITIONERS = ("uniform", "compute_balanced", "comm_aware", "draft_colocated")
 HEAD_PLACEMENTS = ("colocated", "dedicated")
 TOP_KEYS = {"name", "description", "hardware", "model", "workload", "head", "sweep", "costs",
-            "calibration", "seed", "baselines"}
+            "calibration", "seed", "baselines", "serving"}
+SERVING_SCHEMES = ("ar", "pp", "spd")     # what the multi-request pipeline (spdsim.serving) runs
 # An EAGLE head trained by a user, acceptance by position (REFERENCE.md: SafeAILab/EAGLE #191).
 EAGLE_TABLE = (0.701, 0.370, 0.206, 0.125, 0.081)
-
-
-@dataclass(frozen=True)
-class Workload:
-    prompt_tokens: int = 512
-    new_tokens: int = 256
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class Point:
     partition: str
     acceptance: AcceptanceSpec | None   # None for AR / PP
     tp: int = 1                         # GPUs per stage (a TP group)
+    policy: str | None = None           # serving (workload.arrivals): serving.policy
+    load: float | None = None           # serving: the arrival rate (poisson) or users (closed); None: trace
 
     @property
     def point_id(self) -> str:
@@ -110,6 +114,10 @@ class Point:
         if self.acceptance is not None:
             label = self.acceptance.label.replace(":", "_").replace("/", "_")
             pid += f"-a{label}" if self.acceptance.kind != "markov" else f"-markov{label}"
+        if self.policy is not None:
+            pid += f"-{self.policy}"
+        if self.load is not None:
+            pid += f"-load{self.load:g}"
         return pid
 
 
@@ -144,6 +152,7 @@ class Scenario:
     notes: list[str] = field(default_factory=list)   # things skipped, said once on stderr
     baselines: Baselines = Baselines()
     combos: list[tuple[int, int]] | None = None      # (tp, stages) that fit (set by the checks; None: all)
+    serving: ServingSpec | None = None   # set exactly when workload.arrivals is
 
     def calibration_path(self) -> Path | None:
         """The `calibration:` file: as written when it exists from here, else next to the scenario file."""
@@ -188,44 +197,26 @@ class Scenario:
                         if scheme not in schemes or (scheme != "spd" and n == 1):
                             continue
                         out += [Point(scheme, n, part, a, tp) for a in self.sweep.acceptance_for(n)]
+        if self.serving is not None:
+            out = serving_points(out, self.serving, self.workload)
         return out
 
 
+def serving_points(base: list[Point], serving: ServingSpec, workload: Workload) -> list[Point]:
+    """Each decode point × policy × load. spd_first and adaptive differ from interleave only in how
+    drafts enter, so points that draft nothing (AR, PP, SPD on one stage) run fcfs and interleave."""
+    loads = list(workload.arrivals.loads) or [None]
+    out = []
+    for p in base:
+        drafts = p.scheme == "spd" and p.stages > 1
+        for policy in serving.policies:
+            if not drafts and policy in ("spd_first", "adaptive"):
+                continue
+            out += [replace(p, policy=policy, load=load) for load in loads]
+    return out
+
+
 # --- parsing helpers --------------------------------------------------------------------------------
-
-def _mapping(obj: Any, key: str) -> dict:
-    if not isinstance(obj, dict):
-        raise UserError(f"{key}: expected a mapping, got {type(obj).__name__}")
-    return obj
-
-
-def _only(d: dict, allowed: set[str], where: str) -> None:
-    unknown = [k for k in d if k not in allowed]
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise UserError(f"{prefix}{unknown[0]}: unknown key (expected one of {', '.join(sorted(allowed))})")
-
-
-def _num(v: Any, key: str, *, positive: bool = False, nonneg: bool = False, integer: bool = False) -> Any:
-    if isinstance(v, str):          # YAML 1.1 reads 1.0e9 (no exponent sign) as a string
-        try:
-            v = float(v) if not v.strip().lstrip("+-").isdigit() else int(v)
-        except ValueError:
-            raise UserError(f"{key}: {v!r} is not a number") from None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise UserError(f"{key}: {v!r} is not a number")
-    if integer and (not isinstance(v, int) and not float(v).is_integer()):
-        raise UserError(f"{key}: {v!r} is not a whole number")
-    if positive and not v > 0:
-        raise UserError(f"{key}: must be > 0 (got {v})")
-    if nonneg and not v >= 0:
-        raise UserError(f"{key}: must be ≥ 0 (got {v})")
-    return int(v) if integer else float(v)
-
-
-def _list(v: Any) -> list:
-    return v if isinstance(v, list) else [v]
-
 
 def _gpu(obj: Any) -> GPU:
     if isinstance(obj, str):
@@ -316,15 +307,6 @@ def _model(obj: Any) -> ModelShape:
     if vals["heads"] % vals["kv_heads"]:
         raise UserError(f"model.kv_heads: {vals['kv_heads']} does not divide model.heads {vals['heads']}")
     return ModelShape(**vals)
-
-
-def _workload(obj: Any) -> Workload:
-    d = _mapping(obj or {}, "workload")
-    _only(d, {"prompt_tokens", "new_tokens"}, "workload")
-    w = Workload()
-    return Workload(
-        prompt_tokens=_num(d.get("prompt_tokens", w.prompt_tokens), "workload.prompt_tokens", positive=True, integer=True),
-        new_tokens=_num(d.get("new_tokens", w.new_tokens), "workload.new_tokens", positive=True, integer=True))
 
 
 def _head(obj: Any) -> HeadSpec:
@@ -500,6 +482,18 @@ def _stage_problem(s: Scenario, tp: int, n: int, extra: int) -> str:
     return ""
 
 
+def _check_serving(s: Scenario) -> None:
+    """What the multi-request pipeline models (spdsim.serving): AR, PP and SPD, a co-located module."""
+    if not s.workload.serving:
+        return
+    other = [x for x in s.sweep.schemes if x not in SERVING_SCHEMES]
+    if other:
+        raise UserError(f"sweep.schemes: {other[0]} is not modelled with workload.arrivals "
+                        f"(serving runs {', '.join(SERVING_SCHEMES)})")
+    if s.head.placement != "colocated" and "spd" in s.sweep.schemes:
+        raise UserError("head.placement: serving (workload.arrivals) models the co-located module only")
+
+
 def _check_fit(s: Scenario) -> None:
     """n ≤ layers, tp × n (+1 for a dedicated head) ≤ GPUs, and the uniform partition fits in memory."""
     m, hw = s.model, s.hardware
@@ -561,11 +555,16 @@ def parse_scenario(text: str, name: str = "scenario", path: Path | None = None) 
     if calibration is not None and not isinstance(calibration, str):
         raise UserError("calibration: expected a file name or null")
     seed = _num(d.get("seed", 0), "seed", nonneg=True, integer=True)
+    workload = parse_workload(d.get("workload"), base)
+    if "serving" in d and not workload.serving:
+        raise UserError("serving: needs workload.arrivals (without them one request is decoded alone)")
     s = Scenario(name=str(d.get("name", name)), hardware=_hardware(d["hardware"]), model=_model(d["model"]),
-                 workload=_workload(d.get("workload")), head=_head(d.get("head")),
+                 workload=workload, head=_head(d.get("head")),
                  sweep=_sweep(d.get("sweep"), base), costs=_costs(d.get("costs")),
                  calibration=calibration, seed=seed, text=text, path=path,
-                 baselines=_baselines(d.get("baselines")))
+                 baselines=_baselines(d.get("baselines")),
+                 serving=parse_serving(d.get("serving"), base) if workload.serving else None)
+    _check_serving(s)
     _check_fit(s)
     return s
 

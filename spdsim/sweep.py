@@ -28,6 +28,8 @@ from spdsim.metrics import speedup
 from spdsim.parallel import progress_bar, run_tasks
 from spdsim.partition import Plan
 from spdsim.scenario import Point, Scenario, load_scenarios
+from spdsim.serving_metrics import write_requests_csv
+from spdsim.serving_results import SERVING_COLUMNS, all_request_rows, format_serving_summary, serving_row
 from spdsim.summary import format_summary
 from spdsim.textable import align, cell
 from spdsim.trace import Trace, write_chrome_trace, write_trace
@@ -77,11 +79,23 @@ def fastest_tp(tp_rates: dict[int, float], gpus: int) -> float | None:
     return max(rates) if rates else None
 
 
+def _baseline_policy(p: Point) -> str | None:
+    """The policy of the PP / AR / TP point a serving point compares with: spd_first and adaptive change
+    only how drafts enter, so the baselines' interleave stands for them (None: not serving)."""
+    return p.policy if p.policy in (None, "fcfs", "interleave") else "interleave"
+
+
 def results_frame(scenario: Scenario, results: list[PointResult]) -> pd.DataFrame:
-    pp = {(r.point.stages, r.point.partition, r.point.tp): r.metrics.tokens_per_s
+    # serving points compare with baselines at the same policy and load (both None otherwise)
+    pp = {(r.point.stages, r.point.partition, r.point.tp, r.point.policy, r.point.load): r.metrics.tokens_per_s
           for r in results if r.point.scheme == "pp"}
-    ar = next((r.metrics.tokens_per_s for r in results if r.point.scheme == "ar" and r.point.tp == 1), None)
-    tp_rates = {r.point.tp: r.metrics.tokens_per_s for r in results if r.point.scheme == "ar"}
+    ar = {(r.point.policy, r.point.load): r.metrics.tokens_per_s
+          for r in reversed(results) if r.point.scheme == "ar" and r.point.tp == 1}
+    tp_rates: dict[tuple, dict[int, float]] = {}
+    for r in results:
+        if r.point.scheme == "ar":
+            tp_rates.setdefault((r.point.policy, r.point.load), {})[r.point.tp] = r.metrics.tokens_per_s
+    serving = scenario.workload.serving
     rows = []
     for r in results:
         m, p = r.metrics, r.point
@@ -91,9 +105,9 @@ def results_frame(scenario: Scenario, results: list[PointResult]) -> pd.DataFram
             "partition": p.partition,
             "acceptance": p.acceptance.value if p.acceptance is not None else None,
             "tokens_per_s": m.tokens_per_s, "ms_per_token": m.ms_per_token,
-            "speedup_vs_pp": speedup(m.tokens_per_s, pp.get((p.stages, p.partition, p.tp))),
-            "speedup_vs_ar": speedup(m.tokens_per_s, ar),
-            "speedup_vs_tp": speedup(m.tokens_per_s, fastest_tp(tp_rates, gpus)),
+            "speedup_vs_pp": speedup(m.tokens_per_s, pp.get((p.stages, p.partition, p.tp, _baseline_policy(p), p.load))),
+            "speedup_vs_ar": speedup(m.tokens_per_s, ar.get((_baseline_policy(p), p.load))),
+            "speedup_vs_tp": speedup(m.tokens_per_s, fastest_tp(tp_rates.get((_baseline_policy(p), p.load), {}), gpus)),
             "bubble_ratio": m.bubble_ratio, "waste_ratio": m.waste_ratio, "acceptance_rate": m.acceptance_rate,
             "accepted": m.accepted, "rejected": m.rejected, "new_tokens": m.new_tokens, "window_ns": m.window_ns,
             "acceptance_kind": p.acceptance.kind if p.acceptance is not None else None,
@@ -101,12 +115,14 @@ def results_frame(scenario: Scenario, results: list[PointResult]) -> pd.DataFram
             "head_device": r.plan.head_device, "point_id": p.point_id, "allreduce_share": m.allreduce_share,
         }
         row.update({k: r.extra.get(k) for k in BREAKDOWN})
+        if serving:
+            row.update(serving_row(scenario, r))
         for s, u in enumerate(m.utilization):
             row[f"utilization_{s}"] = u
         rows.append(row)
     df = pd.DataFrame(rows)
     util = sorted((c for c in df.columns if c.startswith("utilization_")), key=lambda c: int(c.split("_")[1]))
-    return df[COLUMNS + EXTRA + BREAKDOWN + util]
+    return df[COLUMNS + EXTRA + BREAKDOWN + (SERVING_COLUMNS if serving else []) + util]
 
 
 def run_sweep(scenario: Scenario, jobs: int = 1, progress: Callable[[int, int], None] | None = None,
@@ -160,17 +176,23 @@ def write_timelines(scenario: Scenario, out: Path, point_ids: list[str], prefix:
 
 
 def run_scenarios(scenarios: list[Scenario], jobs: int = 1, progress: Callable[[int, int], None] | None = None,
-                  dask: str | None = None) -> pd.DataFrame:
+                  dask: str | None = None, requests: list | None = None) -> pd.DataFrame:
     """Every scenario of a file, one after another; their rows in one table (the `scenario` column
-    tells them apart, and every speedup is taken within its own scenario)."""
+    tells them apart, and every speedup is taken within its own scenario). `requests` (a list): gets
+    the requests.csv rows of every serving point."""
     if len(scenarios) == 1:
-        return results_frame(scenarios[0], sweep_results(scenarios[0], jobs, progress, dask))
+        results = sweep_results(scenarios[0], jobs, progress, dask)
+        if requests is not None:
+            requests += all_request_rows(results)
+        return results_frame(scenarios[0], results)
     tasks, spans = [], []
     for sc in scenarios:           # one pool for all of them
         more = _tasks(sc)
         spans.append((len(tasks), len(tasks) + len(more)))
         tasks += more
     results = run_tasks(_simulate_task, tasks, jobs=jobs, dask=dask, progress=progress)
+    if requests is not None:
+        requests += all_request_rows(results)
     return pd.concat([results_frame(sc, results[a:b]) for sc, (a, b) in zip(scenarios, spans)], ignore_index=True)
 
 
@@ -192,6 +214,21 @@ def format_table(df: pd.DataFrame) -> str:
     return align(rows, left=(0, 4 if tp else 2, len(rows[0]) - 1))
 
 
+def serving_headline(scenario: Scenario) -> str:
+    """'serving-h100: llama-3-8b on 8 × h100-sxm (nvswitch), poisson arrivals, 200 requests per point, ...'"""
+    w, sv, hw = scenario.workload, scenario.serving, scenario.hardware
+
+    def length(n: int, dist) -> str:
+        return f"{dist.dist} mean {dist.mean:g}" if dist is not None else f"{n}"
+    slo = [f"{k.split('_')[0].upper()} p99 ≤ {v:g} ms" for k, v in
+           (("ttft_p99_ms", sv.slo.ttft_p99_ms), ("tpot_p99_ms", sv.slo.tpot_p99_ms)) if v is not None]
+    tp = f", tp {'/'.join(map(str, scenario.sweep.tp))}" if scenario.sweep.tp != [1] else ""
+    return (f"{scenario.name}: {scenario.model.name} on {hw.count} × {hw.gpu.name} ({hw.topology.kind}), "
+            f"{w.arrivals.kind} arrivals, {w.requests} requests per point, prompt {length(w.prompt_tokens, w.prompt_dist)} "
+            f"+ {length(w.new_tokens, w.new_dist)} new tokens, max batch {sv.max_batch}{tp}"
+            + (f"; SLO {', '.join(slo)}" if slo else "") + "\n")
+
+
 def run_command(args: argparse.Namespace) -> int:
     """`spdsim run SCENARIO.yaml [--out DIR] [--jobs N] [--quiet] [--no-plots] [--trace SELECT]`"""
     scenarios = load_scenarios(args.scenario)
@@ -209,9 +246,13 @@ def run_command(args: argparse.Namespace) -> int:
             what = ("the roofline with a GPU's fitted parameters" if is_gpu_calibration(scenario.calibration_path())
                     else "not the roofline")
             print(f"spdsim: note: {who}costs from calibration {scenario.calibration!r} ({what})", file=sys.stderr)
-    df = run_scenarios(scenarios, args.jobs, progress_bar("simulating", quiet), getattr(args, "dask", None))
+    request_rows: list[dict] = []
+    df = run_scenarios(scenarios, args.jobs, progress_bar("simulating", quiet), getattr(args, "dask", None),
+                       requests=request_rows)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "results.csv", index=False)
+    if any(sc.workload.serving for sc in scenarios):
+        write_requests_csv(out / "requests.csv", request_rows)
     src = Path(args.scenario)
     try:
         shutil.copyfile(src, out / "scenario.yaml")
@@ -238,10 +279,14 @@ def run_command(args: argparse.Namespace) -> int:
         for i, scenario in enumerate(scenarios):     # a file of several scenarios: one summary each
             hw = scenario.hardware
             tp = f", tp {'/'.join(map(str, scenario.sweep.tp))}" if scenario.sweep.tp != [1] else ""
+            mine = df[df["scenario"] == scenario.name] if len(scenarios) > 1 else df
+            if scenario.workload.serving:
+                print(("\n" if i else "") + serving_headline(scenario))
+                print(format_serving_summary(mine))
+                continue
             print(("\n" if i else "") +
                   f"{scenario.name}: {scenario.model.name} on {hw.count} × {hw.gpu.name} ({hw.topology.kind}), "
                   f"{scenario.workload.prompt_tokens} prompt + {scenario.workload.new_tokens} new tokens, batch 1{tp}")
-            mine = df[df["scenario"] == scenario.name] if len(scenarios) > 1 else df
             print(format_summary(mine))
             if max(scenario.sweep.tp) > 1:           # TP beside SPD: the where-SPD-pays table
                 from spdsim.where import format_where, where_spd_pays

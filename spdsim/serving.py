@@ -1,0 +1,592 @@
+"""Serving in the simulator: several requests through one pipeline (DESIGN §2 "Several requests" ⚑).
+
+The protocol is `spdsim.serving_protocol.ServingController` — the object the executor's first rank
+drives too; this module only gives it a clock and costs, on the engine's kernel (`spdsim.kernel.Sim`:
+its links, its send path, its mailboxes):
+
+  arrivals      open loop (poisson, trace): one timeout per arrival; closed loop: a user sends again a
+                think time after its request finishes. An arrival is a message to the first device.
+  first device  one thread, like the executor's first rank: handle what arrived (arrivals → admission,
+                RESULTs → verdicts, finished requests → admission again, features); then run a ready
+                draft (the co-located module drafts for the entries it was asked to, batched, once
+                their features are there), else the tick the controller chooses (a prefill chunk, or
+                up to max_batch decode positions), else wait.
+  stages 2..n   a FIFO per stage, each tick computed in one forward (`costs.prefill_s` for a chunk,
+                `costs.stage_s` for one position, `costs.batch_stage_s` for several), then sent on;
+                callbacks rather than generator processes (one timeout per tick).
+With one request at a time (policy fcfs) every request is decoded exactly as the single-request
+schemes decode it (tests/test_serving.py checks the decode windows against `engine.simulate_point`).
+
+Accounting runs as the simulation goes (a 10,000-request run keeps no event list unless asked):
+busy time per stage (its forwards, and the module's drafts on stage 1's device), compute of positions
+that never committed (waste), verdicts, and one `RequestRecord` per request.
+Memory: a request is admitted when its KV cache for prompt + new tokens fits on every stage's device
+next to the stage's weights, the module, the prefill activations and the requests already admitted.
+"""
+from __future__ import annotations
+
+import zlib
+from bisect import bisect_right
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import simpy
+
+from spdsim.acceptance import sampler
+from spdsim.costs import CostModel, stage_memory, usable_bytes
+from spdsim.errors import UserError
+from spdsim.kernel import ACT, FEATURE, NS, RESULT, RunConfig, Sim
+from spdsim.metrics import RunMetrics
+from spdsim.partition import RESULT_BYTES, Plan
+from spdsim.serving_config import ConfidenceBin
+from spdsim.serving_metrics import RequestRecord
+from spdsim.serving_protocol import Entry, ServingController, Tick
+from spdsim.trace import TraceEvent
+from spdsim.workload import Request, draw_requests, think_times
+
+ARRIVE = "arrive"
+
+
+@dataclass
+class ServingRun:
+    """Everything a serving run needs besides the plan and the RunConfig."""
+    policy: str
+    requests: list[Request]
+    max_batch: int = 1
+    max_running: int | None = None
+    prefill_chunk: int | None = None
+    threshold: float = 0.0
+    users: int | None = None                     # closed loop: this many users
+    think: np.ndarray | None = None              # closed loop: think times, in the order they are used
+    capacity: tuple[float, ...] = ()             # KV bytes each stage's device can give to requests
+    kv_per_token: tuple[float, ...] = ()         # KV bytes per token of context on each stage's device
+    accept_for: Callable[[int], Callable[[float | None], bool]] = lambda r: (lambda c: True)
+    confidence_for: Callable[[int], Callable[[], float]] | None = None
+
+
+@dataclass
+class ServingOutcome:
+    metrics: RunMetrics
+    records: list[RequestRecord]
+    events: list[TraceEvent] | None
+    extra: dict = field(default_factory=dict)
+
+
+class _Box:
+    """What `Sim.send` delivers to: a stage worker's queue, as a mailbox."""
+    __slots__ = ("put",)
+
+    def __init__(self, put) -> None:
+        self.put = put
+
+
+class StageWorker:
+    """Stage s ≥ 1 (0-based): take ticks in order, compute each in one forward, pass it on."""
+    __slots__ = ("sim", "s", "queue", "busy", "dev", "last", "nxt", "box_next", "feature_to", "t0", "msg")
+
+    def __init__(self, sim: "ServingSim", s: int) -> None:
+        self.sim, self.s = sim, s
+        self.queue: deque = deque()
+        self.busy = False
+        plan = sim.plan
+        self.dev = plan.placement[s]
+        self.last = s == sim.n - 1
+        self.nxt = None if self.last else plan.placement[s + 1]
+        self.box_next = None
+        hd = sim.head_device
+        self.feature_to = hd if (sim.cfg.features and hd is not None and hd != self.dev) else None
+
+    def put(self, msg: tuple) -> None:
+        self.queue.append(msg)
+        if not self.busy:
+            self.busy = True
+            # start when this arrival is processed, as a process waiting on its mailbox would
+            ev = self.sim.env.event()
+            ev.callbacks.append(self._start)
+            ev.succeed()
+
+    def _start(self, _ev=None) -> None:
+        sim = self.sim
+        self.msg = msg = self.queue.popleft()
+        if sim._tick:
+            ev = sim.env.timeout(sim._tick)
+            ev.callbacks.append(self._compute)
+        else:
+            self._compute()
+
+    def _compute(self, _ev=None) -> None:
+        sim = self.sim
+        self.t0 = sim.env.now
+        ev = sim.env.timeout(sim.tick_ns(self.s, self.msg[3]))
+        ev.callbacks.append(self._done)
+
+    def _done(self, _ev) -> None:
+        sim, s, msg = self.sim, self.s, self.msg
+        tick = msg[3]
+        sim.account(s, self.dev, self.t0, sim.env.now, tick)
+        if self.feature_to is not None and tick.entries:
+            sim.send(self.dev, self.feature_to, sim.cfg.feature_bytes * len(tick.entries), sim.first_box,
+                     (FEATURE, msg[1], msg[2], tick, s), s)
+        if self.last:
+            if tick.entries:
+                sim.send(self.dev, sim.first_dev, RESULT_BYTES * len(tick.entries), sim.first_box,
+                         (RESULT, msg[1], msg[2], tick), s)
+        else:
+            sim.send(self.dev, self.nxt, sim.act_bytes(tick), sim.stage_boxes[s + 1], msg, s)
+        if self.queue:
+            self._start()
+        else:
+            self.busy = False
+
+
+def _tag(tick: Tick) -> tuple[tuple[int, int], int]:
+    """(request, epoch) and position of a tick's first item: what the link log shows."""
+    if tick.chunk is not None:
+        return (tick.chunk.request, -1), tick.chunk.start
+    e = tick.entries[0]
+    return (e.request, e.epoch), e.position
+
+
+class ServingSim(Sim):
+    def __init__(self, plan: Plan, cfg: RunConfig, run: ServingRun, env: simpy.Environment | None = None,
+                 keep_events: bool = False) -> None:
+        super().__init__(plan, cfg, env, log_sends=keep_events)
+        self.run = run
+        self.keep = keep_events
+        self.first_dev = plan.placement[0]
+        self.workers = [None] + [StageWorker(self, s) for s in range(1, self.n)]
+        for s in range(1, self.n):
+            self.stage_boxes[s] = _Box(self.workers[s].put)
+        self.ctl = ServingController(run.policy, cfg.window, cfg.drafts, run.max_batch, run.max_running,
+                                     run.prefill_chunk, run.threshold, run.capacity)
+        self.records = {r.request: RequestRecord(r.request, r.arrival_s, np.nan, np.nan, np.nan,
+                                                 r.prompt_tokens, r.new_tokens) for r in run.requests}
+        self.by_id = {r.request: r for r in run.requests}
+        self.remaining = len(run.requests)
+        self._cost: list[dict[int, float]] = [{} for _ in range(self.n)]
+        self.busy = [0.0] * self.n
+        self.decode_ns = 0.0             # compute of decode positions, useful or wasted
+        self.useful_ns = 0.0
+        self._pending: dict[int, dict[tuple[int, int], float]] = {}   # request → (position, epoch) → compute
+        self.accepted = self.rejected = 0
+        self.slog: list[tuple] = []      # keep_events: (kind, t0, t1, stage, device, position, epoch, request, accepted, phase, name)
+        self.committed_keys: set[tuple[int, int, int]] = set()
+        self._accept: dict[int, Callable] = {}
+        self._confidence: dict[int, Callable] = {}
+        self._feats: dict[int, dict[tuple[int, int], int]] = {}
+        self._issue_epoch: dict[int, dict[int, int]] = {}
+        self._drafts: list[tuple[int, int, int]] = []   # (request, q, epoch): draft q + 1 when features allow
+        self._sent = 0                   # closed loop: requests sent so far
+        self._in_system = 0
+        self._area = 0.0                 # ∫ requests in system dt (ns), for Little's law
+        self._t_area = 0.0
+        self.peak_running = 0
+
+    # --- costs ------------------------------------------------------------------------------------
+    def tick_ns(self, s: int, tick: Tick) -> float:
+        a, b = self.plan.layers[s]
+        first, last = s == 0, s == self.n - 1
+        costs = self.cfg.costs
+        if tick.chunk is not None:
+            c = tick.chunk
+            return costs.prefill_s(s, a, b, c.tokens, c.start, first, last) * NS
+        es = tick.entries
+        if len(es) == 1:
+            q = es[0].position
+            cache = self._cost[s]
+            t = cache.get(q)
+            if t is None:
+                t = cache[q] = costs.stage_s(s, a, b, q + 1, first, last) * NS
+            return t * self._jitter.factor(s) if self._jitter is not None else t
+        return costs.batch_stage_s(s, a, b, [e.position + 1 for e in es], first, last) * NS
+
+    def act_bytes(self, tick: Tick) -> int:
+        k = tick.chunk.tokens if tick.chunk is not None else len(tick.entries)
+        return self.cfg.activation_bytes * k
+
+    # --- accounting -------------------------------------------------------------------------------
+    def account(self, s: int, dev: str, t0: float, t1: float, tick: Tick) -> None:
+        dur = t1 - t0
+        self.busy[s] += dur
+        if tick.chunk is not None:
+            if self.keep:
+                c = tick.chunk
+                self.slog.append(("compute", t0, t1, s, dev, c.start, -1, c.request, None, "prefill",
+                                  f"prefill {c.tokens}"))
+            return
+        es = tick.entries
+        share = dur / len(es)
+        self.decode_ns += dur
+        pending = self._pending
+        for e in es:
+            p = pending.get(e.request)
+            if p is not None:             # None: the request has finished, this is stale work
+                key = (e.position, e.epoch)
+                p[key] = p.get(key, 0.0) + share
+            if self.keep:
+                self.slog.append(("compute", t0, t1, s, dev, e.position, e.epoch, e.request, None, "decode",
+                                  f"batch {len(es)}" if len(es) > 1 else ""))
+
+    def _mark_in_system(self, delta: int) -> None:
+        now = self.env.now
+        self._area += self._in_system * (now - self._t_area)
+        self._t_area = now
+        self._in_system += delta
+
+    # --- requests in ------------------------------------------------------------------------------
+    def _arrive(self, rid: int) -> None:
+        req = self.by_id[rid]
+        rec = self.records[rid]
+        rec.arrival_s = self.env.now / NS
+        self._mark_in_system(+1)
+        need = tuple(x * (req.prompt_tokens + req.new_tokens) for x in self.run.kv_per_token)
+        self.ctl.arrive(rid, req.prompt_tokens, req.new_tokens, need)
+        self._admit()
+
+    def _admit(self) -> None:
+        for rid in self.ctl.admit():
+            self._pending[rid] = {}
+            self._feats[rid] = {}
+            self._issue_epoch[rid] = {}
+            self._accept[rid] = self.run.accept_for(rid)
+            if self.run.confidence_for is not None:
+                self._confidence[rid] = self.run.confidence_for(rid)
+        if len(self.ctl.running) > self.peak_running:
+            self.peak_running = len(self.ctl.running)
+
+    def _schedule_arrival(self, rid: int, at_ns: float) -> None:
+        delay = max(0.0, at_ns - self.env.now)
+        ev = self.env.timeout(delay)
+        ev.callbacks.append(lambda _e: self.first_box.put((ARRIVE, rid)))
+
+    def arrivals(self):
+        """Open loop: the requests at their arrival times, one timeout each."""
+        for r in self.run.requests:
+            delay = r.arrival_s * NS - self.env.now
+            if delay > 0:
+                yield self.env.timeout(delay)
+            self.first_box.put((ARRIVE, r.request))
+
+    def _send_next(self, at_ns: float) -> None:
+        """Closed loop: the next request, a think time after at_ns."""
+        if self._sent >= len(self.run.requests):
+            return
+        k = self._sent
+        self._sent += 1
+        self._schedule_arrival(self.run.requests[k].request, at_ns + float(self.run.think[k]) * NS)
+
+    # --- verdicts ---------------------------------------------------------------------------------
+    def _results(self, tick: Tick) -> None:
+        now = self.env.now
+        ctl = self.ctl
+        for e in tick.entries:
+            r = e.request
+            acc = self._accept.get(r)
+            v = ctl.on_result(r, e.position, e.epoch, acc if acc is not None else (lambda c: True))
+            verdict = v.verdict
+            if verdict.stale:
+                continue
+            p = self._pending[r]
+            self.useful_ns += p.pop((e.position, e.epoch), 0.0)
+            if verdict.accepted is True:
+                self.accepted += 1
+            elif verdict.accepted is False:
+                self.rejected += 1
+            if self.keep:
+                self.committed_keys.add((r, e.position, e.epoch))
+                for kind, pos, a in verdict.marks():
+                    self.slog.append((kind, now, now, -1, self.first_dev, pos, e.epoch, r, a, "decode", ""))
+            rec = self.records[r]
+            if v.first_token:
+                rec.first_token_s = now / NS
+            if v.finished:
+                rec.finish_s = now / NS
+                self._mark_in_system(-1)
+                for d in (self._pending, self._feats, self._issue_epoch, self._accept, self._confidence):
+                    d.pop(r, None)
+                self.remaining -= 1
+                if self.run.users is not None:
+                    self._send_next(now)
+                self._admit()
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == RESULT:
+            self._results(msg[3])
+        elif kind == FEATURE:
+            s = msg[4]
+            for e in msg[3].entries:
+                f = self._feats.get(e.request)
+                if f is not None:
+                    f[(s, e.position)] = e.epoch
+        elif kind == ARRIVE:
+            self._arrive(msg[1])
+
+    # --- the co-located module --------------------------------------------------------------------
+    def _features_ready(self, r: int, q: int) -> bool:
+        """Stage j's output of position q-1-j (for j < n), as spdsim.schemes.spd's draft waits for."""
+        feats, issue_epoch = self._feats[r], self._issue_epoch[r]
+        first_decode = self.by_id[r].prompt_tokens - 1
+        for j in range(self.n):
+            pos = q - 1 - j
+            if pos < first_decode:
+                return True
+            if feats.get((j, pos)) != issue_epoch[pos]:
+                return False
+        return True
+
+    def _ready_drafts(self) -> list[tuple[int, int, int]]:
+        """Drafts whose features are there, oldest first, at most max_batch; stale ones dropped."""
+        ctl, wait = self.ctl, self.cfg.features
+        keep, ready = [], []
+        for job in self._drafts:
+            r, q, e = job
+            if ctl.epoch(r) != e:
+                continue
+            if len(ready) < self.run.max_batch and (not wait or self._features_ready(r, q)):
+                ready.append(job)
+            else:
+                keep.append(job)
+        self._drafts = keep
+        return ready
+
+    # --- the first device -------------------------------------------------------------------------
+    def first_device(self):
+        env, cfg, plan, n = self.env, self.cfg, self.plan, self.n
+        ctl, box, dev = self.ctl, self.first_box, self.first_dev
+        records = self.records
+        wait_features = cfg.features and self.head_device is not None
+        while True:
+            while box.items:
+                self._handle(box.items.popleft())
+            if self.remaining == 0:
+                self._mark_in_system(0)
+                self.done.succeed()
+                return
+            if self._drafts:
+                job = self._ready_drafts()
+                if job:
+                    yield from self._draft(job)
+                    continue
+            tick = ctl.next_tick()
+            if tick is None:
+                yield box.wait()
+                continue
+            if tick.entries:
+                for e in tick.entries:
+                    self._issue_epoch[e.request][e.position] = e.epoch
+            if self._tick:
+                yield env.timeout(self._tick)
+            t0 = env.now
+            for r in ([tick.chunk.request] if tick.chunk is not None else [e.request for e in tick.entries]):
+                rec = records[r]
+                if rec.start_s != rec.start_s:         # NaN: its first tick (prefill, or decode)
+                    rec.start_s = t0 / NS
+            yield env.timeout(self.tick_ns(0, tick))
+            self.account(0, dev, t0, env.now, tick)
+            tag, pos = _tag(tick)
+            if n == 1:
+                if tick.entries:
+                    box.put((RESULT, tag, pos, tick))
+            else:
+                self.send(dev, plan.placement[1], self.act_bytes(tick), self.stage_boxes[1], (ACT, tag, pos, tick), 0)
+                if self._send_block:
+                    yield env.timeout(self._send_block)
+            if tick.entries:
+                if wait_features:
+                    for e in tick.entries:
+                        f = self._feats.get(e.request)
+                        if f is not None:
+                            f[(0, e.position)] = e.epoch
+                if self.head_device is not None:
+                    new = [(e.request, e.position, e.epoch) for e in tick.entries if ctl.wants_draft(e)]
+                    if new:
+                        # as the single-request first rank does: draft right after the forward, before
+                        # looking at what arrived meanwhile, when the features are already there
+                        self._drafts += new
+                        job = self._ready_drafts()
+                        if job:
+                            yield from self._draft(job)
+
+    def _draft(self, job: list[tuple[int, int, int]]):
+        """The co-located module drafts position q + 1 for every (request, q, epoch) of the job."""
+        env, ctl, dev = self.env, self.ctl, self.first_dev
+        costs = self.cfg.costs
+        t0 = env.now
+        ctxs = [q + 2 for _, q, _ in job]
+        yield env.timeout((costs.head_s(ctxs[0]) if len(job) == 1 else costs.batch_head_s(ctxs)) * NS)
+        self.busy[0] += env.now - t0
+        for r, q, e in job:
+            if self.keep:
+                self.slog.append(("head", t0, env.now, -1, dev, q + 1, e, r, None, "decode", ""))
+            conf = self._confidence.get(r)
+            ctl.on_draft(r, q + 1, e, conf() if conf is not None else None)
+
+    def start(self) -> None:
+        """The arrival process and the first device (stage workers are driven by their mailboxes)."""
+        if self.run.users is not None:
+            for _ in range(min(self.run.users, len(self.run.requests))):
+                self._send_next(0.0)
+        else:
+            self.env.process(self.arrivals())
+        self.env.process(self.first_device())
+
+    # --- results ----------------------------------------------------------------------------------
+    def metrics(self, scheme: str) -> RunMetrics:
+        recs = self.records.values()
+        t_first = min(r.arrival_s for r in recs) * NS
+        t_last = max(r.finish_s for r in recs) * NS
+        window = max(t_last - t_first, 1.0)
+        tokens = sum(r.new_tokens for r in recs)
+        seconds = window / NS
+        verdicts = self.accepted + self.rejected
+        return RunMetrics(
+            scheme=scheme, stages=self.n, new_tokens=tokens, window_ns=int(round(window)),
+            tokens_per_s=tokens / seconds, ms_per_token=1000.0 * seconds / tokens,
+            bubble_ratio=1.0 - sum(self.busy) / (self.n * window),
+            waste_ratio=(self.decode_ns - self.useful_ns) / (self.n * window),
+            acceptance_rate=self.accepted / verdicts if verdicts else None,
+            accepted=self.accepted, rejected=self.rejected,
+            utilization=tuple(b / window for b in self.busy))
+
+    @property
+    def mean_in_system(self) -> float:
+        """Time-average number of requests in the system, from the first arrival to the last finish."""
+        recs = self.records.values()
+        t_first = min(r.arrival_s for r in recs) * NS
+        span = self._t_area - t_first
+        return self._area / span if span > 0 else float("nan")
+
+    def trace_events(self, sends: bool = True) -> list[TraceEvent]:
+        out = []
+        committed = self.committed_keys
+        for kind, t0, t1, s, dev, q, e, r, accepted, phase, name in self.slog:
+            if kind == "compute":
+                discarded = phase == "decode" and (r, q, e) not in committed
+            elif kind == "head":
+                discarded = (r, q - 1, e) not in committed
+            else:
+                discarded = False
+            out.append(TraceEvent(kind=kind, start_ns=int(round(t0)), end_ns=int(round(t1)), stage=s, device=dev,
+                                  position=q, discarded=discarded, accepted=accepted, phase=phase, name=name,
+                                  request=r))
+        if sends:
+            for kind, t0, t1, s, dev, q, tag, nbytes, name, _ in self.log:
+                r, e = tag
+                out.append(TraceEvent(kind="send", start_ns=int(round(t0)), end_ns=int(round(t1)), stage=s,
+                                      device=dev, position=q, bytes=nbytes, name=name, request=r,
+                                      discarded=e >= 0 and (r, q, e) not in committed))
+        out.sort(key=lambda ev: (ev.start_ns, ev.end_ns))
+        return out
+
+
+# --- one serving point ----------------------------------------------------------------------------
+
+def _acceptance_key(point) -> str:
+    a = point.acceptance
+    return f"{a.kind}:{a.label}:{a.run_length}" if a is not None else "none"
+
+
+def request_rng(seed: int, point, request: int, stream: int = 0) -> np.random.Generator:
+    """Request r's verdict draws: request 0 draws exactly what a single decode of the point draws
+    (`kernel.point_rng`); every request's stream depends only on (seed, α, request), so every stage
+    count, partition, policy and load sees the same verdicts per request."""
+    from spdsim.kernel import point_rng
+    if request == 0 and stream == 0:
+        return point_rng(seed, point)
+    return np.random.default_rng(np.random.SeedSequence(
+        [seed, zlib.crc32(_acceptance_key(point).encode()), request, stream]))
+
+
+def confidence_sources(bins: tuple[ConfidenceBin, ...], seed: int, point):
+    """(confidence_for, accept_for) of the adaptive policy: a draft's confidence falls in bin i with
+    probability share_i (uniform inside it); a draft of bin i is accepted with probability acceptance_i."""
+    cum = np.cumsum([b.share for b in bins]).tolist()
+    cum[-1] = 1.0 + 1e-12
+    lows = [b.low for b in bins]
+
+    def confidence_for(rid: int) -> Callable[[], float]:
+        rng = request_rng(seed, point, rid, stream=1)
+
+        def draw() -> float:
+            i = bisect_right(cum, rng.random())
+            b = bins[min(i, len(bins) - 1)]
+            return b.low + (b.high - b.low) * rng.random()
+        return draw
+
+    def accept_for(rid: int) -> Callable[[float | None], bool]:
+        rng = request_rng(seed, point, rid, stream=2)
+
+        def accept(conf: float | None) -> bool:
+            i = max(0, bisect_right(lows, conf if conf is not None else 0.0) - 1)
+            return rng.random() < bins[i].acceptance
+        return accept
+
+    return confidence_for, accept_for
+
+
+def kv_budget(scenario, plan: Plan, drafts: bool, chunk_tokens: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(capacity, kv_per_token) per stage device: what is left for requests' KV caches after the
+    stage's weights, the module (weights and vocab projection) and the prefill activations."""
+    m, gpu = scenario.model, scenario.hardware.gpu
+    n = plan.stages
+    cap, per_token = [], []
+    for s, (a, b) in enumerate(plan.layers):
+        head = scenario.head.layers if (drafts and s == 0) else 0
+        fixed = stage_memory(m, b - a, s == 0, s == n - 1, 0, head, chunk_tokens)
+        cap.append(usable_bytes(gpu) - fixed.total)
+        per_token.append((b - a + head) * m.kv_bytes_per_token_layer())
+        if cap[-1] <= 0:
+            raise UserError(f"sweep.stages: stage {s + 1} of {n} leaves no memory for KV caches on {gpu.name}")
+    return tuple(cap), tuple(per_token)
+
+
+def run_serving(scenario, point, plan: Plan, cfg: RunConfig, env: simpy.Environment | None = None,
+                keep_events: bool = False) -> ServingOutcome:
+    """Simulate one serving point: its requests through the plan under its policy."""
+    w, sv = scenario.workload, scenario.serving
+    requests = draw_requests(w, point.load, scenario.seed)
+    drafts = cfg.drafts
+    longest = max(r.prompt_tokens for r in requests)
+    chunk = min(sv.prefill_chunk or longest, longest)
+    if longest > 1:
+        cfg.costs.prefill_s(0, 0, 1, 1, 0, True, False)    # a calibration cannot: fail before simulating
+    capacity, per_token = kv_budget(scenario, plan, drafts, chunk)
+    for r in requests:
+        for s, (c, x) in enumerate(zip(capacity, per_token)):
+            if x * (r.prompt_tokens + r.new_tokens) > c:
+                raise UserError(f"workload.prompt_tokens: request {r.request} ({r.prompt_tokens} + {r.new_tokens} "
+                                f"tokens) needs {x * (r.prompt_tokens + r.new_tokens) / 1e9:.1f} GB of KV cache on "
+                                f"stage {s + 1}, more than the {c / 1e9:.1f} GB left there")
+    by_id = {r.request: r for r in requests}
+    threshold = 0.0
+    confidence_for = None
+    if point.policy == "adaptive" and drafts:
+        bins = sv.adaptive.table(point.stages, point.acceptance.alpha if point.acceptance else None)
+        confidence_for, accept_for = confidence_sources(bins, scenario.seed, point)
+        threshold = sv.adaptive.threshold
+    elif drafts and point.acceptance is not None:
+        spec = point.acceptance
+
+        def accept_for(rid: int):
+            draw = sampler(spec, request_rng(scenario.seed, point, rid), exact_over=by_id[rid].new_tokens - 1)
+            return lambda conf: draw()
+    else:
+        def accept_for(rid: int):
+            return lambda conf: True
+    arr = w.arrivals
+    users = int(point.load) if arr.kind == "closed" else None
+    run = ServingRun(policy=point.policy, requests=requests, max_batch=sv.max_batch, max_running=sv.max_running,
+                     prefill_chunk=sv.prefill_chunk, threshold=threshold, users=users,
+                     think=think_times(scenario.seed, arr.think_s, len(requests)) if users else None,
+                     capacity=capacity, kv_per_token=per_token, accept_for=accept_for,
+                     confidence_for=confidence_for)
+    sim = ServingSim(plan, cfg, run, env, keep_events)
+    sim.start()
+    sim.env.run(until=sim.done)
+    records = [sim.records[r.request] for r in requests]
+    metrics = sim.metrics(point.scheme)
+    extra = {"mean_in_system": sim.mean_in_system, "peak_running": sim.peak_running}
+    return ServingOutcome(metrics, records, sim.trace_events(sends=keep_events) if keep_events else None, extra)
