@@ -2,6 +2,7 @@
 
 Both the simulator (its event log) and the executor (its measured traces) compute every figure they
 report through `run_metrics`, so a predicted and a measured number always mean the same thing.
+Serving figures (TTFT, TPOT, goodput, requests.csv) are defined once in `spdsim.serving_metrics`.
 """
 from __future__ import annotations
 
