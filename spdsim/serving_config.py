@@ -17,11 +17,11 @@ is α and the threshold only decides which of them enter.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from spdsim.errors import UserError
@@ -81,27 +81,53 @@ class ServingSpec:
 
 
 def calibrated_bins(alpha: float, concentration: float = 2.0, k: int = DEFAULT_BINS) -> tuple[ConfidenceBin, ...]:
-    """k equal confidence bins of a calibrated drafter: confidence c ~ Beta(κα, κ(1 − α)) and a draft of
-    confidence c accepted with probability c, so Σ share × acceptance = α. Integrated on a midpoint grid
-    (no SciPy); α = 0 or 1 puts every draft in the bottom or top bin."""
-    edges = np.linspace(0.0, 1.0, k + 1)
+    """k equal confidence bins of a calibrated drafter: confidence c ~ Beta(a, b) with a = κα, b = κ(1 − α),
+    and a draft of confidence c accepted with probability c, so Σ share × acceptance = α exactly:
+    share = I(hi; a, b) − I(lo; a, b) and share × acceptance = E[c; bin] = α (I(hi; a+1, b) − I(lo; a+1, b)),
+    I the regularized incomplete beta function. α = 0 or 1 puts every draft in the bottom or top bin."""
+    edges = [i / k for i in range(k + 1)]
     if alpha <= 0.0 or alpha >= 1.0:
         top = alpha >= 1.0
-        return tuple(ConfidenceBin(float(edges[i]), float(edges[i + 1]),
-                                   1.0 if (i == k - 1) == top else 0.0, 1.0 if top else 0.0) for i in range(k))
+        full = k - 1 if top else 0
+        return tuple(ConfidenceBin(edges[i], edges[i + 1], 1.0 if i == full else 0.0, 1.0 if top else 0.0)
+                     for i in range(k))
     a, b = concentration * alpha, concentration * (1 - alpha)
-    m = 4000 * k
-    x = (np.arange(m) + 0.5) / m
-    logpdf = (a - 1) * np.log(x) + (b - 1) * np.log1p(-x)
-    w = np.exp(logpdf - logpdf.max())
-    w /= w.sum()
+    cdf = [betainc(a, b, x) for x in edges]
+    cdf1 = [betainc(a + 1, b, x) for x in edges]
     out = []
     for i in range(k):
-        sel = slice(i * 4000, (i + 1) * 4000)
-        share = float(w[sel].sum())
-        acc = float((w[sel] * x[sel]).sum() / share) if share > 0 else float((edges[i] + edges[i + 1]) / 2)
-        out.append(ConfidenceBin(float(edges[i]), float(edges[i + 1]), share, acc))
+        share = cdf[i + 1] - cdf[i]
+        mass = alpha * (cdf1[i + 1] - cdf1[i])
+        acc = min(1.0, max(0.0, mass / share)) if share > 1e-15 else (edges[i] + edges[i + 1]) / 2
+        out.append(ConfidenceBin(edges[i], edges[i + 1], share, acc))
     return tuple(out)
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (Lentz's method;
+    the symmetry I_x(a, b) = 1 − I_{1−x}(b, a) where the fraction converges slowly). No SciPy."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - betainc(b, a, 1.0 - x)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for num_ in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                     -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num_ * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num_ / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * f / a
 
 
 def mean_acceptance(bins: tuple[ConfidenceBin, ...], threshold: float = 0.0) -> float:
