@@ -2,7 +2,8 @@
 
 One row per pipeline stage (its compute), one for the speculative module (head), one for link transfers
 (sends) and a control row with verifications. Useful compute is coloured by token position, so a token can be
-followed down the pipeline; discarded compute (a flush threw it away) is red and hatched; a flush is a
+followed down the pipeline (in a serving trace, where events carry a request, by request, prefill chunks
+included); discarded compute (a flush threw it away) is red and hatched; a flush is a
 red dashed line across every row.
 """
 from __future__ import annotations
@@ -96,7 +97,8 @@ def draw_gantt(trace: Trace, path: str | Path, ticks: int = 36, label: str = "")
 
     path = Path(path)
     win = first_ticks(trace.events, ticks)
-    events = [e for e in trace.events if e.phase == "decode" and win.overlaps(e)]
+    by_request = any(e.request >= 0 for e in trace.events)      # a serving trace: colour by request
+    events = [e for e in trace.events if (e.phase == "decode" or by_request) and win.overlaps(e)]
     rows = _rows(trace, events)
     y_of = {key: i for i, (key, _) in enumerate(rows)}
     unit, scale = _time_unit(win.end_ns - win.start_ns)
@@ -120,7 +122,8 @@ def draw_gantt(trace: Trace, path: str | Path, ticks: int = 36, label: str = "")
         if ev.kind in ("compute", "head", "send") and x1 > x0:
             cls = "discarded" if ev.discarded else ("send" if ev.kind == "send" else ev.kind)
             if cls in ("compute", "head"):
-                color = palette((ev.position % 20) / 20 + 0.025) if ev.position >= 0 else (0.3, 0.45, 0.69, 1.0)
+                key = ev.request if by_request else ev.position
+                color = palette((key % 20) / 20 + 0.025) if key >= 0 else (0.3, 0.45, 0.69, 1.0)
                 color = color[:3] + ((0.6,) if cls == "head" else (1.0,))
             else:
                 color = DISCARD_FACE if cls == "discarded" else "#b0b0b0"
@@ -128,7 +131,9 @@ def draw_gantt(trace: Trace, path: str | Path, ticks: int = 36, label: str = "")
             spans.append((x0, x1 - x0))
             colors.append(color)
             if ev.position >= 0 and ev.kind != "send" and (x1 - x0) > span / 60:
-                ax.text((x0 + x1) / 2, y, str(ev.position), ha="center", va="center", fontsize=6.5, clip_on=True)
+                text = (f"P{ev.request}" if ev.phase == "prefill" else f"{ev.request}:{ev.position}") \
+                    if by_request else str(ev.position)
+                ax.text((x0 + x1) / 2, y, text, ha="center", va="center", fontsize=6.5, clip_on=True)
         elif ev.kind == "verify":
             (accepts if ev.accepted else rejects).append((x1, y))
         elif ev.kind == "flush":
@@ -150,8 +155,9 @@ def draw_gantt(trace: Trace, path: str | Path, ticks: int = 36, label: str = "")
     ax.grid(True, axis="x", alpha=0.3)
     h = trace.header
     ax.set_title(f"{label + ': ' if label else ''}{h.scheme}, {h.stages} stages — the first {ticks} ticks "
-                 f"(cells: token position)", fontsize=10)
-    legend = [Patch(facecolor=palette(0.025), edgecolor="black", label="useful compute (colour = position)"),
+                 f"(cells: {'request:position, P = prefill' if by_request else 'token position'})", fontsize=10)
+    what = "request" if by_request else "position"
+    legend = [Patch(facecolor=palette(0.025), edgecolor="black", label=f"useful compute (colour = {what})"),
               Patch(facecolor=DISCARD_FACE, edgecolor=DISCARD_EDGE, hatch="////", label="discarded compute"),
               Patch(facecolor="#b0b0b0", edgecolor="#707070", label="link transfer")]
     if "control" in y_of:

@@ -68,6 +68,8 @@ def load_results(path: Path) -> pd.DataFrame:
     df["stages"] = df["stages"].astype(int)
     df["scheme"] = df["scheme"].str.strip()
     df["partition"] = df["partition"].replace("", "-")
+    if "meets_slo" in df.columns:   # serving: True / False / empty (no SLO)
+        df["meets_slo"] = df["meets_slo"].map(lambda v: {"True": True, "False": False, 1.0: True, 0.0: False}.get(v))
     return df
 
 
@@ -90,6 +92,9 @@ class Report:
 
 def draw_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     from spdsim.plots import PLOTS
+    from spdsim.plots_serving import draw_serving_plots, is_serving
+    if is_serving(df):              # serving points: latency against load, CDFs (spdsim.plots_serving)
+        return draw_serving_plots(df, out_dir)
     drawn = []
     for name, plot in PLOTS:
         target = out_dir / name
@@ -163,6 +168,11 @@ CAPTIONS = {
     "bubble_vs_n.png": "Bubble ratio (1 − busy/(n·T), wasted compute counts as busy) and waste ratio (discarded "
                        "compute/(n·T)) against n, for the fastest partition of each point.",
     "tokens_per_s.png": "Absolute decode speed (tokens/s at batch 1) per scheme against n.",
+    "serving_vs_load.png": "Serving against load: TPOT (p99 thick, p50 thin), TTFT p99 and throughput per "
+                           "scheme/policy, each at its best stage count and partition for that load. Where the "
+                           "lines cross is where speculation stops paying and plain pipelining's throughput wins.",
+    "serving_latency_cdf.png": "Per-request TTFT, TPOT and end-to-end latency CDFs (from requests.csv) at a light, "
+                               "a middle and the heaviest load, for the same configurations.",
     "utilization.png": "Busy share of the decode window per stage, for the fastest configuration of each "
                        "(scheme, n, α).",
     "where_spd_pays.png": "Where SPD pays: the best SPD or TP×SPD point on g GPUs ÷ the fastest plain tensor "
@@ -214,7 +224,15 @@ def render_html(df: pd.DataFrame, report: Report, scenario_text: str | None) -> 
              f"<p class='note'>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by "
              f"<code>spdsim report</code> from <code>results.csv</code>.</p>"]
 
-    if alphas:
+    from spdsim.plots_serving import is_serving
+    if is_serving(df):
+        from spdsim.serving_results import format_serving_summary
+        parts += ["<h2>Serving</h2>",
+                  "<p class='note'>What <code>spdsim run</code> printed: latency percentiles against load per "
+                  "scheme/policy (best stages × partition), the crossover, and the best configuration per load. "
+                  "Per-request figures are in <code>requests.csv</code>.</p>",
+                  f"<pre>{html.escape(format_serving_summary(df))}</pre>"]
+    elif alphas:
         best = best_per_alpha(df)
         cols = ["α"] + [c for c in ("acceptance_kind", "scheme", "stages", "partition", "placement", "head_device", "tokens_per_s", "ms_per_token",
                                     "speedup_vs_pp", "speedup_vs_ar", "bubble_ratio", "waste_ratio")

@@ -46,7 +46,7 @@ from spdsim.serving_protocol import Entry, ServingController, Tick
 from spdsim.trace import TraceEvent
 from spdsim.workload import Request, draw_requests, think_times
 
-ARRIVE = "arrive"
+ARRIVE, WAKE = "arrive", "wake"
 
 
 @dataclass
@@ -74,71 +74,49 @@ class ServingOutcome:
     extra: dict = field(default_factory=dict)
 
 
-class _Box:
-    """What `Sim.send` delivers to: a stage worker's queue, as a mailbox."""
-    __slots__ = ("put",)
+class LinkBook:
+    """When one directed link is busy: sorted, disjoint [start, end) intervals, so that a message can be
+    booked into the first gap at or after it reaches the link even when messages are booked out of
+    time order (see `ServingSim.traverse`). Booked in time order, it is the kernel's FIFO single
+    server (`Sim._hop`): start = max(arrival, link free)."""
+    __slots__ = ("starts", "ends", "limit")
 
-    def __init__(self, put) -> None:
-        self.put = put
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.limit = 64                      # prune past intervals once there are this many
 
-
-class StageWorker:
-    """Stage s ≥ 1 (0-based): take ticks in order, compute each in one forward, pass it on."""
-    __slots__ = ("sim", "s", "queue", "busy", "dev", "last", "nxt", "box_next", "feature_to", "t0", "msg")
-
-    def __init__(self, sim: "ServingSim", s: int) -> None:
-        self.sim, self.s = sim, s
-        self.queue: deque = deque()
-        self.busy = False
-        plan = sim.plan
-        self.dev = plan.placement[s]
-        self.last = s == sim.n - 1
-        self.nxt = None if self.last else plan.placement[s + 1]
-        self.box_next = None
-        hd = sim.head_device
-        self.feature_to = hd if (sim.cfg.features and hd is not None and hd != self.dev) else None
-
-    def put(self, msg: tuple) -> None:
-        self.queue.append(msg)
-        if not self.busy:
-            self.busy = True
-            # start when this arrival is processed, as a process waiting on its mailbox would
-            ev = self.sim.env.event()
-            ev.callbacks.append(self._start)
-            ev.succeed()
-
-    def _start(self, _ev=None) -> None:
-        sim = self.sim
-        self.msg = msg = self.queue.popleft()
-        if sim._tick:
-            ev = sim.env.timeout(sim._tick)
-            ev.callbacks.append(self._compute)
+    def reserve(self, arrival: float, ser: float, now: float) -> float:
+        starts, ends = self.starts, self.ends
+        if not ends or arrival >= ends[-1]:  # after everything booked: the in-order case
+            starts.append(arrival)
+            ends.append(arrival + ser)
+            if len(ends) > self.limit:
+                self._prune(now)
+            return arrival
+        if len(ends) > self.limit:
+            self._prune(now)
+        i = bisect_right(ends, arrival)      # the first interval still busy at the arrival
+        t = arrival
+        k = len(starts)
+        while i < k and t + ser > starts[i]:
+            if ends[i] > t:
+                t = ends[i]
+            i += 1
+        if i == k:
+            starts.append(t)
+            ends.append(t + ser)
         else:
-            self._compute()
+            starts.insert(i, t)
+            ends.insert(i, t + ser)
+        return t
 
-    def _compute(self, _ev=None) -> None:
-        sim = self.sim
-        self.t0 = sim.env.now
-        ev = sim.env.timeout(sim.tick_ns(self.s, self.msg[3]))
-        ev.callbacks.append(self._done)
-
-    def _done(self, _ev) -> None:
-        sim, s, msg = self.sim, self.s, self.msg
-        tick = msg[3]
-        sim.account(s, self.dev, self.t0, sim.env.now, tick)
-        if self.feature_to is not None and tick.entries:
-            sim.send(self.dev, self.feature_to, sim.cfg.feature_bytes * len(tick.entries), sim.first_box,
-                     (FEATURE, msg[1], msg[2], tick, s), s)
-        if self.last:
-            if tick.entries:
-                sim.send(self.dev, sim.first_dev, RESULT_BYTES * len(tick.entries), sim.first_box,
-                         (RESULT, msg[1], msg[2], tick), s)
-        else:
-            sim.send(self.dev, self.nxt, sim.act_bytes(tick), sim.stage_boxes[s + 1], msg, s)
-        if self.queue:
-            self._start()
-        else:
-            self.busy = False
+    def _prune(self, now: float) -> None:
+        """Intervals over before now can never matter again (nothing is booked in the past)."""
+        k = bisect_right(self.ends, now)
+        if k:
+            del self.starts[:k], self.ends[:k]
+        self.limit = max(64, 2 * len(self.ends))    # amortized: future bookings are kept
 
 
 def _tag(tick: Tick) -> tuple[tuple[int, int], int]:
@@ -156,9 +134,17 @@ class ServingSim(Sim):
         self.run = run
         self.keep = keep_events
         self.first_dev = plan.placement[0]
-        self.workers = [None] + [StageWorker(self, s) for s in range(1, self.n)]
-        for s in range(1, self.n):
-            self.stage_boxes[s] = _Box(self.workers[s].put)
+        self.free = [0.0] * self.n          # when each stage's last booked forward ends
+        self.links: dict[tuple[str, str], LinkBook] = {}
+        self._booked_paths: dict[tuple[str, str, int], list] = {}
+        hd = self.head_device
+        self.feature_to = [hd if (cfg.features and hd is not None and hd != d) else None for d in plan.placement]
+        # one position's ACT into each stage, its features from each stage, its RESULT back
+        pl, ab = plan.placement, cfg.activation_bytes
+        self._act_paths = [None] + [self._hops(pl[s - 1], pl[s], ab) for s in range(1, self.n)]
+        self._feature_paths = [None if f is None else self._hops(pl[s], f, cfg.feature_bytes)
+                               for s, f in enumerate(self.feature_to)]
+        self._result_path = self._hops(pl[-1], pl[0], RESULT_BYTES)
         self.ctl = ServingController(run.policy, cfg.window, cfg.drafts, run.max_batch, run.max_running,
                                      run.prefill_chunk, run.threshold, run.capacity)
         self.records = {r.request: RequestRecord(r.request, r.arrival_s, np.nan, np.nan, np.nan,
@@ -177,7 +163,10 @@ class ServingSim(Sim):
         self._confidence: dict[int, Callable] = {}
         self._feats: dict[int, dict[tuple[int, int], int]] = {}
         self._issue_epoch: dict[int, dict[int, int]] = {}
-        self._drafts: list[tuple[int, int, int]] = []   # (request, q, epoch): draft q + 1 when features allow
+        # drafts to make, as (request, q, epoch): draft q + 1. Ready ones (their features are there) wait
+        # in order; the others wait on the one feature (request, stage, position) they lack.
+        self._drafts: deque[tuple[int, int, int]] = deque()
+        self._blocked: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {}
         self._sent = 0                   # closed loop: requests sent so far
         self._in_system = 0
         self._area = 0.0                 # ∫ requests in system dt (ns), for Little's law
@@ -201,6 +190,159 @@ class ServingSim(Sim):
                 t = cache[q] = costs.stage_s(s, a, b, q + 1, first, last) * NS
             return t * self._jitter.factor(s) if self._jitter is not None else t
         return costs.batch_stage_s(s, a, b, [e.position + 1 for e in es], first, last) * NS
+
+    # --- stages 2..n and the links: a tick's whole way booked when it leaves stage 1 ---------------------
+    def book(self, src: str, dst: str, nbytes: int, msg: tuple, stage: int, at: float) -> float:
+        """Book every hop of src → dst for a message sent at `at`; returns its arrival time. Each hop's
+        link is held for bytes / bandwidth from when the message reaches it, in the first gap there
+        (LinkBook); then the hop's latency."""
+        t = at + self._msg
+        now = self.env.now
+        for book, name, ser, lat in self._hops(src, dst, nbytes):
+            start = book.reserve(t, ser, now)
+            if self.log_sends:
+                self.log.append(("send", start, start + ser, stage, src, msg[2], msg[1], nbytes, name, None))
+            t = start + ser + lat
+        return t
+
+    def traverse(self, msg: tuple) -> None:
+        """Stage 1 sends a tick now: book its way through stages 2..n and back, at once.
+
+        Stage s ≥ 2 only ever receives from stage s − 1, in the order stage 1 sent, over FIFO links, and
+        computes everything it receives (stale work included, as the kernel's stages do), so its
+        forwards follow the tandem-queue recursion: start = max(arrival, end of its previous forward)
+        (+ tick overhead), end = start + cost. Booking the tick through every stage when it enters is
+        therefore the schedule event-by-event simulation gives, with one SimPy event per tick (the
+        RESULT's arrival) instead of several per stage. Features (to the module's device) get their
+        arrival times here too, with no event. Links shared by several stages (a switch's port
+        towards the module's device) are booked out of time order this way: LinkBook fills the first
+        gap, so two messages that reach such a link within a serialization time of each other (a few
+        ns for 8 KiB at NVLink speed) may be served in the other order than the kernel would."""
+        tick = msg[3]
+        if len(tick.entries) == 1 and not self.keep and self._jitter is None:
+            return self._traverse_one(msg, tick.entries[0])
+        placement, n = self.plan.placement, self.n
+        nbytes = self.act_bytes(tick)
+        t, src = self.env.now, placement[0]
+        for s in range(1, n):
+            dev = placement[s]
+            arrival = self.book(src, dev, nbytes, msg, s - 1, t)
+            free = self.free[s]
+            start = (arrival if arrival > free else free) + self._tick
+            end = start + self.tick_ns(s, tick)
+            self.free[s] = end
+            self.account(s, dev, start, end, tick)
+            fdev = self.feature_to[s]
+            if fdev is not None and tick.entries:
+                self._features(s, tick, self.book(dev, fdev, self.cfg.feature_bytes * len(tick.entries),
+                                                  (FEATURE, msg[1], msg[2]), s, end))
+            t, src = end, dev
+        if tick.entries:
+            arrival = self.book(src, placement[0], RESULT_BYTES * len(tick.entries), (RESULT, msg[1], msg[2]), n - 1, t)
+            out = (RESULT, msg[1], msg[2], tick)
+            delay = arrival - self.env.now
+            if delay > 0.5:
+                self.env.timeout(delay).callbacks.append(lambda _e: self.first_box.put(out))
+            else:
+                self.first_box.put(out)
+
+    def _traverse_one(self, msg: tuple, e: Entry) -> None:
+        """`traverse` for one decode position with no event log: the same bookings, inlined (this loop
+        runs once per stage per tick: it is what a 10,000-request run spends its time on)."""
+        now = self.env.now
+        n, tick_over, msg_over = self.n, self._tick, self._msg
+        free, busy, costs = self.free, self.busy, self._cost
+        pending = self._pending.get(e.request)
+        feats = self._feats.get(e.request)
+        blocked = self._blocked
+        q, epoch, rid = e.position, e.epoch, e.request
+        key = (q, epoch)
+        t = now
+        total = 0.0
+        for s in range(1, n):
+            tt = t + msg_over
+            for book, _name, ser, lat in self._act_paths[s]:
+                ends = book.ends
+                if not ends or tt >= ends[-1]:
+                    book.starts.append(tt)
+                    ends.append(tt + ser)
+                    if len(ends) > book.limit:
+                        book._prune(now)
+                else:
+                    tt = book.reserve(tt, ser, now)
+                tt += ser + lat
+            f = free[s]
+            start = (tt if tt > f else f) + tick_over
+            dur = costs[s].get(q)
+            if dur is None:
+                dur = self.tick_ns(s, msg[3])
+            end = start + dur
+            free[s] = end
+            busy[s] += dur
+            total += dur
+            fpath = self._feature_paths[s]
+            if fpath is not None and feats is not None:
+                tt = end + msg_over
+                for book, _name, ser, lat in fpath:
+                    ends = book.ends
+                    if not ends or tt >= ends[-1]:
+                        book.starts.append(tt)
+                        ends.append(tt + ser)
+                        if len(ends) > book.limit:
+                            book._prune(now)
+                    else:
+                        tt = book.reserve(tt, ser, now)
+                    tt += ser + lat
+                feats[(s, q)] = (epoch, tt)
+                if blocked:
+                    waiting = blocked.pop((rid, s, q), None)
+                    if waiting:
+                        self.env.timeout(max(0.0, tt - now)).callbacks.append(lambda _e, w=waiting: self._wake(w))
+            t = end
+        self.decode_ns += total
+        if pending is not None:
+            pending[key] = pending.get(key, 0.0) + total
+        tt = t + msg_over
+        for book, _name, ser, lat in self._result_path:
+            tt = book.reserve(tt, ser, now)
+            tt += ser + lat
+        out = (RESULT, msg[1], msg[2], msg[3])
+        delay = tt - now
+        if delay > 0.5:
+            self.env.timeout(delay).callbacks.append(lambda _e: self.first_box.put(out))
+        else:
+            self.first_box.put(out)
+
+    def _hops(self, src: str, dst: str, nbytes: int) -> list:
+        """src → dst's hops as (LinkBook, name, serialization ns, latency ns), cached."""
+        key = (src, dst, nbytes)
+        path = self._booked_paths.get(key)
+        if path is None:
+            path = self._booked_paths[key] = [(self.links.setdefault(link, LinkBook()), name, ser, lat)
+                                              for link, name, ser, lat in self._path(src, dst, nbytes)]
+        return path
+
+    def _features(self, stage: int, tick: Tick, arrival: float) -> None:
+        """Stage `stage`'s checkpoint features of a tick reach the module's device at `arrival`: the
+        first device knows it from now on (feats: (stage, position) → (epoch, arrival)); a draft
+        that waits for one of them is woken at its arrival."""
+        now = self.env.now
+        for e in tick.entries:
+            f = self._feats.get(e.request)
+            if f is None:
+                continue
+            f[(stage, e.position)] = (e.epoch, arrival)
+            waiting = self._blocked.pop((e.request, stage, e.position), None)
+            if waiting:
+                if arrival > now:
+                    self.env.timeout(arrival - now).callbacks.append(lambda _e, w=waiting: self._wake(w))
+                else:
+                    self._wake(waiting)
+
+    def _wake(self, jobs: list) -> None:
+        for job in jobs:
+            self._queue_draft(job)
+        self.first_box.put((WAKE,))
 
     def act_bytes(self, tick: Tick) -> int:
         k = tick.chunk.tokens if tick.chunk is not None else len(tick.entries)
@@ -315,41 +457,49 @@ class ServingSim(Sim):
         kind = msg[0]
         if kind == RESULT:
             self._results(msg[3])
-        elif kind == FEATURE:
-            s = msg[4]
-            for e in msg[3].entries:
-                f = self._feats.get(e.request)
-                if f is not None:
-                    f[(s, e.position)] = e.epoch
         elif kind == ARRIVE:
             self._arrive(msg[1])
 
     # --- the co-located module --------------------------------------------------------------------
-    def _features_ready(self, r: int, q: int) -> bool:
-        """Stage j's output of position q-1-j (for j < n), as spdsim.schemes.spd's draft waits for."""
+    def _missing_feature(self, r: int, q: int) -> tuple[int, int] | None:
+        """The draft of q+1 needs stage j's output of position q-1-j (for j < n), in the epoch that
+        position was last issued in, as spdsim.schemes.spd's draft waits for: the first (j, position)
+        missing, or None."""
         feats, issue_epoch = self._feats[r], self._issue_epoch[r]
         first_decode = self.by_id[r].prompt_tokens - 1
+        now = self.env.now
         for j in range(self.n):
             pos = q - 1 - j
             if pos < first_decode:
-                return True
-            if feats.get((j, pos)) != issue_epoch[pos]:
-                return False
-        return True
+                return None
+            f = feats.get((j, pos))
+            if f is None or f[0] != issue_epoch[pos] or f[1] > now:
+                return j, pos
+        return None
+
+    def _queue_draft(self, job: tuple[int, int, int]) -> None:
+        """Ready (or stale: dropped when taken), or waiting on the feature it lacks: one not sent yet
+        waits for its send, one on its way for its arrival."""
+        r, q, e = job
+        if self.cfg.features and self.ctl.epoch(r) == e:
+            missing = self._missing_feature(r, q)
+            if missing is not None:
+                f = self._feats[r].get(missing)
+                if f is not None and f[0] == self._issue_epoch[r][missing[1]]:    # sent, arriving later
+                    self.env.timeout(f[1] - self.env.now).callbacks.append(lambda _e: self._wake([job]))
+                else:
+                    self._blocked.setdefault((r, *missing), []).append(job)
+                return
+        self._drafts.append(job)
 
     def _ready_drafts(self) -> list[tuple[int, int, int]]:
-        """Drafts whose features are there, oldest first, at most max_batch; stale ones dropped."""
-        ctl, wait = self.ctl, self.cfg.features
-        keep, ready = [], []
-        for job in self._drafts:
-            r, q, e = job
-            if ctl.epoch(r) != e:
-                continue
-            if len(ready) < self.run.max_batch and (not wait or self._features_ready(r, q)):
+        """Drafts whose features are there, in the order they became ready, at most max_batch; stale
+        ones (their request flushed or finished since) dropped."""
+        ctl, ready, drafts = self.ctl, [], self._drafts
+        while drafts and len(ready) < self.run.max_batch:
+            job = drafts.popleft()
+            if ctl.epoch(job[0]) == job[2]:
                 ready.append(job)
-            else:
-                keep.append(job)
-        self._drafts = keep
         return ready
 
     # --- the first device -------------------------------------------------------------------------
@@ -391,21 +541,23 @@ class ServingSim(Sim):
                 if tick.entries:
                     box.put((RESULT, tag, pos, tick))
             else:
-                self.send(dev, plan.placement[1], self.act_bytes(tick), self.stage_boxes[1], (ACT, tag, pos, tick), 0)
+                self.traverse((ACT, tag, pos, tick))
                 if self._send_block:
                     yield env.timeout(self._send_block)
             if tick.entries:
                 if wait_features:
+                    now = env.now
                     for e in tick.entries:
                         f = self._feats.get(e.request)
                         if f is not None:
-                            f[(0, e.position)] = e.epoch
+                            f[(0, e.position)] = (e.epoch, now)
                 if self.head_device is not None:
                     new = [(e.request, e.position, e.epoch) for e in tick.entries if ctl.wants_draft(e)]
                     if new:
                         # as the single-request first rank does: draft right after the forward, before
                         # looking at what arrived meanwhile, when the features are already there
-                        self._drafts += new
+                        for job in new:
+                            self._queue_draft(job)
                         job = self._ready_drafts()
                         if job:
                             yield from self._draft(job)

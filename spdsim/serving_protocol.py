@@ -52,6 +52,7 @@ spdsim.protocol, per request); stale entries are computed and wasted, as for one
 """
 from __future__ import annotations
 
+from bisect import bisect_right, insort
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -93,7 +94,7 @@ class ServingVerdict:
 
 
 class _Request:
-    __slots__ = ("rid", "prompt_len", "new_tokens", "need", "ctl", "prefill_next", "drafts", "issued_conf")
+    __slots__ = ("rid", "prompt_len", "new_tokens", "need", "ctl", "prefill_next", "drafts", "issued_conf", "seq")
 
     def __init__(self, rid: int, prompt_len: int, new_tokens: int, need: tuple[float, ...], window: int) -> None:
         self.rid = rid
@@ -104,6 +105,7 @@ class _Request:
         self.prefill_next = 0                 # next prompt position to prefill; done at prompt_len - 1
         self.drafts: dict[int, tuple[int, float | None]] = {}    # position → (epoch, confidence)
         self.issued_conf: dict[int, float | None] = {}           # speculated position → its draft's confidence
+        self.seq = -1                         # admission order
 
     @property
     def prefilling(self) -> bool:
@@ -130,8 +132,15 @@ class ServingController:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []     # in admission order: oldest first
         self.by_id: dict[int, _Request] = {}
-        self._rr = 0                           # interleave: where the next round-robin pass starts
+        self._rr = -1                          # interleave: admission number of the last request served
         self.finished = 0
+        self._seq = 0
+        # Requests that may be able to enter stage 1, by admission number: one that cannot is dropped
+        # when next_tick looks at it, and comes back when something that could change that happens to
+        # it (admission, a verdict, a draft; under spd_first, becoming the oldest). next_tick then costs
+        # what it looks at, not the number of requests running.
+        self._cand: list[int] = []
+        self._cand_req: dict[int, _Request] = {}
 
     # --- requests in and out ---------------------------------------------------------------------
     def arrive(self, request: int, prompt_len: int, new_tokens: int, need: Sequence[float] = ()) -> None:
@@ -157,14 +166,24 @@ class ServingController:
                 self.used[d] += x
             self.running.append(r)
             self.by_id[r.rid] = r
+            r.seq = self._seq
+            self._seq += 1
+            self._wake(r)
             out.append(r.rid)
         return out
 
+    def _wake(self, r: _Request) -> None:
+        if r.seq not in self._cand_req:
+            insort(self._cand, r.seq)
+            self._cand_req[r.seq] = r
+
     def _finish(self, r: _Request) -> None:
-        i = self.running.index(r)
-        del self.running[i]
-        if i < self._rr:
-            self._rr -= 1
+        self.running.remove(r)
+        if r.seq in self._cand_req:
+            del self._cand_req[r.seq]
+            self._cand.remove(r.seq)
+        if self.policy == "spd_first" and self.running:
+            self._wake(self.running[0])           # the new oldest may speculate now
         del self.by_id[r.rid]
         for d, x in enumerate(r.need):
             self.used[d] -= x
@@ -205,28 +224,29 @@ class ServingController:
             return False
         return self.threshold is None or (d[1] is not None and d[1] >= self.threshold)
 
-    def _order(self) -> list[_Request]:
-        run = self.running
-        if self.policy == "interleave" and run:
-            k = self._rr % len(run)
-            return run[k:] + run[:k]
-        return run
-
     def next_tick(self) -> Tick | None:
         entries: list[Entry] = []
         last = None
-        for r in self._order():
+        cand, reqs = self._cand, self._cand_req
+        k = len(cand)
+        start = bisect_right(cand, self._rr) % k if (self.policy == "interleave" and k) else 0
+        dropped = []
+        for i in range(k):
+            seq = cand[(start + i) % k]
+            r = reqs[seq]
             if r.prefilling:
                 if entries:
                     continue                      # a chunk rides alone; it waits for its own tick
-                start = r.prefill_next
-                tokens = r.prompt_len - 1 - start
+                begin = r.prefill_next
+                tokens = r.prompt_len - 1 - begin
                 if self.prefill_chunk:
                     tokens = min(tokens, self.prefill_chunk)
                 r.prefill_next += tokens
-                self._advance(r)
-                return Tick(chunk=Chunk(r.rid, start, tokens))
+                self._rr = seq
+                self._forget(dropped)
+                return Tick(chunk=Chunk(r.rid, begin, tokens))
             if not self._ready(r):
+                dropped.append(seq)
                 continue
             issue = r.ctl.issue()
             if issue.speculative:
@@ -235,14 +255,16 @@ class ServingController:
             last = r
             if len(entries) >= self.max_batch:
                 break
+        self._forget(dropped)
         if not entries:
             return None
-        self._advance(last)
+        self._rr = last.seq
         return Tick(entries=tuple(entries))
 
-    def _advance(self, r: _Request) -> None:
-        if self.policy == "interleave":
-            self._rr = self.running.index(r) + 1
+    def _forget(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            del self._cand_req[seq]
+            del self._cand[bisect_right(self._cand, seq) - 1]
 
     def wants_draft(self, entry: Entry) -> bool:
         r = self.by_id.get(entry.request)
@@ -253,6 +275,7 @@ class ServingController:
         r = self.by_id.get(request)
         if r is not None and epoch == r.ctl.epoch:
             r.drafts[position] = (epoch, confidence)
+            self._wake(r)
 
     def on_result(self, request: int, position: int, epoch: int,
                   accept: Callable[[float | None], bool]) -> ServingVerdict:
@@ -263,6 +286,7 @@ class ServingController:
         v = ctl.on_result(position, epoch, lambda: accept(r.issued_conf.pop(position + 1, None)))
         if v.stale:
             return ServingVerdict(request, v, False, False)
+        self._wake(r)
         if v.accepted is False:                  # flushed: the drafts of this epoch are void
             r.drafts.clear()
             r.issued_conf.clear()

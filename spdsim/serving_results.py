@@ -116,7 +116,7 @@ def format_serving_summary(df: pd.DataFrame) -> str:
              "TPOT p99"] + (["goodput/s", "SLO met"] if has_slo else [])]
     for x in sorted(s["x"].unique()):
         at = s[s["x"] == x].dropna(subset=["tpot_p99_ms"])
-        if has_slo and (at["meets_slo"] == True).any():      # noqa: E712 (a column of bools and NaN)
+        if has_slo and (at["meets_slo"] == True).any():      # noqa: E712 (a column of bools and None)
             at = at[at["meets_slo"] == True]                   # noqa: E712
         if at.empty:
             continue

@@ -206,6 +206,8 @@ def to_chrome_trace(trace: Trace) -> dict[str, Any]:
     for ev in trace.events:
         pid, tid = ids(INTERCONNECT if ev.kind == "send" and ev.name else ev.device, _track(ev))
         args: dict[str, Any] = {"position": ev.position, "stage": ev.stage, "phase": ev.phase}
+        if ev.request >= 0:
+            args["request"] = ev.request
         if ev.bytes:
             args["bytes"] = ev.bytes
         if ev.accepted is not None:
@@ -222,7 +224,10 @@ def to_chrome_trace(trace: Trace) -> dict[str, Any]:
             out.append({"ph": "i", "s": "t", "name": label, "pid": pid, "tid": tid, "ts": ev.end_ns / 1000.0,
                         "args": args})
             continue
-        name = f"{ev.kind} p{ev.position}" if ev.position >= 0 else ev.kind
+        if ev.request >= 0:     # serving: one name per request, so the viewers colour slices by request
+            name = f"{ev.kind} r{ev.request}" + (" prefill" if ev.phase == "prefill" else "")
+        else:
+            name = f"{ev.kind} p{ev.position}" if ev.position >= 0 else ev.kind
         event = {"ph": "X", "name": name + (" (discarded)" if ev.discarded else ""), "cat": ev.kind,
                  "pid": pid, "tid": tid, "ts": ts_us, "dur": ev.duration_ns / 1000.0, "args": args}
         if ev.discarded:
