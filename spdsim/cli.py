@@ -40,8 +40,20 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", required=True, metavar="G[,G2...]",
                    help="GPU types to consider: catalog names or unique prefixes (a100, h100, h200, l40s)")
     p.add_argument("--max-gpus", type=int, required=True, metavar="K", help="at most this many GPUs")
-    p.add_argument("--target-tokens-per-s", type=float, required=True, metavar="T",
-                   help="decode speed to reach (batch 1, tokens/s)")
+    p.add_argument("--target-tokens-per-s", type=float, default=None, metavar="T",
+                   help="decode speed to reach (batch 1, tokens/s); or plan by SLO with --qps / --max-qps")
+    p.add_argument("--qps", type=float, default=None, metavar="R",
+                   help="serving: the cheapest configuration meeting --slo at R requests/s (Poisson)")
+    p.add_argument("--max-qps", action="store_true",
+                   help="serving: the highest rate each configuration sustains within --slo, and QPS per $")
+    p.add_argument("--slo", default=None, metavar="tpot_p99=40ms,ttft_p99=1s",
+                   help="serving: latency bounds (p99 TTFT and / or TPOT; ms or s)")
+    p.add_argument("--policies", default="fcfs,interleave,spd_first,adaptive",
+                   help="serving policies to consider (default all four)")
+    p.add_argument("--requests", type=int, default=200, help="serving: requests per simulated run (default 200)")
+    p.add_argument("--max-batch", type=int, default=1, help="serving: positions per tick (default 1)")
+    p.add_argument("--search-steps", type=int, default=6,
+                   help="--max-qps: bisection steps on the rate (default 6: within 7%%)")
     p.add_argument("--acceptance", default="0.8", metavar="ALPHA|N:ALPHA,...",
                    help="SPD draft acceptance: one α, or a table per stage count, e.g. 2:0.9,4:0.85 (default 0.8)")
     p.add_argument("--topology", default=None, metavar="KIND",
@@ -52,7 +64,8 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", default=None, metavar="T[,T2...]",
                    help="TP degrees (GPUs per stage) to consider (default: every power of two up to 8 that "
                         "the model's heads allow)")
-    p.add_argument("--partition", default="uniform,compute_balanced,comm_aware", help="partitioners to consider (default uniform,compute_balanced,comm_aware)")
+    p.add_argument("--partition", default=None,
+                   help="partitioners to consider (default uniform,compute_balanced,comm_aware; serving: compute_balanced)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--price", default=None, metavar="GPU=USD,...",
@@ -118,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="docs: docs/planning.md",
                         description="Enumerate GPU types, counts, stage counts, partitioners and schemes; "
                                     "reject what does not fit memory; simulate; rank by cost. Writes "
-                                    "OUT/plan.csv and OUT/pareto.png. Exit 0: target met, 1: not met.")
+                                    "OUT/plan.csv and OUT/pareto.png. Exit 0: target met, 1: not met. "
+                                    "With --qps R / --max-qps and --slo: plan by latency SLO under Poisson "
+                                    "arrivals (docs/serving.md), OUT/plan_serving.csv and pareto_serving.png.")
     _plan_arguments(pl)
     pl.set_defaults(func=_cmd_plan)
     return p

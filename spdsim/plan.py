@@ -26,7 +26,8 @@ How (every reported tokens/s figure is simulated; the bound only decides what ne
      that another simulated one matches or beats on both tokens/s and $/hour (GPUs where unpriced) is
      never the recommendation.
 Exit 0 when a configuration meets the target, 1 when none does (the best achievable is printed), 2 on
-bad input.
+bad input. With `--qps R --slo …` or `--max-qps --slo …` it plans by latency SLO instead, under
+arrivals (spdsim/plan_serving.py).
 """
 from __future__ import annotations
 
@@ -482,7 +483,10 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
     gpus = tuple(dict.fromkeys(resolve_gpu(g) for g in args.gpu.split(",")))
     if args.max_gpus < 1:
         raise UserError("--max-gpus: must be ≥ 1")
-    if not args.target_tokens_per_s > 0:
+    serving = getattr(args, "qps", None) is not None or getattr(args, "max_qps", False)
+    if serving == (args.target_tokens_per_s is not None):
+        raise UserError("--target-tokens-per-s: give one of --target-tokens-per-s T, --qps R or --max-qps")
+    if not serving and not args.target_tokens_per_s > 0:
         raise UserError("--target-tokens-per-s: must be > 0")
     if args.topology is not None and args.topology not in TOPOLOGY_KINDS:
         raise UserError(f"--topology: unknown {args.topology!r} (expected one of {', '.join(TOPOLOGY_KINDS)})")
@@ -507,7 +511,8 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
                 raise UserError(f"--tp: {why}")
         if not tps:
             raise UserError("--tp: must not be empty")
-    parts = tuple(p.strip() for p in args.partition.split(",") if p.strip())
+    partition = args.partition or ("compute_balanced" if serving else "uniform,compute_balanced,comm_aware")
+    parts = tuple(p.strip() for p in partition.split(",") if p.strip())
     for p in parts:
         if p not in PARTITIONERS:
             raise UserError(f"--partition: unknown {p!r} (expected some of {', '.join(PARTITIONERS)})")
@@ -520,7 +525,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
             raise UserError(f"--{k.replace('_', '-')}: must be ≥ 1")
     a, table = parse_acceptance(args.acceptance)
     return PlanRequest(model=MODEL_CATALOG[args.model], gpus=gpus, max_gpus=args.max_gpus,
-                       target=args.target_tokens_per_s, acceptance=a, acceptance_table=table,
+                       target=args.target_tokens_per_s or 0.0, acceptance=a, acceptance_table=table,
                        workload=Workload(args.prompt_tokens, args.new_tokens), schemes=schemes,
                        partitions=parts, topology=args.topology, prices=parse_prices(args.price, gpus),
                        reserve=args.headroom, seed=args.seed, tps=tps)
@@ -528,6 +533,9 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
 
 def plan_command(args: argparse.Namespace) -> int:
     req = request_from_args(args)
+    if getattr(args, "qps", None) is not None or getattr(args, "max_qps", False):
+        from spdsim.plan_serving import plan_serving_command     # planning by SLO (serving)
+        return plan_serving_command(args, req)
     out = Path(args.out) if args.out else Path("reports") / f"plan-{req.model.name}"
     df = evaluate(req, jobs=args.jobs, dask=args.dask, quiet=args.quiet)
     out.mkdir(parents=True, exist_ok=True)
