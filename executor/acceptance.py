@@ -6,6 +6,9 @@ would show it (tests/test_spec_head.py checks the speculative module against its
 drafter), so the figure is what `executor run --draft head:PATH` should measure on the same text.
 Writes `acceptance.csv` (drafter, stages, acceptance, top5, n_tokens), `acceptance_vs_n.png`,
 `head_timing.csv` and a per-n table scenarios can name (`scenarios/acceptance/<model>_head.yaml`).
+For the serving policy `adaptive` (docs/serving.md) also `confidence.csv`: for the trained module, the
+share of drafts and their acceptance per confidence bin (confidence = the draft's softmax probability),
+and the same as a table `serving.adaptive.table` can name (`scenarios/acceptance/<model>_confidence.yaml`).
 """
 from __future__ import annotations
 
@@ -45,11 +48,27 @@ def eval_windows(data: np.ndarray, n_windows: int, seq: int, seed: int = 1234) -
     return np.stack([data[s:s + seq] for s in starts]).astype(np.int64)
 
 
+CONFIDENCE_BINS = 10
+
+
+def confidence_counts(logits: torch.Tensor, truth: torch.Tensor, bins: int = CONFIDENCE_BINS) -> np.ndarray:
+    """[bins, 2]: per equal-width bin of the draft's confidence (its softmax probability), how many
+    drafts fell there and how many of them were the target's greedy token."""
+    conf, top = torch.softmax(logits.float(), -1).max(-1)
+    b = torch.clamp((conf * bins).long(), max=bins - 1).flatten()
+    hit = (top == truth).flatten().long()
+    out = np.zeros((bins, 2), dtype=np.int64)
+    out[:, 0] = torch.bincount(b, minlength=bins).numpy()
+    out[:, 1] = torch.bincount(b, weights=hit.double(), minlength=bins).round().long().numpy()
+    return out
+
+
 @torch.no_grad()
 def evaluate(target: Transformer, drafters: dict[tuple[str, int], torch.nn.Module], windows: np.ndarray,
-             skip: int = 8, batch: int = 8) -> list[Row]:
+             skip: int = 8, batch: int = 8, confidence: dict[int, np.ndarray] | None = None) -> list[Row]:
     """Greedy agreement with the target (and target token in the drafter's top 5) at positions ≥ skip of
-    each window (the same tokens for every n: skip ≥ the largest n, so the k-ahead head has its input)."""
+    each window (the same tokens for every n: skip ≥ the largest n, so the k-ahead head has its input).
+    `confidence` (a dict): filled with the trained module's confidence_counts per stage count."""
     hits = {k: [0, 0, 0] for k in drafters}
     for b in range(0, len(windows), batch):
         x = torch.from_numpy(windows[b:b + batch])
@@ -58,6 +77,8 @@ def evaluate(target: Transformer, drafters: dict[tuple[str, int], torch.nn.Modul
         for key, m in drafters.items():
             logits = m(target_checkpoints(hidden, m.cfg))[:, skip:]
             top5 = logits.topk(5, -1).indices
+            if confidence is not None and key[0] == "spd":
+                confidence[key[1]] = confidence.get(key[1], 0) + confidence_counts(logits, truth)
             hits[key][0] += int((top5[..., 0] == truth).sum())
             hits[key][1] += int((top5 == truth[..., None]).any(-1).sum())
             hits[key][2] += truth.numel()
@@ -141,6 +162,37 @@ def time_head(head: SpecHead, target: Transformer, context: int = 128, calls: in
     return 1000 * float(np.median(head_s)), max(1000 * float(np.median(st)) for _, _, st in stages)
 
 
+def confidence_bins(counts: np.ndarray) -> list[list[float]]:
+    """[[low, high, share, acceptance], ...] per bin (empty bins: acceptance at the bin's middle)."""
+    k, total = len(counts), max(1, int(counts[:, 0].sum()))
+    return [[round(i / k, 4), round((i + 1) / k, 4), round(int(c) / total, 6),
+             round(int(h) / int(c), 4) if c else round((i + 0.5) / k, 4)] for i, (c, h) in enumerate(counts)]
+
+
+def write_confidence(confidence: dict[int, np.ndarray], out: Path, table: Path | None, model_label: str,
+                     command: str) -> None:
+    """confidence.csv, and the table `serving.adaptive.table` reads (kind spdsim-confidence)."""
+    with open(out / "confidence.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["drafter", "stages", "low", "high", "share", "acceptance", "n_drafts"])
+        for n in sorted(confidence):
+            for (low, high, share, acc), (c, _) in zip(confidence_bins(confidence[n]), confidence[n]):
+                w.writerow(["spd", n, low, high, share, acc, int(c)])
+    if table is None:
+        return
+    path = table.with_name(f"{model_label}_confidence.yaml")
+    lines = [f"# Acceptance of the trained SPD module for the {model_label} model by its confidence (the draft's",
+             "# softmax probability): [low, high, share of drafts, acceptance] per bin, by stage count. Name it",
+             "# under serving.adaptive.table (docs/serving.md).",
+             f"# Written by `{command}`.",
+             "kind: spdsim-confidence", f"model: {model_label}", "by_stages:"]
+    for n in sorted(confidence):
+        lines.append(f"  {n}:")
+        lines += [f"    - [{low}, {high}, {share}, {acc}]" for low, high, share, acc in confidence_bins(confidence[n])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
 def write_outputs(rows: list[Row], timing: list[dict], out: Path, table: Path | None, model_label: str,
                   command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +251,8 @@ def acceptance_study(model: str, stages: list[int], out: Path, heads: Path, tabl
         uniform_partition(target.cfg.n_layers, n)          # a ValueError for an impossible n, before training
     drafters = obtain_drafters(target, tpath, stages, out, heads, tc, log, model_arg=model or str(tpath), widths=widths)
     windows = eval_windows(load_corpus().val, n_windows, seq)
-    rows = evaluate(target, drafters, windows, skip=max(8, max(stages)))
+    confidence: dict[int, np.ndarray] = {}
+    rows = evaluate(target, drafters, windows, skip=max(8, max(stages)), confidence=confidence)
     rows.sort(key=lambda r: (DRAFTERS.index(r.drafter), r.stages))
     times = []
     if timing:
@@ -215,6 +268,7 @@ def acceptance_study(model: str, stages: list[int], out: Path, heads: Path, tabl
                + tc.shape_flags(with_width=False))
     table_path = None if table == "none" else Path(table or f"scenarios/acceptance/{label}_head.yaml")
     write_outputs(rows, times, out, table_path, label, command)
+    write_confidence(confidence, out, table_path, label, command)
     log(f"{'drafter':<16}{'n':>3}{'acceptance':>12}{'top5':>8}{'tokens':>8}")
     for r in rows:
         log(f"{r.drafter:<16}{r.stages:>3}{r.acceptance:>12.4f}{r.top5:>8.4f}{r.n_tokens:>8}")
