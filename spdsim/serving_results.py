@@ -79,23 +79,35 @@ def _pivot_table(best: pd.DataFrame, metric: str, title: str, xlabel: str) -> st
     return f"{title}\n" + align(rows)
 
 
-def crossover(best: pd.DataFrame, metric: str = "tpot_p99_ms") -> str:
-    """Which series has the lowest `metric` at each load, as runs: 'spd/fcfs up to 2, pp/interleave from 4'."""
-    winners = []
-    for x in sorted(best["x"].unique()):
-        at = best[best["x"] == x]
-        winners.append((x, at.loc[at[metric].idxmin(), "series"]))
-    runs: list[list] = []
-    for x, w in winners:
-        if runs and runs[-1][0] == w:
-            runs[-1][2] = x
+def best_per_load(df: pd.DataFrame) -> pd.DataFrame:
+    """Per load, the configuration that serves it best: with an SLO, the lowest TPOT p99 among the
+    points meeting it (if any does); without, the lowest end-to-end p99. One row per load, sorted."""
+    s = with_series(df)
+    has_slo = s["meets_slo"].notna().any()
+    rows = []
+    for x in sorted(s["x"].unique()):
+        at = s[s["x"] == x].dropna(subset=["tpot_p99_ms", "e2e_p99_ms"])
+        if at.empty:
+            continue
+        if has_slo:
+            ok = at[at["meets_slo"] == True]                    # noqa: E712 (bools and None)
+            pool, key = (ok, "tpot_p99_ms") if len(ok) else (at, "e2e_p99_ms")
         else:
-            runs.append([w, x, x])
-    parts = []
-    for i, (w, a, b) in enumerate(runs):
-        span = f"{a:g}" if a == b else f"{a:g}–{b:g}"
-        parts.append(f"{w} at {span}")
-    return "lowest " + metric.replace("_ms", "").replace("_", " ").upper().replace("P99", "p99") + ": " + "; ".join(parts)
+            pool, key = at, "e2e_p99_ms"
+        rows.append(pool.loc[pool[key].idxmin()])
+    return pd.DataFrame(rows)
+
+
+def crossover(best: pd.DataFrame) -> str:
+    """Which scheme/policy serves each load best (best_per_load), as runs over the loads:
+    'spd/fcfs at 0.5–1; pp/interleave at 2–8' — where speculation stops paying."""
+    runs: list[list] = []
+    for _, r in best.iterrows():
+        if runs and runs[-1][0] == r["series"]:
+            runs[-1][2] = r["x"]
+        else:
+            runs.append([r["series"], r["x"], r["x"]])
+    return "; ".join(f"{w} at {a:g}" if a == b else f"{w} at {a:g}–{b:g}" for w, a, b in runs)
 
 
 def format_serving_summary(df: pd.DataFrame) -> str:
@@ -106,24 +118,21 @@ def format_serving_summary(df: pd.DataFrame) -> str:
     tpot = best_per_series(df, "tpot_p99_ms")
     if not tpot.empty:
         lines += [_pivot_table(tpot, "tpot_p99_ms", "TPOT p99 (ms) against load, best stages × partition per "
-                               "scheme/policy:", xlabel), crossover(tpot)]
+                               "scheme/policy:", xlabel)]
     ttft = best_per_series(df, "ttft_p99_ms")
     if not ttft.empty:
         lines += ["", _pivot_table(ttft, "ttft_p99_ms", "TTFT p99 (ms) against load:", xlabel)]
-    s = with_series(df)
-    has_slo = s["meets_slo"].notna().any()
-    rows = [[xlabel, "lowest TPOT p99" + (" meeting the SLO" if has_slo else ""), "tok/s", "TTFT p99", "TPOT p50",
-             "TPOT p99"] + (["goodput/s", "SLO met"] if has_slo else [])]
-    for x in sorted(s["x"].unique()):
-        at = s[s["x"] == x].dropna(subset=["tpot_p99_ms"])
-        if has_slo and (at["meets_slo"] == True).any():      # noqa: E712 (a column of bools and None)
-            at = at[at["meets_slo"] == True]                   # noqa: E712
-        if at.empty:
-            continue
-        r = at.loc[at["tpot_p99_ms"].idxmin()]
-        rows.append([f"{x:g}", _config(r), cell(r["tokens_per_s"], ".1f"), cell(r["ttft_p99_ms"], ".0f"),
-                     cell(r["tpot_p50_ms"], ".1f"), cell(r["tpot_p99_ms"], ".1f")]
+    best = best_per_load(df)
+    if best.empty:
+        return "\n".join(lines)
+    has_slo = best["meets_slo"].notna().any()
+    rule = "lowest TPOT p99 meeting the SLO" if has_slo else "lowest end-to-end p99"
+    rows = [[xlabel, f"best ({rule})", "tok/s", "TTFT p99", "TPOT p50", "TPOT p99", "e2e p99"]
+            + (["goodput/s", "SLO met"] if has_slo else [])]
+    for _, r in best.iterrows():
+        rows.append([f"{r['x']:g}", _config(r), cell(r["tokens_per_s"], ".1f"), cell(r["ttft_p99_ms"], ".0f"),
+                     cell(r["tpot_p50_ms"], ".1f"), cell(r["tpot_p99_ms"], ".1f"), cell(r["e2e_p99_ms"], ".0f")]
                     + ([cell(r["goodput_requests_per_s"], ".2f"), "yes" if r["meets_slo"] == True else "no"]  # noqa: E712
                        if has_slo else []))
-    lines += ["", "per load, the best configuration:", align(rows, left=(1,))]
+    lines += ["", "per load, the best configuration:", align(rows, left=(1,)), f"crossover: {crossover(best)}"]
     return "\n".join(lines)

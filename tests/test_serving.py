@@ -3,6 +3,7 @@ engine request by request; interleave fills n equal stages with n requests (clos
 on a long run; more load never lowers TTFT p99; requests.csv and the serving columns."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -190,3 +191,25 @@ def test_run_writes_requests_csv_and_serving_columns(tmp_path):
         assert row["goodput_requests_per_s"] == pytest.approx(good / span)
         assert row["tokens_per_s"] == pytest.approx(mine["new_tokens"].sum() / span)
         assert math.isclose(row["meets_slo"], row["ttft_p99_ms"] <= 200 and row["tpot_p99_ms"] <= 30)
+
+
+def test_run_prints_the_crossover_and_draws_the_serving_report(tmp_path, capsys):
+    d = yaml.safe_load(yaml.safe_dump(IDEAL))
+    d.update(name="srv", workload={"prompt_tokens": 8, "new_tokens": 12, "requests": 16,
+                                   "arrivals": {"kind": "poisson", "rate_per_s": [5, 40]}},
+             serving={"policy": ["fcfs", "interleave"], "slo": {"ttft_p99_ms": 300, "tpot_p99_ms": 30}})
+    p = tmp_path / "srv.yaml"
+    p.write_text(yaml.safe_dump(d))
+    out = tmp_path / "out"
+    assert run_command(args(p, out, quiet=False, no_plots=False, trace="scheme=spd,policy=interleave,load=40")) == 0
+    printed = capsys.readouterr().out
+    assert "TPOT p99 (ms) against load" in printed and "crossover: " in printed
+    for name in ("serving_vs_load.png", "serving_latency_cdf.png", "index.html"):
+        assert (out / name).stat().st_size > 1000, name
+    assert "Serving" in (out / "index.html").read_text()
+    pid = "spd-n4-uniform-a0.8-interleave-load40"
+    assert (out / f"gantt_{pid}.png").is_file()
+    chrome = json.loads((out / f"timeline_{pid}.json").read_text())
+    names = {e["name"] for e in chrome["traceEvents"] if e.get("cat") == "compute"}
+    assert names and all(n.startswith("compute r") for n in names)      # one name per request: colour by request
+    assert len({n.split()[1] for n in names}) > 1
