@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile the run, print the top functions")
     a = ap.parse_args()
     s = scenario(a.requests, a.rate, a.policy, a.max_batch, a.stages, not a.no_features)
-    point = Point("spd", a.stages, "compute_balanced", acc.iid(0.8), a.policy, a.rate)
+    point = Point("spd", a.stages, "compute_balanced", acc.iid(0.8), policy=a.policy, load=a.rate)
     env = CountingEnv()
     t0 = time.perf_counter()
     if a.profile:

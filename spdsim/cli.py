@@ -30,6 +30,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    if args.qps is not None or args.max_qps:       # planning by latency SLO (serving)
+        from spdsim.plan_serving import plan_serving_command
+        return plan_serving_command(args)
     from spdsim.plan import plan_command
     return plan_command(args)
 

@@ -533,9 +533,6 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
 
 def plan_command(args: argparse.Namespace) -> int:
     req = request_from_args(args)
-    if getattr(args, "qps", None) is not None or getattr(args, "max_qps", False):
-        from spdsim.plan_serving import plan_serving_command     # planning by SLO (serving)
-        return plan_serving_command(args, req)
     out = Path(args.out) if args.out else Path("reports") / f"plan-{req.model.name}"
     df = evaluate(req, jobs=args.jobs, dask=args.dask, quiet=args.quiet)
     out.mkdir(parents=True, exist_ok=True)

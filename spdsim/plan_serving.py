@@ -3,8 +3,8 @@
     spdsim plan --model llama-3-8b --gpu h100,a100 --max-gpus 8 --qps 2 --slo tpot_p99=40ms,ttft_p99=1s
     spdsim plan --model llama-3-8b --gpu h100 --max-gpus 8 --max-qps --slo tpot_p99=40ms
 
-A configuration is GPU × count × stages × scheme × partition (the `spdsim plan` ones, module
-co-located: what serving models) × serving policy; every figure is a simulated serving run of
+A configuration is GPU × count × tp × stages × scheme × partition (the `spdsim plan` ones: schemes ar,
+pp and spd, module co-located — what serving models) × serving policy; every figure is a simulated serving run of
 `--requests` Poisson requests (spdsim.serving), prompt + new tokens as given.
 
   --qps R     the cheapest configuration whose TTFT p99 and TPOT p99 meet the SLO at R requests/s.
@@ -42,7 +42,7 @@ from spdsim.engine import simulate_point
 from spdsim.errors import UserError
 from spdsim.parallel import make_executor, progress_bar, run_tasks
 from spdsim.plan import Config, PlanRequest, assess, configurations, scenario_for
-from spdsim.scenario import Point, Scenario
+from spdsim.scenario import SERVING_SCHEMES, Point, Scenario
 from spdsim.serving_config import POLICIES, ServingSpec, Slo
 from spdsim.workload import Arrivals, Workload
 
@@ -87,14 +87,14 @@ def serving_scenario(sp: ServingPlan, c: Config, policy: str, rate: float) -> tu
     w = sp.base.workload
     s = replace(s, workload=Workload(w.prompt_tokens, w.new_tokens, sp.requests, Arrivals("poisson", (rate,))),
                 serving=ServingSpec(policies=(policy,), max_batch=sp.max_batch, slo=sp.slo))
-    return s, Point(p.scheme, p.stages, p.partition, p.acceptance, policy, rate)
+    return s, replace(p, policy=policy, load=rate)
 
 
 def capacity_bound(sp: ServingPlan, c: Config, plan) -> float:
     """Requests/s no policy can sustain more than (step 1 of the module docstring)."""
     from spdsim.cost_choice import cost_model
     s, _ = scenario_for(sp.base, c)
-    costs = cost_model(s)
+    costs = cost_model(s).for_point(c.scheme, plan.stages, plan.tp, plan.groups or None)
     w, n, B = sp.base.workload, plan.stages, sp.max_batch
     ctx = w.prompt_tokens + w.new_tokens // 2
     worst = 0.0
@@ -155,7 +155,8 @@ def _task(sp: ServingPlan, c: Config, policy: str) -> dict:
 def serving_configurations(sp: ServingPlan) -> list[tuple[Config, str]]:
     out = []
     for c in configurations(sp.base):
-        if c.head == "dedicated":             # serving models the co-located module only
+        # serving models AR, PP and SPD (on TP groups too) with the co-located module
+        if c.head == "dedicated" or c.scheme not in SERVING_SCHEMES:
             continue
         drafts = c.scheme == "spd" and c.stages > 1
         for policy in sp.policies:
@@ -213,7 +214,7 @@ def evaluate_serving(sp: ServingPlan, jobs: int = 1, dask: str | None = None, qu
             qps = math.nan
         plan = row["plan"] if row else None
         out.append({
-            "gpu": c.gpu, "gpus": c.gpus, "scheme": c.scheme, "stages": c.stages, "partition": c.partition,
+            "gpu": c.gpu, "gpus": c.gpus, "tp": c.tp, "scheme": c.scheme, "stages": c.stages, "partition": c.partition,
             "policy": policy, "acceptance": (sp.base.alpha_for(c.stages).value
                                              if c.scheme == "spd" and c.stages > 1 and sp.base.alpha_for(c.stages) else None),
             "status": status, "qps": qps,
@@ -243,7 +244,9 @@ def rank_serving(df: pd.DataFrame, max_qps: bool) -> pd.DataFrame:
 
 
 def describe_serving(r: pd.Series, max_qps: bool) -> str:
-    what = {"ar": "AR on 1 GPU"}.get(r["scheme"], f"{r['scheme'].upper()} over {r['stages']} stages")
+    tp = int(r.get("tp", 1) or 1)
+    what = ({"ar": "AR on 1 GPU" if tp == 1 else f"TP over {tp} GPUs"}.get(r["scheme"])
+            or f"{r['scheme'].upper()} over {r['stages']} stages" + (f" of TP {tp}" if tp > 1 else ""))
     cost = f", ${r['usd_per_hour']:.2f}/h" if not math.isnan(r["usd_per_hour"]) else ""
     part = f" {r['partition']}" if r["stages"] > 1 else ""
     rate = (f"{r['qps']:.2f} req/s" + (f" ({r['qps_per_usd_hour']:.2f} per $/h)" if not math.isnan(r['qps_per_usd_hour']) else "")
@@ -299,7 +302,9 @@ def request_from_args(args: argparse.Namespace, base: PlanRequest) -> ServingPla
                        max_batch=args.max_batch, search_steps=args.search_steps)
 
 
-def plan_serving_command(args: argparse.Namespace, base: PlanRequest) -> int:
+def plan_serving_command(args: argparse.Namespace) -> int:
+    from spdsim.plan import request_from_args as plan_request
+    base = plan_request(args)
     sp = request_from_args(args, base)
     out = Path(args.out) if args.out else Path("reports") / f"plan-{base.model.name}"
     df = evaluate_serving(sp, jobs=args.jobs, dask=args.dask, quiet=args.quiet)

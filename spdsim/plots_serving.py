@@ -22,6 +22,7 @@ from spdsim.serving_results import best_per_series, with_series
 DPI = 100
 POLICY_STYLE = {"fcfs": "-", "interleave": "--", "spd_first": "-.", "adaptive": ":"}
 SCHEME_COLOR = {"ar": "dimgray", "pp": "black", "spd": "tab:blue"}
+TP_COLOR = "tab:red"          # plain tensor parallelism (scheme ar on a TP group)
 
 
 def is_serving(df: pd.DataFrame) -> bool:
@@ -38,7 +39,7 @@ def _styles(series: list[str]) -> dict[str, dict]:
         policy = rest.split(" ")[0]
         key = scheme + rest[len(policy):]          # scheme (+ α): one colour, one line style per policy
         if key not in colors:
-            colors[key] = SCHEME_COLOR.get(key, None) or next(spare)
+            colors[key] = SCHEME_COLOR.get(key, None) or (TP_COLOR if scheme.startswith("tp") else next(spare))
         out[s] = dict(color=colors[key], ls=POLICY_STYLE.get(policy, "-"))
     return out
 

@@ -2,18 +2,21 @@
 
 The protocol is `spdsim.serving_protocol.ServingController` — the object the executor's first rank
 drives too; this module only gives it a clock and costs, on the engine's kernel (`spdsim.kernel.Sim`:
-its links, its send path, its mailboxes):
+its topology paths, its costs, its RunConfig):
 
-  arrivals      open loop (poisson, trace): one timeout per arrival; closed loop: a user sends again a
-                think time after its request finishes. An arrival is a message to the first device.
-  first device  one thread, like the executor's first rank: handle what arrived (arrivals → admission,
-                RESULTs → verdicts, finished requests → admission again, features); then run a ready
-                draft (the co-located module drafts for the entries it was asked to, batched, once
-                their features are there), else the tick the controller chooses (a prefill chunk, or
-                up to max_batch decode positions), else wait.
-  stages 2..n   a FIFO per stage, each tick computed in one forward (`costs.prefill_s` for a chunk,
-                `costs.stage_s` for one position, `costs.batch_stage_s` for several), then sent on;
-                callbacks rather than generator processes (one timeout per tick).
+  first device  one SimPy process, like the executor's first rank and `spdsim.schemes.spd`'s: it drafts
+                what is ready (the co-located module, batched), else issues the tick the controller
+                chooses (a prefill chunk, or up to max_batch decode positions), else reads ONE message —
+                a RESULT, a stage's features, an arrival — in arrival order, or waits for the next.
+                It reads messages only when it cannot issue, exactly as the single-request first device
+                does (and the executor's first rank reads its sockets), and a request whose draft waits
+                for features issues nothing until the draft is made (`ServingController.hold`).
+  stages 2..n   booked when a tick leaves stage 1 (`ServingSim.traverse`: the tandem-queue recursion);
+                what they send back — RESULTs and features — goes into the first device's inbox, a
+                heap of (arrival time, message), with no SimPy event: only the first device reads it,
+                and nothing else can put a message there while it waits.
+  arrivals      open loop (poisson, trace): in the inbox from the start, at their arrival times;
+                closed loop: a user's next request goes in a think time after its previous one finished.
 With one request at a time (policy fcfs) every request is decoded exactly as the single-request
 schemes decode it (tests/test_serving.py checks the decode windows against `engine.simulate_point`).
 
@@ -22,9 +25,13 @@ busy time per stage (its forwards, and the module's drafts on stage 1's device),
 that never committed (waste), verdicts, and one `RequestRecord` per request.
 Memory: a request is admitted when its KV cache for prompt + new tokens fits on every stage's device
 next to the stage's weights, the module, the prefill activations and the requests already admitted.
+TP (a stage on a TP group, `spdsim.protocol`): the costs are the bound model's; stage 1's issue goes to
+its TP peers before the forward, activations cross as tp parallel messages (a tick arrives with the
+last), RESULTs and features leave from TP rank 0.
 """
 from __future__ import annotations
 
+import heapq
 import zlib
 from bisect import bisect_right
 from collections import deque
@@ -35,18 +42,19 @@ import numpy as np
 import simpy
 
 from spdsim.acceptance import sampler
-from spdsim.costs import CostModel, stage_memory, usable_bytes
+from spdsim.costs import stage_memory, usable_bytes
 from spdsim.errors import UserError
-from spdsim.kernel import ACT, FEATURE, NS, RESULT, RunConfig, Sim
+from spdsim.kernel import FEATURE, NS, RESULT, RunConfig, Sim
 from spdsim.metrics import RunMetrics
 from spdsim.partition import RESULT_BYTES, Plan
 from spdsim.serving_config import ConfidenceBin
-from spdsim.serving_metrics import RequestRecord
+from spdsim.serving_metrics import RequestRecord, in_system_area
 from spdsim.serving_protocol import Entry, ServingController, Tick
 from spdsim.trace import TraceEvent
 from spdsim.workload import Request, draw_requests, think_times
 
-ARRIVE, WAKE = "arrive", "wake"
+ARRIVE = "arrive"
+READY_NS = 0.5          # a message due within this of now is readable now (the kernel's delivery rule)
 
 
 @dataclass
@@ -139,38 +147,39 @@ class ServingSim(Sim):
         self._booked_paths: dict[tuple[str, str, int], list] = {}
         hd = self.head_device
         self.feature_to = [hd if (cfg.features and hd is not None and hd != d) else None for d in plan.placement]
-        # one position's ACT into each stage, its features from each stage, its RESULT back
         pl, ab = plan.placement, cfg.activation_bytes
-        self._act_paths = [None] + [self._hops(pl[s - 1], pl[s], ab) for s in range(1, self.n)]
+        # a tick's ACT into each stage (tp parallel messages under TP), features from each stage, its RESULT back
+        self._act_pairs = [None] + [list(zip(plan.group(s - 1), plan.group(s))) for s in range(1, self.n)]
+        self._act_paths = [None] + [[self._hops(u, v, ab) for u, v in self._act_pairs[s]] for s in range(1, self.n)]
         self._feature_paths = [None if f is None else self._hops(pl[s], f, cfg.feature_bytes)
                                for s, f in enumerate(self.feature_to)]
         self._result_path = self._hops(pl[-1], pl[0], RESULT_BYTES)
+        self._issue_paths = [self._hops(pl[0], d, RESULT_BYTES) for d in plan.group(0)[1:]]
         self.ctl = ServingController(run.policy, cfg.window, cfg.drafts, run.max_batch, run.max_running,
                                      run.prefill_chunk, run.threshold, run.capacity)
         self.records = {r.request: RequestRecord(r.request, r.arrival_s, np.nan, np.nan, np.nan,
                                                  r.prompt_tokens, r.new_tokens) for r in run.requests}
         self.by_id = {r.request: r for r in run.requests}
         self.remaining = len(run.requests)
+        self.inbox: list[tuple[float, int, tuple]] = []    # (arrival ns, order, message): the first device's
+        self._order = 0
         self._cost: list[dict[int, float]] = [{} for _ in range(self.n)]
         self.busy = [0.0] * self.n
         self.decode_ns = 0.0             # compute of decode positions, useful or wasted
         self.useful_ns = 0.0
         self._pending: dict[int, dict[tuple[int, int], float]] = {}   # request → (position, epoch) → compute
         self.accepted = self.rejected = 0
-        self.slog: list[tuple] = []      # keep_events: (kind, t0, t1, stage, device, position, epoch, request, accepted, phase, name)
+        self.slog: list[tuple] = []      # keep_events: (kind, t0, t1, stage, device, position, epoch, request, accepted, phase, name, bytes)
         self.committed_keys: set[tuple[int, int, int]] = set()
         self._accept: dict[int, Callable] = {}
         self._confidence: dict[int, Callable] = {}
-        self._feats: dict[int, dict[tuple[int, int], int]] = {}
+        self._feats: dict[int, dict[tuple[int, int], int]] = {}       # read features: (stage, pos) → epoch
         self._issue_epoch: dict[int, dict[int, int]] = {}
-        # drafts to make, as (request, q, epoch): draft q + 1. Ready ones (their features are there) wait
-        # in order; the others wait on the one feature (request, stage, position) they lack.
+        # drafts to make, as (request, q, epoch): draft q + 1. Ready ones (their features have been read)
+        # wait in order; the others wait on the one feature (request, stage, position) they lack.
         self._drafts: deque[tuple[int, int, int]] = deque()
         self._blocked: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {}
         self._sent = 0                   # closed loop: requests sent so far
-        self._in_system = 0
-        self._area = 0.0                 # ∫ requests in system dt (ns), for Little's law
-        self._t_area = 0.0
         self.peak_running = 0
 
     # --- costs ------------------------------------------------------------------------------------
@@ -191,17 +200,37 @@ class ServingSim(Sim):
             return t * self._jitter.factor(s) if self._jitter is not None else t
         return costs.batch_stage_s(s, a, b, [e.position + 1 for e in es], first, last) * NS
 
-    # --- stages 2..n and the links: a tick's whole way booked when it leaves stage 1 ---------------------
-    def book(self, src: str, dst: str, nbytes: int, msg: tuple, stage: int, at: float) -> float:
-        """Book every hop of src → dst for a message sent at `at`; returns its arrival time. Each hop's
-        link is held for bytes / bandwidth from when the message reaches it, in the first gap there
-        (LinkBook); then the hop's latency."""
+    def act_bytes(self, tick: Tick) -> int:
+        k = tick.chunk.tokens if tick.chunk is not None else len(tick.entries)
+        return self.cfg.activation_bytes * k
+
+    # --- the inbox ---------------------------------------------------------------------------------
+    def post(self, at: float, msg: tuple) -> None:
+        """A message for the first device, readable from `at` on (in arrival order, ties as posted)."""
+        now = self.env.now
+        heapq.heappush(self.inbox, (at if at - now > READY_NS else now, self._order, msg))
+        self._order += 1
+
+    # --- links: whole paths booked at once ----------------------------------------------------------
+    def _hops(self, src: str, dst: str, nbytes: int) -> list:
+        """src → dst's hops as (LinkBook, name, serialization ns, latency ns), cached."""
+        key = (src, dst, nbytes)
+        path = self._booked_paths.get(key)
+        if path is None:
+            path = self._booked_paths[key] = [(self.links.setdefault(link, LinkBook()), name, ser, lat)
+                                              for link, name, ser, lat in self._path(src, dst, nbytes)]
+        return path
+
+    def _book(self, path: list, src: str, nbytes: int, tag, position: int, stage: int, at: float) -> float:
+        """Book a message sent at `at` on every hop of `path`; returns its arrival. Each hop's link is
+        held for bytes / bandwidth from when the message reaches it, in the first gap there (LinkBook),
+        then the hop's latency."""
         t = at + self._msg
         now = self.env.now
-        for book, name, ser, lat in self._hops(src, dst, nbytes):
+        for book, name, ser, lat in path:
             start = book.reserve(t, ser, now)
             if self.log_sends:
-                self.log.append(("send", start, start + ser, stage, src, msg[2], msg[1], nbytes, name, None))
+                self.log.append(("send", start, start + ser, stage, src, position, tag, nbytes, name, None))
             t = start + ser + lat
         return t
 
@@ -212,56 +241,56 @@ class ServingSim(Sim):
         computes everything it receives (stale work included, as the kernel's stages do), so its
         forwards follow the tandem-queue recursion: start = max(arrival, end of its previous forward)
         (+ tick overhead), end = start + cost. Booking the tick through every stage when it enters is
-        therefore the schedule event-by-event simulation gives, with one SimPy event per tick (the
-        RESULT's arrival) instead of several per stage. Features (to the module's device) get their
-        arrival times here too, with no event. Links shared by several stages (a switch's port
-        towards the module's device) are booked out of time order this way: LinkBook fills the first
-        gap, so two messages that reach such a link within a serialization time of each other (a few
-        ns for 8 KiB at NVLink speed) may be served in the other order than the kernel would."""
+        therefore the schedule event-by-event simulation gives. What comes back (features from each
+        stage, the RESULT from the last) goes into the inbox at its arrival time. Links shared by
+        several stages (a switch's port towards stage 1's device) are booked out of time order this
+        way: LinkBook fills the first gap, so two messages that reach such a link within a
+        serialization time of each other (a few ns for 8 KiB at NVLink speed) may be served in the
+        other order than the kernel would."""
         tick = msg[3]
-        if len(tick.entries) == 1 and not self.keep and self._jitter is None:
+        if len(tick.entries) == 1 and not self.keep and self._jitter is None and self.tp == 1:
             return self._traverse_one(msg, tick.entries[0])
         placement, n = self.plan.placement, self.n
         nbytes = self.act_bytes(tick)
-        t, src = self.env.now, placement[0]
+        tag, pos = msg[1], msg[2]
+        t = self.env.now
+        k = len(tick.entries)
         for s in range(1, n):
             dev = placement[s]
-            arrival = self.book(src, dev, nbytes, msg, s - 1, t)
+            paths = (self._act_paths[s] if nbytes == self.cfg.activation_bytes
+                     else [self._hops(u, v, nbytes) for u, v in self._act_pairs[s]])
+            arrival = max(self._book(p, u, nbytes, tag, pos, s - 1, t) for p, (u, _v) in zip(paths, self._act_pairs[s]))
             free = self.free[s]
             start = (arrival if arrival > free else free) + self._tick
             end = start + self.tick_ns(s, tick)
             self.free[s] = end
             self.account(s, dev, start, end, tick)
             fdev = self.feature_to[s]
-            if fdev is not None and tick.entries:
-                self._features(s, tick, self.book(dev, fdev, self.cfg.feature_bytes * len(tick.entries),
-                                                  (FEATURE, msg[1], msg[2]), s, end))
-            t, src = end, dev
-        if tick.entries:
-            arrival = self.book(src, placement[0], RESULT_BYTES * len(tick.entries), (RESULT, msg[1], msg[2]), n - 1, t)
-            out = (RESULT, msg[1], msg[2], tick)
-            delay = arrival - self.env.now
-            if delay > 0.5:
-                self.env.timeout(delay).callbacks.append(lambda _e: self.first_box.put(out))
-            else:
-                self.first_box.put(out)
+            if fdev is not None and k:
+                fb = self.cfg.feature_bytes * k
+                at = self._book(self._hops(dev, fdev, fb), dev, fb, tag, pos, s, end)
+                self.post(at, (FEATURE, s, tick))
+            t = end
+        if k:
+            rb = RESULT_BYTES * k
+            at = self._book(self._hops(placement[-1], placement[0], rb), placement[-1], rb, tag, pos, n - 1, t)
+            self.post(at, (RESULT, tag, pos, tick))
 
     def _traverse_one(self, msg: tuple, e: Entry) -> None:
-        """`traverse` for one decode position with no event log: the same bookings, inlined (this loop
-        runs once per stage per tick: it is what a 10,000-request run spends its time on)."""
+        """`traverse` for one decode position, no TP, no event log: the same bookings, inlined (this
+        loop runs once per stage per tick: it is what a 10,000-request run spends its time on)."""
         now = self.env.now
         n, tick_over, msg_over = self.n, self._tick, self._msg
         free, busy, costs = self.free, self.busy, self._cost
         pending = self._pending.get(e.request)
-        feats = self._feats.get(e.request)
-        blocked = self._blocked
-        q, epoch, rid = e.position, e.epoch, e.request
-        key = (q, epoch)
+        q = e.position
+        tick = msg[3]
         t = now
         total = 0.0
+        inbox, push = self.inbox, heapq.heappush
         for s in range(1, n):
             tt = t + msg_over
-            for book, _name, ser, lat in self._act_paths[s]:
+            for book, _name, ser, lat in self._act_paths[s][0]:
                 ends = book.ends
                 if not ends or tt >= ends[-1]:
                     book.starts.append(tt)
@@ -275,13 +304,13 @@ class ServingSim(Sim):
             start = (tt if tt > f else f) + tick_over
             dur = costs[s].get(q)
             if dur is None:
-                dur = self.tick_ns(s, msg[3])
+                dur = self.tick_ns(s, tick)
             end = start + dur
             free[s] = end
             busy[s] += dur
             total += dur
             fpath = self._feature_paths[s]
-            if fpath is not None and feats is not None:
+            if fpath is not None:
                 tt = end + msg_over
                 for book, _name, ser, lat in fpath:
                     ends = book.ends
@@ -293,70 +322,43 @@ class ServingSim(Sim):
                     else:
                         tt = book.reserve(tt, ser, now)
                     tt += ser + lat
-                feats[(s, q)] = (epoch, tt)
-                if blocked:
-                    waiting = blocked.pop((rid, s, q), None)
-                    if waiting:
-                        self.env.timeout(max(0.0, tt - now)).callbacks.append(lambda _e, w=waiting: self._wake(w))
+                push(inbox, (tt if tt - now > READY_NS else now, self._order, (FEATURE, s, tick)))
+                self._order += 1
             t = end
         self.decode_ns += total
         if pending is not None:
+            key = (q, e.epoch)
             pending[key] = pending.get(key, 0.0) + total
         tt = t + msg_over
         for book, _name, ser, lat in self._result_path:
-            tt = book.reserve(tt, ser, now)
-            tt += ser + lat
-        out = (RESULT, msg[1], msg[2], msg[3])
-        delay = tt - now
-        if delay > 0.5:
-            self.env.timeout(delay).callbacks.append(lambda _e: self.first_box.put(out))
-        else:
-            self.first_box.put(out)
+            tt = book.reserve(tt, ser, now) + ser + lat
+        push(inbox, (tt if tt - now > READY_NS else now, self._order, (RESULT, msg[1], msg[2], tick)))
+        self._order += 1
 
-    def _hops(self, src: str, dst: str, nbytes: int) -> list:
-        """src → dst's hops as (LinkBook, name, serialization ns, latency ns), cached."""
-        key = (src, dst, nbytes)
-        path = self._booked_paths.get(key)
-        if path is None:
-            path = self._booked_paths[key] = [(self.links.setdefault(link, LinkBook()), name, ser, lat)
-                                              for link, name, ser, lat in self._path(src, dst, nbytes)]
-        return path
-
-    def _features(self, stage: int, tick: Tick, arrival: float) -> None:
-        """Stage `stage`'s checkpoint features of a tick reach the module's device at `arrival`: the
-        first device knows it from now on (feats: (stage, position) → (epoch, arrival)); a draft
-        that waits for one of them is woken at its arrival."""
+    def issue_wait_ns(self, position: int, epoch: int) -> float:
+        """TP: stage 1's rank 0 sends the issue to its TP peers before the forward; the group's forward
+        ends only once the last of them has it (the kernel's Sim.issue_wait_ns)."""
+        if not self._issue_paths:
+            return 0.0
         now = self.env.now
-        for e in tick.entries:
-            f = self._feats.get(e.request)
-            if f is None:
-                continue
-            f[(stage, e.position)] = (e.epoch, arrival)
-            waiting = self._blocked.pop((e.request, stage, e.position), None)
-            if waiting:
-                if arrival > now:
-                    self.env.timeout(arrival - now).callbacks.append(lambda _e, w=waiting: self._wake(w))
-                else:
-                    self._wake(waiting)
-
-    def _wake(self, jobs: list) -> None:
-        for job in jobs:
-            self._queue_draft(job)
-        self.first_box.put((WAKE,))
-
-    def act_bytes(self, tick: Tick) -> int:
-        k = tick.chunk.tokens if tick.chunk is not None else len(tick.entries)
-        return self.cfg.activation_bytes * k
+        return max(0.0, max(self._book(p, self.first_dev, RESULT_BYTES, (-1, epoch), position, 0, now)
+                            for p in self._issue_paths) - now)
 
     # --- accounting -------------------------------------------------------------------------------
     def account(self, s: int, dev: str, t0: float, t1: float, tick: Tick) -> None:
         dur = t1 - t0
         self.busy[s] += dur
+        keep = self.keep
+        if keep and self.tp > 1:
+            a, b = self.plan.layers[s]
+            ar = self.cfg.costs.stage_allreduce_s(s, a, b, s == self.n - 1) * NS
+            self.slog.append(("allreduce", max(t0, t1 - ar), t1, s, dev, _tag(tick)[1], -1, _tag(tick)[0][0],
+                              None, "prefill" if tick.chunk is not None else "decode", "allreduce", 0))
         if tick.chunk is not None:
-            if self.keep:
+            if keep:
                 c = tick.chunk
                 self.slog.append(("compute", t0, t1, s, dev, c.start, -1, c.request, None, "prefill",
-                                  f"prefill {c.tokens}"))
+                                  f"prefill {c.tokens}", 0))
             return
         es = tick.entries
         share = dur / len(es)
@@ -367,22 +369,15 @@ class ServingSim(Sim):
             if p is not None:             # None: the request has finished, this is stale work
                 key = (e.position, e.epoch)
                 p[key] = p.get(key, 0.0) + share
-            if self.keep:
+            if keep:
                 self.slog.append(("compute", t0, t1, s, dev, e.position, e.epoch, e.request, None, "decode",
-                                  f"batch {len(es)}" if len(es) > 1 else ""))
-
-    def _mark_in_system(self, delta: int) -> None:
-        now = self.env.now
-        self._area += self._in_system * (now - self._t_area)
-        self._t_area = now
-        self._in_system += delta
+                                  f"batch {len(es)}" if len(es) > 1 else "", 0))
 
     # --- requests in ------------------------------------------------------------------------------
     def _arrive(self, rid: int) -> None:
+        """An arrival read: the request joins the controller's queue (its arrival time was set when it
+        arrived; `arrival_s` is when it reached the system, not when the first device read it)."""
         req = self.by_id[rid]
-        rec = self.records[rid]
-        rec.arrival_s = self.env.now / NS
-        self._mark_in_system(+1)
         need = tuple(x * (req.prompt_tokens + req.new_tokens) for x in self.run.kv_per_token)
         self.ctl.arrive(rid, req.prompt_tokens, req.new_tokens, need)
         self._admit()
@@ -398,26 +393,16 @@ class ServingSim(Sim):
         if len(self.ctl.running) > self.peak_running:
             self.peak_running = len(self.ctl.running)
 
-    def _schedule_arrival(self, rid: int, at_ns: float) -> None:
-        delay = max(0.0, at_ns - self.env.now)
-        ev = self.env.timeout(delay)
-        ev.callbacks.append(lambda _e: self.first_box.put((ARRIVE, rid)))
-
-    def arrivals(self):
-        """Open loop: the requests at their arrival times, one timeout each."""
-        for r in self.run.requests:
-            delay = r.arrival_s * NS - self.env.now
-            if delay > 0:
-                yield self.env.timeout(delay)
-            self.first_box.put((ARRIVE, r.request))
-
     def _send_next(self, at_ns: float) -> None:
-        """Closed loop: the next request, a think time after at_ns."""
+        """Closed loop: the next request arrives a think time after at_ns."""
         if self._sent >= len(self.run.requests):
             return
         k = self._sent
         self._sent += 1
-        self._schedule_arrival(self.run.requests[k].request, at_ns + float(self.run.think[k]) * NS)
+        rid = self.run.requests[k].request
+        t = at_ns + float(self.run.think[k]) * NS
+        self.records[rid].arrival_s = t / NS
+        self.post(t, (ARRIVE, rid))
 
     # --- verdicts ---------------------------------------------------------------------------------
     def _results(self, tick: Tick) -> None:
@@ -439,13 +424,12 @@ class ServingSim(Sim):
             if self.keep:
                 self.committed_keys.add((r, e.position, e.epoch))
                 for kind, pos, a in verdict.marks():
-                    self.slog.append((kind, now, now, -1, self.first_dev, pos, e.epoch, r, a, "decode", ""))
+                    self.slog.append((kind, now, now, -1, self.first_dev, pos, e.epoch, r, a, "decode", "", 0))
             rec = self.records[r]
             if v.first_token:
                 rec.first_token_s = now / NS
             if v.finished:
                 rec.finish_s = now / NS
-                self._mark_in_system(-1)
                 for d in (self._pending, self._feats, self._issue_epoch, self._accept, self._confidence):
                     d.pop(r, None)
                 self.remaining -= 1
@@ -457,6 +441,17 @@ class ServingSim(Sim):
         kind = msg[0]
         if kind == RESULT:
             self._results(msg[3])
+        elif kind == FEATURE:
+            s = msg[1]
+            for e in msg[2].entries:
+                f = self._feats.get(e.request)
+                if f is None:
+                    continue
+                f[(s, e.position)] = e.epoch
+                waiting = self._blocked.pop((e.request, s, e.position), None)
+                if waiting:
+                    for job in waiting:
+                        self._queue_draft(job)
         elif kind == ARRIVE:
             self._arrive(msg[1])
 
@@ -464,31 +459,26 @@ class ServingSim(Sim):
     def _missing_feature(self, r: int, q: int) -> tuple[int, int] | None:
         """The draft of q+1 needs stage j's output of position q-1-j (for j < n), in the epoch that
         position was last issued in, as spdsim.schemes.spd's draft waits for: the first (j, position)
-        missing, or None."""
+        not read yet, or None."""
         feats, issue_epoch = self._feats[r], self._issue_epoch[r]
         first_decode = self.by_id[r].prompt_tokens - 1
-        now = self.env.now
         for j in range(self.n):
             pos = q - 1 - j
             if pos < first_decode:
                 return None
-            f = feats.get((j, pos))
-            if f is None or f[0] != issue_epoch[pos] or f[1] > now:
+            if feats.get((j, pos)) != issue_epoch[pos]:
                 return j, pos
         return None
 
     def _queue_draft(self, job: tuple[int, int, int]) -> None:
-        """Ready (or stale: dropped when taken), or waiting on the feature it lacks: one not sent yet
-        waits for its send, one on its way for its arrival."""
+        """Ready, stale (dropped when taken), or waiting on the feature it lacks: the request holds
+        its issues until then (as the single-request first device waits for that draft)."""
         r, q, e = job
         if self.cfg.features and self.ctl.epoch(r) == e:
             missing = self._missing_feature(r, q)
             if missing is not None:
-                f = self._feats[r].get(missing)
-                if f is not None and f[0] == self._issue_epoch[r][missing[1]]:    # sent, arriving later
-                    self.env.timeout(f[1] - self.env.now).callbacks.append(lambda _e: self._wake([job]))
-                else:
-                    self._blocked.setdefault((r, *missing), []).append(job)
+                self._blocked.setdefault((r, *missing), []).append(job)
+                self.ctl.hold(r, e)
                 return
         self._drafts.append(job)
 
@@ -502,66 +492,6 @@ class ServingSim(Sim):
                 ready.append(job)
         return ready
 
-    # --- the first device -------------------------------------------------------------------------
-    def first_device(self):
-        env, cfg, plan, n = self.env, self.cfg, self.plan, self.n
-        ctl, box, dev = self.ctl, self.first_box, self.first_dev
-        records = self.records
-        wait_features = cfg.features and self.head_device is not None
-        while True:
-            while box.items:
-                self._handle(box.items.popleft())
-            if self.remaining == 0:
-                self._mark_in_system(0)
-                self.done.succeed()
-                return
-            if self._drafts:
-                job = self._ready_drafts()
-                if job:
-                    yield from self._draft(job)
-                    continue
-            tick = ctl.next_tick()
-            if tick is None:
-                yield box.wait()
-                continue
-            if tick.entries:
-                for e in tick.entries:
-                    self._issue_epoch[e.request][e.position] = e.epoch
-            if self._tick:
-                yield env.timeout(self._tick)
-            t0 = env.now
-            for r in ([tick.chunk.request] if tick.chunk is not None else [e.request for e in tick.entries]):
-                rec = records[r]
-                if rec.start_s != rec.start_s:         # NaN: its first tick (prefill, or decode)
-                    rec.start_s = t0 / NS
-            yield env.timeout(self.tick_ns(0, tick))
-            self.account(0, dev, t0, env.now, tick)
-            tag, pos = _tag(tick)
-            if n == 1:
-                if tick.entries:
-                    box.put((RESULT, tag, pos, tick))
-            else:
-                self.traverse((ACT, tag, pos, tick))
-                if self._send_block:
-                    yield env.timeout(self._send_block)
-            if tick.entries:
-                if wait_features:
-                    now = env.now
-                    for e in tick.entries:
-                        f = self._feats.get(e.request)
-                        if f is not None:
-                            f[(0, e.position)] = (e.epoch, now)
-                if self.head_device is not None:
-                    new = [(e.request, e.position, e.epoch) for e in tick.entries if ctl.wants_draft(e)]
-                    if new:
-                        # as the single-request first rank does: draft right after the forward, before
-                        # looking at what arrived meanwhile, when the features are already there
-                        for job in new:
-                            self._queue_draft(job)
-                        job = self._ready_drafts()
-                        if job:
-                            yield from self._draft(job)
-
     def _draft(self, job: list[tuple[int, int, int]]):
         """The co-located module drafts position q + 1 for every (request, q, epoch) of the job."""
         env, ctl, dev = self.env, self.ctl, self.first_dev
@@ -572,49 +502,112 @@ class ServingSim(Sim):
         self.busy[0] += env.now - t0
         for r, q, e in job:
             if self.keep:
-                self.slog.append(("head", t0, env.now, -1, dev, q + 1, e, r, None, "decode", ""))
+                self.slog.append(("head", t0, env.now, -1, dev, q + 1, e, r, None, "decode", "", 0))
             conf = self._confidence.get(r)
             ctl.on_draft(r, q + 1, e, conf() if conf is not None else None)
 
+    # --- the first device -------------------------------------------------------------------------
+    def first_device(self):
+        env, ctl, dev, n = self.env, self.ctl, self.first_dev, self.n
+        records, inbox = self.records, self.inbox
+        wait_features = self.cfg.features and self.head_device is not None
+        while True:
+            if self.remaining == 0:
+                self.done.succeed()
+                return
+            if self._drafts:
+                job = self._ready_drafts()
+                if job:
+                    yield from self._draft(job)
+                    continue
+            tick = ctl.next_tick()
+            if tick is None:
+                # as the single-request first device: read ONE message when nothing can be issued
+                if not inbox:
+                    raise RuntimeError("serving: nothing to issue and nothing in flight")
+                if inbox[0][0] - env.now > READY_NS:
+                    yield env.timeout(inbox[0][0] - env.now)
+                self._handle(heapq.heappop(inbox)[2])
+                continue
+            if tick.entries:
+                for e in tick.entries:
+                    self._issue_epoch[e.request][e.position] = e.epoch
+            if self._tick:
+                yield env.timeout(self._tick)
+            t0 = env.now
+            for r in ([tick.chunk.request] if tick.chunk is not None else [e.request for e in tick.entries]):
+                rec = records[r]
+                if rec.start_s != rec.start_s:         # NaN: its first tick (prefill, or decode)
+                    rec.start_s = max(t0 / NS, rec.arrival_s)     # not before it, by a float rounding
+            tag, pos = _tag(tick)
+            wait = self.issue_wait_ns(pos, tag[1]) if self.tp > 1 else 0.0
+            yield env.timeout(wait + self.tick_ns(0, tick))
+            self.account(0, dev, t0, env.now, tick)
+            if n == 1:
+                if tick.entries:
+                    self.post(env.now, (RESULT, tag, pos, tick))
+            else:
+                self.traverse(("act", tag, pos, tick))
+                if self._send_block:
+                    yield env.timeout(self._send_block)
+            if tick.entries:
+                if wait_features:
+                    for e in tick.entries:
+                        f = self._feats.get(e.request)
+                        if f is not None:
+                            f[(0, e.position)] = e.epoch
+                if self.head_device is not None:
+                    new = [(e.request, e.position, e.epoch) for e in tick.entries if ctl.wants_draft(e)]
+                    if new:
+                        # as the single-request first device does: draft right after the forward, before
+                        # reading anything, when the features it needs have been read
+                        for job in new:
+                            self._queue_draft(job)
+                        job = self._ready_drafts()
+                        if job:
+                            yield from self._draft(job)
+
     def start(self) -> None:
-        """The arrival process and the first device (stage workers are driven by their mailboxes)."""
+        """Arrivals into the inbox and the first device's process."""
         if self.run.users is not None:
             for _ in range(min(self.run.users, len(self.run.requests))):
                 self._send_next(0.0)
         else:
-            self.env.process(self.arrivals())
+            for r in self.run.requests:
+                self.post(r.arrival_s * NS, (ARRIVE, r.request))
         self.env.process(self.first_device())
 
     # --- results ----------------------------------------------------------------------------------
     def metrics(self, scheme: str) -> RunMetrics:
-        recs = self.records.values()
+        recs = list(self.records.values())
         t_first = min(r.arrival_s for r in recs) * NS
         t_last = max(r.finish_s for r in recs) * NS
         window = max(t_last - t_first, 1.0)
         tokens = sum(r.new_tokens for r in recs)
         seconds = window / NS
         verdicts = self.accepted + self.rejected
+        busy = [min(b, window) for b in self.busy]
         return RunMetrics(
             scheme=scheme, stages=self.n, new_tokens=tokens, window_ns=int(round(window)),
             tokens_per_s=tokens / seconds, ms_per_token=1000.0 * seconds / tokens,
-            bubble_ratio=1.0 - sum(self.busy) / (self.n * window),
+            bubble_ratio=1.0 - sum(busy) / (self.n * window),
             waste_ratio=(self.decode_ns - self.useful_ns) / (self.n * window),
             acceptance_rate=self.accepted / verdicts if verdicts else None,
             accepted=self.accepted, rejected=self.rejected,
-            utilization=tuple(b / window for b in self.busy))
+            utilization=tuple(b / window for b in busy))
 
     @property
     def mean_in_system(self) -> float:
-        """Time-average number of requests in the system, from the first arrival to the last finish."""
-        recs = self.records.values()
-        t_first = min(r.arrival_s for r in recs) * NS
-        span = self._t_area - t_first
-        return self._area / span if span > 0 else float("nan")
+        """Time-average number of requests in the system (arrived, not finished), from the first
+        arrival to the last finish."""
+        recs = list(self.records.values())
+        t0, t1 = min(r.arrival_s for r in recs), max(r.finish_s for r in recs)
+        return in_system_area(recs, t0, t1) / (t1 - t0) if t1 > t0 else float("nan")
 
     def trace_events(self, sends: bool = True) -> list[TraceEvent]:
         out = []
         committed = self.committed_keys
-        for kind, t0, t1, s, dev, q, e, r, accepted, phase, name in self.slog:
+        for kind, t0, t1, s, dev, q, e, r, accepted, phase, name, nbytes in self.slog:
             if kind == "compute":
                 discarded = phase == "decode" and (r, q, e) not in committed
             elif kind == "head":
@@ -623,7 +616,7 @@ class ServingSim(Sim):
                 discarded = False
             out.append(TraceEvent(kind=kind, start_ns=int(round(t0)), end_ns=int(round(t1)), stage=s, device=dev,
                                   position=q, discarded=discarded, accepted=accepted, phase=phase, name=name,
-                                  request=r))
+                                  request=r, bytes=nbytes))
         if sends:
             for kind, t0, t1, s, dev, q, tag, nbytes, name, _ in self.log:
                 r, e = tag
@@ -687,9 +680,10 @@ def kv_budget(scenario, plan: Plan, drafts: bool, chunk_tokens: int) -> tuple[tu
     cap, per_token = [], []
     for s, (a, b) in enumerate(plan.layers):
         head = scenario.head.layers if (drafts and s == 0) else 0
-        fixed = stage_memory(m, b - a, s == 0, s == n - 1, 0, head, chunk_tokens)
+        fixed = stage_memory(m, b - a, s == 0, s == n - 1, 0, head, chunk_tokens, plan.tp)
         cap.append(usable_bytes(gpu) - fixed.total)
-        per_token.append((b - a + head) * m.kv_bytes_per_token_layer())
+        # one rank's share of the stage's KV cache (TP splits KV heads), the module's on one GPU
+        per_token.append((b - a) * m.kv_bytes_per_token_layer(plan.tp) + head * m.kv_bytes_per_token_layer())
         if cap[-1] <= 0:
             raise UserError(f"sweep.stages: stage {s + 1} of {n} leaves no memory for KV caches on {gpu.name}")
     return tuple(cap), tuple(per_token)

@@ -18,6 +18,9 @@ Driving it (the first rank, one thread):
   on_draft(request, position, epoch, confidence)  a draft of `position` is ready (its confidence, if any)
   on_result(request, position, epoch, accept)     a RESULT arrived -> ServingVerdict; accept(confidence)
                                                   is asked when a draft at position + 1 is verified
+  hold(request, epoch)                            its draft waits for features: the request issues
+                                                  nothing (not even a known token) until on_draft or a
+                                                  newer epoch — as the single-request first rank waits
 A finished request frees its memory: call admit() again after a verdict with `finished` set.
 
 What enters stage 1, each tick (a `Tick`): one prefill chunk of one request, or the next positions of
@@ -94,7 +97,8 @@ class ServingVerdict:
 
 
 class _Request:
-    __slots__ = ("rid", "prompt_len", "new_tokens", "need", "ctl", "prefill_next", "drafts", "issued_conf", "seq")
+    __slots__ = ("rid", "prompt_len", "new_tokens", "need", "ctl", "prefill_next", "drafts", "issued_conf", "seq",
+                 "held")
 
     def __init__(self, rid: int, prompt_len: int, new_tokens: int, need: tuple[float, ...], window: int) -> None:
         self.rid = rid
@@ -106,6 +110,7 @@ class _Request:
         self.drafts: dict[int, tuple[int, float | None]] = {}    # position → (epoch, confidence)
         self.issued_conf: dict[int, float | None] = {}           # speculated position → its draft's confidence
         self.seq = -1                         # admission order
+        self.held = -1                        # the epoch in which it waits for a draft (hold); -1: none
 
     @property
     def prefilling(self) -> bool:
@@ -214,7 +219,7 @@ class ServingController:
     def _ready(self, r: _Request) -> bool:
         """Can r's next decode position enter now?"""
         ctl = r.ctl
-        if not ctl.can_issue():
+        if r.held == ctl.epoch or not ctl.can_issue():
             return False
         q = ctl.next_position
         if q < ctl.known:
@@ -271,10 +276,16 @@ class ServingController:
         return (r is not None and self._speculates(r) and entry.epoch == r.ctl.epoch
                 and entry.position + 1 <= r.ctl.last_useful)
 
+    def hold(self, request: int, epoch: int) -> None:
+        r = self.by_id.get(request)
+        if r is not None and epoch == r.ctl.epoch:
+            r.held = epoch
+
     def on_draft(self, request: int, position: int, epoch: int, confidence: float | None = None) -> None:
         r = self.by_id.get(request)
         if r is not None and epoch == r.ctl.epoch:
             r.drafts[position] = (epoch, confidence)
+            r.held = -1
             self._wake(r)
 
     def on_result(self, request: int, position: int, epoch: int,

@@ -45,7 +45,9 @@ def with_series(df: pd.DataFrame) -> pd.DataFrame:
     def label(r) -> str:
         a = r["acceptance"]
         tail = f" α={a:g}" if several and isinstance(a, float) and not math.isnan(a) else ""
-        return f"{r['scheme']}/{r['policy']}{tail}"
+        tp = int(r["tp"]) if "tp" in r and r["tp"] == r["tp"] else 1
+        scheme = r["scheme"] if tp == 1 else ("tp" if r["scheme"] == "ar" else f"{r['scheme']}×tp") + str(tp)
+        return f"{scheme}/{r['policy']}{tail}"
     x = df["load"] if df["load"].notna().all() else df["offered_rate_per_s"]
     return df.assign(series=[label(r) for _, r in df.iterrows()], x=x)
 

@@ -60,7 +60,7 @@ def test_fcfs_decodes_each_request_as_the_single_request_engine(tmp_path, base, 
     path = trace_file(tmp_path, [(0.0, 1, N), (10.0, 1, N), (20.0, 1, N)])
     serv = scenario(base, tmp_path, workload={"arrivals": {"kind": "trace", "file": path}},
                     serving={"policy": "fcfs"})
-    r = simulate_point(serv, Point(scheme, 4, serv.sweep.partitions[0], a, "fcfs", None))
+    r = simulate_point(serv, Point(scheme, 4, serv.sweep.partitions[0], a, policy="fcfs", load=None))
     for rec in r.requests:
         # the single-request window runs from the first decode tick to the N-th commit
         assert (rec.finish_s - rec.start_s) * 1e9 == pytest.approx(one.window_ns, abs=1.0)
@@ -75,7 +75,7 @@ def test_fcfs_request_zero_draws_the_single_decode_verdicts():
     one = simulate_point(single, Point("spd", 4, "uniform", acc.iid(0.7))).metrics
     serv = scenario(IDEAL, workload={"prompt_tokens": 1, "new_tokens": 64, "requests": 1,
                                      "arrivals": {"kind": "poisson", "rate_per_s": 1}}, serving={"policy": "fcfs"})
-    rec = simulate_point(serv, Point("spd", 4, "uniform", acc.iid(0.7), "fcfs", 1.0)).requests[0]
+    rec = simulate_point(serv, Point("spd", 4, "uniform", acc.iid(0.7), policy="fcfs", load=1.0)).requests[0]
     assert (rec.finish_s - rec.start_s) * 1e9 == pytest.approx(one.window_ns, abs=1.0)
 
 
@@ -86,7 +86,7 @@ def test_ttft_with_prefill_matches_the_pipeline_closed_form(tmp_path):
     path = trace_file(tmp_path, [(0.0, P, 8)])
     s = scenario(IDEAL, tmp_path, workload={"arrivals": {"kind": "trace", "file": path}},
                  serving={"policy": "fcfs"}, costs={**IDEAL["costs"], "prefill_layer_ms": c_ms})
-    rec = simulate_point(s, Point("pp", n, "uniform", None, "fcfs", None)).requests[0]
+    rec = simulate_point(s, Point("pp", n, "uniform", None, policy="fcfs", load=None)).requests[0]
     layers = 32 // n
     C, D = layers * (P - 1) * c_ms, layers * 1.0
     assert rec.ttft_s * 1e3 == pytest.approx(n * C + D, rel=1e-9)
@@ -104,7 +104,7 @@ def test_interleave_has_no_steady_state_bubble(tmp_path, n):
     path = trace_file(tmp_path, [(0.0, 1, N)] * n)
     s = scenario(IDEAL, tmp_path, workload={"arrivals": {"kind": "trace", "file": path}},
                  serving={"policy": "interleave"}, sweep={**IDEAL["sweep"], "stages": [n]})
-    r = simulate_point(s, Point("pp", n, "uniform", None, "interleave", None))
+    r = simulate_point(s, Point("pp", n, "uniform", None, policy="interleave", load=None))
     t = 32 // n * 1e-3
     for rec in r.requests:
         assert rec.tpot_s == pytest.approx(n * t, rel=1e-9)
@@ -121,7 +121,7 @@ def test_littles_law_on_a_long_run():
                                   "arrivals": {"kind": "poisson", "rate_per_s": rate}},
                  serving={"policy": "interleave"}, costs={**IDEAL["costs"], "layer_ms": 0.1},
                  sweep={**IDEAL["sweep"], "stages": [2]})
-    r = simulate_point(s, Point("pp", 2, "uniform", None, "interleave", rate))
+    r = simulate_point(s, Point("pp", 2, "uniform", None, policy="interleave", load=rate))
     mean_latency = np.mean([x.e2e_s for x in r.requests])
     L = r.extra["mean_in_system"]
     assert L == pytest.approx(rate * mean_latency, rel=0.02)
@@ -142,7 +142,7 @@ def test_more_load_never_lowers_ttft_fcfs(lo, factor, scheme):
     verdicts are fixed per request): a higher rate replays the same requests compressed in time, so no
     request's TTFT can drop (Lindley's recursion), let alone the p99."""
     a = acc.iid(0.8) if scheme == "spd" else None
-    runs = [simulate_point(LOAD, Point(scheme, 4, "uniform", a, "fcfs", rate)) for rate in (lo, lo * factor)]
+    runs = [simulate_point(LOAD, Point(scheme, 4, "uniform", a, policy="fcfs", load=rate)) for rate in (lo, lo * factor)]
     ttft = [np.array([r.ttft_s for r in run.requests]) for run in runs]
     assert (ttft[1] >= ttft[0] - 1e-12).all()
     assert runs[1].extra["ttft_p99_ms"] >= runs[0].extra["ttft_p99_ms"]
@@ -158,7 +158,7 @@ def test_more_load_never_lowers_ttft_p99_interleave(lo, factor, scheme):
     requests/s; past saturation, with a finite number of requests, larger ones."""
     a = acc.iid(0.8) if scheme == "spd" else None
     tick_ms = 32 // 4 * max(1.0, 39 * 0.05)
-    p99 = [simulate_point(LOAD, Point(scheme, 4, "uniform", a, "interleave", rate)).extra["ttft_p99_ms"]
+    p99 = [simulate_point(LOAD, Point(scheme, 4, "uniform", a, policy="interleave", load=rate)).extra["ttft_p99_ms"]
            for rate in (lo, lo * factor)]
     assert p99[1] >= p99[0] - tick_ms
 
