@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allreduce", default="direct", choices=["direct", "ring"],
                    help="the local transport's all-reduce under --tp (default direct: one message per peer)")
     r.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
-                   help="under --tp (greedy), rank 0 also decodes the one-device AR reference before timing "
-                        "and --json reports matches_reference (default on; it loads the whole model once)")
+                   help="under --tp (greedy) and with --requests, rank 0 also decodes the one-device AR reference "
+                        "before timing and --json reports matches_reference (default on; under --tp it loads the "
+                        "whole model once)")
     r.add_argument("--scheme", default="ar", help="ar | pp | spd | spd_dedicated (n + 1 processes: rank 0 "
                                                         "embeds, drafts and verifies; default ar)")
     r.add_argument("--model", default="tiny", help="'tiny' (the shipped checkpoint), our checkpoint path, "
@@ -156,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "before giving up (default 20)")
     r.add_argument("--trace", type=Path, default=None, metavar="DIR",
                    help="write DIR/rank<k>.jsonl traces and DIR/timeline.json (Chrome / Perfetto)")
+    sv = r.add_argument_group("serving (several requests through one pipeline; docs/executor-serving.md)")
+    sv.add_argument("--requests", type=int, default=None, metavar="K",
+                    help="decode K prompts (held-out standard-library files, or --prompts FILE), each "
+                         "--new-tokens long, through the same pipeline")
+    sv.add_argument("--concurrency", type=int, default=None, metavar="C",
+                    help="at most C requests in flight (admitted) at once, one KV cache each (default 1)")
+    sv.add_argument("--policy", default=None, metavar="P",
+                    help="what enters stage 1 each tick: fcfs (one request at a time; default) | interleave | "
+                         "spd_first | adaptive (a draft enters when the module's confidence ≥ --threshold; "
+                         "--draft head:PATH only)")
+    sv.add_argument("--threshold", type=float, default=0.5, help="adaptive: the confidence threshold (default 0.5)")
+    sv.add_argument("--arrivals", default=None, metavar="poisson:R",
+                    help="requests arrive as a Poisson process of R per second (default: all at once)")
+    sv.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                    help="one prompt per line (UTF-8 bytes; cycled if fewer than K)")
     r.add_argument("--json", action="store_true", help="print one JSON object with every figure, last")
     r.add_argument("--verbose", action="store_true", help="each rank says on stderr when it is ready")
     r.set_defaults(func=_cmd_run)

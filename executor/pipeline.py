@@ -90,6 +90,8 @@ class Job:
                                     # by speculative sampling (lossless in distribution)
     reference: bool = False         # also decode the one-device AR reference before timing (the oracle
                                     # always does; --tp runs do by default: JobResult.reference)
+    serving: dict | None = None     # several requests (executor/serving.py ServingJob's fields); then
+                                    # `prompt` and `new_tokens` are the first request's
 
 
 @dataclass
@@ -109,10 +111,11 @@ class Recorder:
     tp_rank: int = 0                # the rank's place in its stage's TP group, on every event
 
     def add(self, kind: str, start: int, end: int, stage: int = -1, position: int = -1, epoch: int = 0,
-            nbytes: int = 0, accepted: bool | None = None, phase: str = "decode", name: str = "") -> None:
+            nbytes: int = 0, accepted: bool | None = None, phase: str = "decode", name: str = "",
+            request: int = -1) -> None:
         self.rows.append({"kind": kind, "start_ns": start, "end_ns": end, "stage": stage, "position": position,
                           "epoch": epoch, "bytes": nbytes, "accepted": accepted, "phase": phase, "name": name,
-                          "device": f"rank{self.rank}", "tp_rank": self.tp_rank})
+                          "device": f"rank{self.rank}", "tp_rank": self.tp_rank, "request": request})
 
     def take(self) -> list[dict]:
         rows, self.rows = self.rows, []
@@ -120,14 +123,14 @@ class Recorder:
 
 
 def apply_verdict(rec: Recorder, verdict, token: int, epoch: int, seq: list, accepts: list[int],
-                  restarts: list[int], drafter: Drafter | None, now: int) -> None:
-    """Rank 0's bookkeeping for a result that counts (both layouts): commit the true token at p+1, log
-    the verdict's verify / flush / commit marks, and on a rejection open a new epoch at p+1 and roll the
-    drafter back."""
+                  restarts: list[int], drafter: Drafter | None, now: int, request: int = -1) -> None:
+    """Rank 0's bookkeeping for a result that counts (every layout, and each request of a serving run):
+    commit the true token at p+1, log the verdict's verify / flush / commit marks, and on a rejection open
+    a new epoch at p+1 and roll the drafter back."""
     p = verdict.position
     seq[p + 1] = token
     for kind, pos, acc in verdict.marks():
-        rec.add(kind, now, now, position=pos, epoch=epoch, accepted=acc)
+        rec.add(kind, now, now, position=pos, epoch=epoch, accepted=acc, request=request)
     if verdict.accepted is not None:
         accepts.append(int(verdict.accepted))
     if verdict.accepted is False:
@@ -202,8 +205,10 @@ def stage_forward(stage: Stage, x: Tensor, positions: Tensor, logits: bool = Tru
     return out, x, emb
 
 
-# PREFILL aux bits: the job's flags for the stage ranks.
-PREFILL_FEATURES, PREFILL_LOGITS = 1, 2
+# PREFILL aux bits: the job's flags for the stage ranks. PREFILL_SERVING: a serving job's request
+# (executor/serving.py): no READY after it, prefill features marked epoch -1, and the stage ranks wait up
+# to the idle timeout for their next message (requests arrive when they arrive).
+PREFILL_FEATURES, PREFILL_LOGITS, PREFILL_SERVING = 1, 2, 4
 
 
 def _result_tensor(hidden: Tensor, logits: Tensor, feats: bool, with_logits: bool) -> Tensor | None:
@@ -213,8 +218,9 @@ def _result_tensor(hidden: Tensor, logits: Tensor, feats: bool, with_logits: boo
     return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
-def _act(msg_kind: int, h: Tensor, epoch: int = 0, position: int = 0, token: int = 0, aux: int = 0) -> Message:
-    return Message(msg_kind, epoch, position, token, aux, tensor=h.reshape(-1, h.shape[-1]))
+def _act(msg_kind: int, h: Tensor, epoch: int = 0, position: int = 0, token: int = 0, aux: int = 0,
+         request: int = -1) -> Message:
+    return Message(msg_kind, epoch, position, token, aux, tensor=h.reshape(-1, h.shape[-1]), request=request)
 
 
 class Worker:
@@ -234,36 +240,62 @@ class Worker:
         self._references: dict[tuple, list[int]] = {}
         self.stage_index = max(self.layout.stage_of(rank), 0)
         self.rec = Recorder(rank, tp_rank=self.layout.tp_rank_of(rank))
-        self._at: tuple[int, int, str] = (-1, 0, "decode")    # position, epoch, phase of the forward running
+        self._at: tuple[int, int, str, int] = (-1, 0, "decode", -1)   # position, epoch, phase, request of the forward running
         if comm is not None:
             comm.trace = self._trace_collective
         self.stage.setup_cache()
+        # serving: one KV cache per admitted-request slot (executor/serving.py); slot 0 is the stage's own
+        self._slot = 0
+        self._caches: dict[int, list] = {}
+        self.slot_of: dict[int, int] = {}        # request → its slot, as its PREFILL said
 
-    def at(self, position: int, epoch: int = 0, phase: str = "decode") -> None:
+    def use_slot(self, slot: int) -> None:
+        """Point every layer of the stage at the KV cache of `slot` (made on first use)."""
+        if slot == self._slot:
+            return
+        layers = self.stage.layers
+        self._caches[self._slot] = [layer.attention.kv_cache for layer in layers]
+        caches = self._caches.get(slot)
+        if caches is None:
+            self.stage.setup_cache()
+            caches = [layer.attention.kv_cache for layer in layers]
+        for layer, cache in zip(layers, caches):
+            layer.attention.kv_cache = cache
+        self._slot = slot
+
+    def at(self, position: int, epoch: int = 0, phase: str = "decode", request: int = -1) -> None:
         """Say which forward runs next, so its TP collectives are traced with its position."""
-        self._at = (position, epoch, phase)
+        self._at = (position, epoch, phase, request)
 
     def _trace_collective(self, name: str, start: int, end: int, nbytes: int) -> None:
-        position, epoch, phase = self._at
+        position, epoch, phase, request = self._at
         self.rec.add("allreduce", start, end, stage=self.stage_index, position=position, epoch=epoch,
-                     nbytes=nbytes, phase=phase, name=name)
+                     nbytes=nbytes, phase=phase, name=name, request=request)
 
     def reference(self, prompt: list[int], new_tokens: int) -> list[int]:
         """The one-device AR greedy continuation (the oracle's), before timing; once per prompt (--repeat)."""
-        key = (tuple(prompt), new_tokens)
-        if key not in self._references:
+        return self.references([(prompt, new_tokens)])[0]
+
+    def references(self, wanted: list[tuple[list[int], int]]) -> list[list[int]]:
+        """`reference` for several (prompt, new tokens) at once (serving): the whole model loaded once."""
+        missing = list(dict.fromkeys((tuple(p), k) for p, k in wanted if (tuple(p), k) not in self._references))
+        if missing:
             if self.full_model is not None:          # loaded for this and dropped: TP ranks keep shards only
-                self._references[key] = greedy_decode(self.full_model(), prompt, new_tokens)
+                model = self.full_model()
+                for key in missing:
+                    self._references[key] = greedy_decode(model, list(key[0]), key[1])
+                del model
             else:
-                self._references[key] = greedy_decode(self.model, prompt, new_tokens)
+                for key in missing:
+                    self._references[key] = greedy_decode(self.model, list(key[0]), key[1])
                 self.stage.setup_cache()             # greedy_decode clobbered the shared layers' caches
-        return list(self._references[key])
+        return [list(self._references[(tuple(p), k)]) for p, k in wanted]
 
     def send(self, dst: int, msg: Message, stage: int, phase: str = "decode") -> None:
         t0 = clock()
         self.tr.send(dst, msg)
         self.rec.add("send", t0, clock(), stage=stage, position=msg.position, epoch=msg.epoch, nbytes=msg.nbytes,
-                     phase=phase, name=f"{_NAMES[msg.kind]} {self.rank}->{dst}")
+                     phase=phase, name=f"{_NAMES[msg.kind]} {self.rank}->{dst}", request=msg.request)
 
     # --- ranks 1..n-1 ------------------------------------------------------------------------
 
@@ -271,13 +303,15 @@ class Worker:
         """A stage rank's loop over every job until the final STOP (every rank but 0: stage s's TP rank t
         takes its inputs from TP rank t of stage s-1 — stage 0's other TP ranks from rank 0, which
         forwards them each issue — and passes its output to TP rank t of stage s+1; only TP rank 0 of a
-        stage sends RESULT, READY and features, see spdsim/protocol.py)."""
+        stage sends RESULT, READY and features, see spdsim/protocol.py). Serving (executor/serving.py):
+        every message names its request; a request's PREFILL names its KV-cache slot (in `token`) and
+        every later message of that request computes against that slot's cache."""
         r, L = self.rank, self.layout
         s, up, down = self.stage_index, L.upstream(r), L.downstream(r)
         last, leader = down is None, L.tp_rank_of(r) == 0
-        feats, logits, in_job = False, False, False
+        feats, logits, in_job, serving = False, False, False, False
         while True:
-            _, msg = self.tr.recv([up], self.timeout if in_job else idle_timeout)
+            _, msg = self.tr.recv([up], self.timeout if in_job and not serving else idle_timeout)
             if msg.kind == STOP:
                 if not last:
                     self.tr.send(down, msg)
@@ -286,6 +320,10 @@ class Worker:
                 self.tr.send(0, Message(BLOB, blob=json.dumps(self.rec.take()).encode()))
                 in_job = False
                 continue
+            rq = msg.request
+            if msg.kind == PREFILL:
+                self.slot_of[rq] = msg.token
+            self.use_slot(self.slot_of.get(rq, 0))
             if s == 0:               # a TP peer of rank 0: token ids (the prompt, or the issued token)
                 x = (msg.tensor.to(self.device) if msg.kind == PREFILL
                      else torch.tensor([[msg.token]], device=self.device))
@@ -294,32 +332,35 @@ class Worker:
             positions = torch.arange(msg.position, msg.position + x.shape[1], device=self.device)
             if msg.kind == PREFILL:
                 in_job, feats, logits = True, bool(msg.aux & PREFILL_FEATURES), bool(msg.aux & PREFILL_LOGITS)
-                self.at(msg.position, phase="prefill")
+                serving = bool(msg.aux & PREFILL_SERVING)
+                self.at(msg.position, phase="prefill", request=rq)
                 t0 = clock()
                 out, hidden, _ = stage_forward(self.stage, x, positions, logits=False)
-                self.rec.add("compute", t0, clock(), stage=s, position=msg.position, phase="prefill")
+                self.rec.add("compute", t0, clock(), stage=s, position=msg.position, phase="prefill", request=rq)
                 if feats and leader:
-                    self.send(0, _act(FEAT, hidden, position=msg.position, aux=s + 1), s, "prefill")
+                    self.send(0, _act(FEAT, hidden, epoch=-1 if serving else 0, position=msg.position, aux=s + 1,
+                                      request=rq), s, "prefill")
                 if last:
-                    if leader:
+                    if leader and not serving:
                         self.tr.send(0, Message(READY))
                 else:
-                    self.send(down, _act(PREFILL, out, position=msg.position, aux=msg.aux), s, "prefill")
+                    self.send(down, _act(PREFILL, out, position=msg.position, token=msg.token, aux=msg.aux,
+                                         request=rq), s, "prefill")
                 continue
             assert msg.kind == ACT, msg.kind
-            self.at(msg.position, msg.epoch)
+            self.at(msg.position, msg.epoch, request=rq)
             t0 = clock()
             out, hidden, _ = stage_forward(self.stage, x, positions)
-            self.rec.add("compute", t0, clock(), stage=s, position=msg.position, epoch=msg.epoch)
+            self.rec.add("compute", t0, clock(), stage=s, position=msg.position, epoch=msg.epoch, request=rq)
             if last:
                 if leader:
                     tok = int(out[0, -1].argmax())
                     self.send(0, Message(RESULT, msg.epoch, msg.position, tok,
-                                         tensor=_result_tensor(hidden, out, feats, logits)), s)
+                                         tensor=_result_tensor(hidden, out, feats, logits), request=rq), s)
             else:
-                self.send(down, _act(ACT, out, msg.epoch, msg.position, msg.token), s)
+                self.send(down, _act(ACT, out, msg.epoch, msg.position, msg.token, request=rq), s)
                 if feats and leader:
-                    self.send(0, _act(FEAT, hidden, msg.epoch, msg.position, aux=s + 1), s)
+                    self.send(0, _act(FEAT, hidden, msg.epoch, msg.position, aux=s + 1, request=rq), s)
 
     # --- rank 0 ---------------------------------------------------------------------------------
 
@@ -328,6 +369,7 @@ class Worker:
         """Run one job as rank 0. `drafter` overrides the one `job.draft` names (tests use it)."""
         L = self.layout
         n, P, N = L.stages, len(job.prompt), job.new_tokens
+        self.use_slot(0)
         peers = L.group(0)[1:]                       # stage 0's other TP ranks: each issue goes to them too
         down = L.rank(1, 0) if n > 1 else None
         leaders = L.leaders()[1:]                    # RESULT (the last), READY and features come from these
@@ -491,9 +533,12 @@ class Worker:
 _NAMES = {k: v.lower() for k, v in KIND_NAMES.items()}
 
 
-def _event(row: dict, restarts: list[int]) -> TraceEvent:
-    """A raw row → TraceEvent; compute and sends of a position that a later epoch restarted are waste."""
+def _event(row: dict, restarts: list[int] | dict[int, list[int]]) -> TraceEvent:
+    """A raw row → TraceEvent; compute and sends of a position that a later epoch restarted are waste.
+    `restarts`: the first position of each epoch — of the one request, or per request (serving)."""
     epoch, pos = row.pop("epoch"), row["position"]
+    if isinstance(restarts, dict):
+        restarts = restarts.get(row.get("request", -1), [])
     if row["kind"] in ("compute", "send") and row["phase"] == "decode":
         row["discarded"] = any(pos >= restarts[e] for e in range(epoch + 1, len(restarts)))
     return TraceEvent(**row)

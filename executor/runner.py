@@ -135,6 +135,8 @@ def validate(spec: RunSpec) -> None:
         raise UserError("--threads must be ≥ 1")
     check_ranks(spec, shape)
     for job in spec.jobs:
+        if job.get("serving"):
+            check_serving(job, shape)
         if job["scheme"] not in SCHEMES:
             raise UserError(f"--scheme {job['scheme']!r}: expected one of {SCHEMES}")
         if job["scheme"] == "ar" and spec.stages != 1:
@@ -152,15 +154,49 @@ def validate(spec: RunSpec) -> None:
                                 "(head:PATH is not supported in this layout yet)")
         parse_draft(job.get("draft"))
         check_temperature(job)
-        if job["new_tokens"] < 1:
-            raise UserError("--new-tokens must be ≥ 1")
-        if len(job["prompt"]) < 2:
-            raise UserError("the prompt needs at least 2 tokens")
-        if any(not 0 <= t < shape["vocab_size"] for t in job["prompt"]):
-            raise UserError(f"the prompt has token ids outside the model's vocabulary ({shape['vocab_size']})")
-        if len(job["prompt"]) + job["new_tokens"] > shape["max_seq_len"]:
-            raise UserError(f"prompt ({len(job['prompt'])}) + new tokens ({job['new_tokens']}) exceed the "
-                            f"model's context ({shape['max_seq_len']})")
+        check_prompt(job["prompt"], job["new_tokens"], shape)
+
+
+def check_prompt(prompt: list[int], new_tokens: int, shape: dict, what: str = "the prompt") -> None:
+    if new_tokens < 1:
+        raise UserError("--new-tokens must be ≥ 1")
+    if len(prompt) < 2:
+        raise UserError(f"{what} needs at least 2 tokens")
+    if any(not 0 <= t < shape["vocab_size"] for t in prompt):
+        raise UserError(f"{what} has token ids outside the model's vocabulary ({shape['vocab_size']})")
+    if len(prompt) + new_tokens > shape["max_seq_len"]:
+        raise UserError(f"{what} ({len(prompt)}) + new tokens ({new_tokens}) exceed the "
+                        f"model's context ({shape['max_seq_len']})")
+
+
+def check_serving(job: dict, shape: dict) -> None:
+    """--requests / --concurrency / --policy / --threshold and each request's prompt (executor/serving.py)."""
+    from executor.serving import POLICIES
+    sv = job["serving"]
+    reqs = sv.get("requests") or []
+    if not reqs:
+        raise UserError("--requests must be ≥ 1")
+    c = sv.get("concurrency", 1)
+    if not isinstance(c, int) or c < 1:
+        raise UserError(f"--concurrency must be ≥ 1, got {c}")
+    if sv.get("policy", "fcfs") not in POLICIES:
+        raise UserError(f"--policy {sv.get('policy')!r}: expected one of {', '.join(POLICIES)}")
+    t = sv.get("threshold", 0.5)
+    if not isinstance(t, (int, float)) or not 0 <= t <= 1:
+        raise UserError(f"--threshold must be in [0, 1], got {t}")
+    if job["scheme"] == "spd_dedicated":
+        raise UserError("--requests: serving runs the co-located layout (--scheme ar, pp or spd), not spd_dedicated")
+    if job.get("temperature", 0.0):
+        raise UserError("--requests: serving decodes greedily only (use --temperature 0)")
+    if sv.get("policy") == "adaptive":
+        kind = (job.get("draft") or "").partition(":")[0]
+        if job["scheme"] != "spd" or kind == "oracle":
+            raise UserError("--policy adaptive thresholds the trained module's confidence (its top probability); "
+                            "the oracle drafter has none: use --scheme spd --draft head:PATH")
+    for i, r in enumerate(reqs):
+        check_prompt(list(r["prompt"]), int(r["new_tokens"]), shape, what=f"request {i}'s prompt")
+        if not r.get("arrival_s", 0.0) >= 0:
+            raise UserError(f"request {i}: arrival time {r.get('arrival_s')} is not ≥ 0")
 
 
 def check_temperature(job: dict) -> None:
@@ -254,12 +290,17 @@ def rank_main(spec: RunSpec, rank: int, world: int) -> list[dict] | None:
         results = []
         for i, jd in enumerate(spec.jobs):
             job = Job(**jd)
+            trace_dir = ((str(Path(spec.trace_dir) / f"job{i}") if spec.trace_each
+                          else spec.trace_dir if i == len(spec.jobs) - 1 else None) if spec.trace_dir else None)
+            if job.serving:
+                from executor.serving import lead_serving
+                from executor.serving_report import summarise_serving
+                res = lead_serving(worker, job, spec.idle_timeout)
+                results.append(summarise_serving(res, job, spec, parts, tr.name if tr else "none", trace_dir))
+                continue
             res = (ded.lead_dedicated(worker, job, spec.idle_timeout) if layout
                    else worker.lead(job, spec.idle_timeout))
-            results.append(summarise(res, job, spec, parts, tr.name if tr else "none",
-                                     trace_dir=(str(Path(spec.trace_dir) / f"job{i}") if spec.trace_each
-                                                else spec.trace_dir if i == len(spec.jobs) - 1 else None)
-                                     if spec.trace_dir else None))
+            results.append(summarise(res, job, spec, parts, tr.name if tr else "none", trace_dir=trace_dir))
         if layout:
             ded.shutdown_dedicated(worker)
         else:
@@ -441,11 +482,53 @@ def spec_from_args(args) -> RunSpec:
         job["reference"] = True            # --json then says matches_reference
     if args.repeat < 1:
         raise UserError("--repeat must be ≥ 1")
+    if getattr(args, "requests", None) is not None:
+        job["serving"] = serving_from_args(args)
+        job["prompt"] = job["serving"]["requests"][0]["prompt"]
+        job["reference"] = bool(args.reference)    # --json then says matches_reference, per request too
+    elif getattr(args, "concurrency", None) is not None or getattr(args, "arrivals", None) is not None \
+            or getattr(args, "prompts", None) is not None or getattr(args, "policy", None) is not None:
+        raise UserError("--concurrency, --policy, --arrivals and --prompts need --requests K")
     jobs = [dict(job, seed=args.seed + i) for i in range(args.repeat)]
     return RunSpec(model=str(model), stages=args.stages, jobs=jobs, tp=args.tp, allreduce=args.allreduce,
                    device=args.device, transport=args.transport,
                    threads=args.threads, timeout=args.timeout, trace_dir=str(args.trace) if args.trace else None,
                    model_label=args.model, verbose=args.verbose)
+
+
+def parse_arrivals(spec: str | None, k: int, seed: int) -> list[float]:
+    """--arrivals poisson:R → K arrival times (s) drawn as the simulator draws them (spdsim.workload);
+    none: every request arrives at once."""
+    if spec is None:
+        return [0.0] * k
+    kind, _, arg = spec.partition(":")
+    if kind != "poisson":
+        raise UserError(f"--arrivals {spec!r}: expected poisson:RATE (requests per second)")
+    try:
+        rate = float(arg)
+    except ValueError:
+        raise UserError(f"--arrivals {spec!r}: RATE must be a number") from None
+    if not math.isfinite(rate) or rate <= 0:
+        raise UserError(f"--arrivals {spec!r}: RATE must be > 0")
+    from spdsim.workload import Arrivals, Workload, draw_requests
+    w = Workload(prompt_tokens=1, new_tokens=1, requests=k, arrivals=Arrivals("poisson", (rate,)))
+    return [r.arrival_s for r in draw_requests(w, rate, seed)]
+
+
+def serving_from_args(args) -> dict:
+    """--requests K --concurrency C --policy P --arrivals poisson:R --prompts FILE → Job.serving."""
+    from executor.prompts import file_prompts, heldout_prompts
+    k = args.requests
+    if k < 1:
+        raise UserError(f"--requests must be ≥ 1, got {k}")
+    c = 1 if args.concurrency is None else args.concurrency
+    if c < 1:
+        raise UserError(f"--concurrency must be ≥ 1, got {c}")
+    prompts = file_prompts(args.prompts, k) if args.prompts else heldout_prompts(k)
+    times = parse_arrivals(args.arrivals, k, args.seed)
+    return {"policy": args.policy or "fcfs", "concurrency": c, "threshold": args.threshold,
+            "arrivals": args.arrivals,
+            "requests": [{"prompt": p, "new_tokens": args.new_tokens, "arrival_s": t} for p, t in zip(prompts, times)]}
 
 
 def run_command(args) -> int:
@@ -473,6 +556,7 @@ def run_command(args) -> int:
 
 def print_results(results: list[dict], as_json: bool, trace_dir) -> None:
     out = dict(results[-1])
+    serving = "requests" in out
     if len(results) > 1:            # --repeat: the figures are medians over the repeats
         for key in ("tokens_per_s", "ms_per_token", "bubble_ratio", "waste_ratio"):
             out[key] = statistics.median(r[key] for r in results)
@@ -484,6 +568,10 @@ def print_results(results: list[dict], as_json: bool, trace_dir) -> None:
                                               "acceptance_rate")} for r in results]
     if as_json:
         print(json.dumps(out))
+        return
+    if serving:
+        from executor.serving_report import print_serving
+        print_serving(out, trace_dir)
         return
     acc = "" if out["acceptance_rate"] is None else \
         f"  acceptance {out['acceptance_rate']:.3f} ({out['accepted']}/{out['accepted'] + out['rejected']})"

@@ -53,8 +53,10 @@ ALLREDUCE_ALGORITHMS = ("direct", "ring")
 
 _DTYPES = {0: None, 1: torch.float32, 2: torch.bfloat16, 3: torch.float16, 4: torch.uint8, 5: torch.int64}
 _CODES = {v: k for k, v in _DTYPES.items()}
-_HEADER = struct.Struct("<9q")      # kind, epoch, position, token, aux, rows, cols, dtype, nbytes
+# kind, epoch, position, token, aux, request, rows, cols, dtype, nbytes
+_HEADER = struct.Struct("<10q")
 HEADER_BYTES = _HEADER.size
+HEADER_FIELDS = 10
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Message:
     aux: int = 0                    # FEAT: the depth; ABORT: the dead rank; PING: a clock reading
     tensor: Tensor | None = None    # 2-D [rows, cols]: activations, hidden states
     blob: bytes = b""               # BLOB: a JSON payload (trace events at the end of a run)
+    request: int = -1               # serving: the request it belongs to (-1: a single decode)
 
     @property
     def nbytes(self) -> int:
@@ -97,6 +100,14 @@ class Transport(ABC):
     def recv(self, sources: list[int], timeout: float) -> tuple[int, Message]:
         """The next message from any of `sources` (FIFO per source); PeerLost on death or timeout."""
 
+    def poll(self, sources: list[int], timeout: float = 0.0) -> tuple[int, Message] | None:
+        """The next message from any of `sources` if one comes within `timeout` seconds (0: only what has
+        arrived), else None — never PeerLost for silence; PeerLost when a peer died. A transport that
+        cannot receive without blocking (`can_poll` False: gloo) returns only what it already holds."""
+        return None
+
+    can_poll = False
+
     @abstractmethod
     def allreduce(self, tensor: Tensor, group: list[int]) -> Tensor:
         """Sum `tensor` in place over the ranks of `group` (global ranks, this one included); returns it.
@@ -121,13 +132,14 @@ def _header(msg: Message) -> tuple[bytes, bytes]:
     else:
         rows = cols = code = 0
         payload = msg.blob
-    head = _HEADER.pack(msg.kind, msg.epoch, msg.position, msg.token, msg.aux, rows, cols, code, len(payload))
+    head = _HEADER.pack(msg.kind, msg.epoch, msg.position, msg.token, msg.aux, msg.request, rows, cols, code,
+                        len(payload))
     return head, payload
 
 
 def _message(head: tuple, payload: bytes | bytearray) -> Message:
-    kind, epoch, position, token, aux, rows, cols, code, _ = head
-    msg = Message(kind, epoch, position, token, aux)
+    kind, epoch, position, token, aux, request, rows, cols, code, _ = head
+    msg = Message(kind, epoch, position, token, aux, request=request)
     if code:
         buf = payload if isinstance(payload, bytearray) else bytearray(payload)   # writable, ours alone
         msg.tensor = (torch.frombuffer(buf, dtype=_DTYPES[code]) if buf else
@@ -313,6 +325,22 @@ class SocketTransport(Transport):
             if left <= 0:
                 raise PeerLost(sources[-1], f"sent nothing for {timeout:.0f} s (hung or dead)")
             # Watch every peer, not just `sources`: an ABORT or a closed connection can come from anyone.
+            self._pump(left)
+
+    can_poll = True
+
+    def poll(self, sources: list[int], timeout: float = 0.0) -> tuple[int, Message] | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._pump(0.0)
+            for j in sources:
+                if self.inbox[j]:
+                    return j, self.inbox[j].popleft()
+                if j in self.closed:
+                    raise PeerClosed(j, "died (connection closed)")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
             self._pump(left)
 
     # --- collectives ------------------------------------------------------------------------------
@@ -504,6 +532,35 @@ class DistTransport(Transport):
             raise PeerLost(msg.aux, f"died (reported by rank {j})")
         return msg
 
+    @property
+    def can_poll(self) -> bool:          # gloo: a timed-out wait breaks the receive, is_completed never moves
+        return self.backend != "gloo"
+
+    def poll(self, sources: list[int], timeout: float = 0.0) -> tuple[int, Message] | None:
+        for j in sources:
+            if self.inbox.get(j):
+                return j, self.inbox[j].popleft()
+        if not self.can_poll:
+            return None
+        deadline = time.monotonic() + timeout
+        for j in sources:
+            if j not in self._pending:
+                buf = torch.empty(HEADER_FIELDS, dtype=torch.int64, device=self.device)
+                self._pending[j] = (self.dist.irecv(buf, j), buf)
+        while True:
+            for j in sources:
+                work, buf = self._pending[j]
+                try:
+                    if not work.is_completed():
+                        continue
+                except RuntimeError as e:
+                    raise PeerLost(j, f"died or hung ({str(e).splitlines()[0][:80]})") from None
+                del self._pending[j]
+                return j, self._finish(j, buf)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(20e-6)
+
     def recv(self, sources: list[int], timeout: float) -> tuple[int, Message]:
         if self.backend == "gloo":
             return self._recv_any(sources, timeout)
@@ -511,7 +568,7 @@ class DistTransport(Transport):
         deadline = time.monotonic() + timeout
         for j in sources:
             if j not in self._pending:
-                buf = torch.empty(9, dtype=torch.int64, device=self.device)
+                buf = torch.empty(HEADER_FIELDS, dtype=torch.int64, device=self.device)
                 self._pending[j] = (self.dist.irecv(buf, j), buf)
         while True:
             for j in sources:
@@ -537,7 +594,7 @@ class DistTransport(Transport):
             for j in sources:
                 if self.inbox.get(j):
                     return j, self.inbox[j].popleft()
-            buf = torch.empty(9, dtype=torch.int64)
+            buf = torch.empty(HEADER_FIELDS, dtype=torch.int64)
             work = self.dist.irecv(buf)
             try:
                 work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))

@@ -64,8 +64,9 @@ def _union_ns(intervals: list[tuple[int, int]]) -> int:
 
 
 def busy_per_stage(events: Iterable[TraceEvent], stages: int, t0: int, t1: int,
-                   placement: Sequence[str] | None = None) -> list[int]:
-    """Busy ns of each stage inside [t0, t1]: any compute there, useful or wasted.
+                   placement: Sequence[str] | None = None, phases: tuple[str, ...] = ("decode",)) -> list[int]:
+    """Busy ns of each stage inside [t0, t1]: any compute there, useful or wasted, of the given phases
+    (a single decode: decode only; a serving run: prefill too).
 
     A `head` event counts toward every stage placed on its device (the module co-located with stage 1
     shares that device's time); on a dedicated device it counts toward no stage. A stage on a TP group
@@ -78,7 +79,7 @@ def busy_per_stage(events: Iterable[TraceEvent], stages: int, t0: int, t1: int,
         for s, dev in enumerate(placement):
             stage_of_device.setdefault(dev, []).append(s)
     for ev in events:
-        if ev.phase != "decode":
+        if ev.phase not in phases:
             continue
         if ev.kind == "compute" and 0 <= ev.stage < stages:
             targets = (ev.stage,)
@@ -115,10 +116,22 @@ def run_metrics(events: Sequence[TraceEvent], scheme: str, stages: int,
                 new_tokens: int | None = None, placement: Sequence[str] | None = None) -> RunMetrics:
     """Every DESIGN §3 column for one decode run."""
     t0, t1, n = decode_window(events, new_tokens)
+    return window_metrics(events, scheme, stages, t0, t1, n, placement)
+
+
+def window_metrics(events: Sequence[TraceEvent], scheme: str, stages: int, t0: int, t1: int, tokens: int,
+                   placement: Sequence[str] | None = None,
+                   phases: tuple[str, ...] = ("decode",)) -> RunMetrics:
+    """The DESIGN §3 columns over the window [t0, t1] in which `tokens` tokens were committed; busy time
+    counts the compute of `phases`. One decode: its decode window, decode compute (`run_metrics`). A
+    serving run (several requests, DESIGN §3): from the first arrival to the last finish, prefill
+    included — what spdsim.serving's ServingSim.metrics counts (tests/test_serving_replay.py checks they
+    agree on a simulated run's own events)."""
     window = t1 - t0
     if window <= 0:
         raise ValueError("decode window has zero length")
-    busy = busy_per_stage(events, stages, t0, t1, placement)
+    n = tokens
+    busy = busy_per_stage(events, stages, t0, t1, placement, phases)
     wasted = sum(_clipped(e, t0, t1) for e in events
                  if e.kind == "compute" and e.discarded and e.phase == "decode")
     verdicts = [e.accepted for e in events if e.kind == "verify" and e.end_ns <= t1 and e.accepted is not None]
