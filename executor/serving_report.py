@@ -25,10 +25,10 @@ def _text(ids: list[int]) -> str:
 
 
 def summarise_serving(res, job, spec, parts, transport: str, trace_dir: str | None) -> dict:
-    from executor.runner import layout_of
+    from executor.ranks import RankLayout
     from spdsim.trace import Trace, TraceHeader, write_chrome_trace, write_trace
     sv = job.serving
-    n, L = spec.stages, layout_of(spec)
+    n, L = spec.stages, RankLayout(spec.stages, spec.tp)       # serving runs the co-located layout
     placement = [f"rank{L.rank(s)}" for s in range(n)]
     records = res.records
     tokens = sum(r.new_tokens for r in records)
