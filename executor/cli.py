@@ -275,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin each rank to its own core when ranks ≤ cores (default off)")
     v.add_argument("--new-tokens", type=int, default=None, help="override the scenario's workload.new_tokens")
     v.add_argument("--head", default=None, metavar="PATH", help="also validate SPD with this trained module")
+    v.add_argument("--concurrency", type=int, nargs="+", default=None, metavar="C",
+                   help="serving scenarios (workload.arrivals): measure every point at each concurrency C "
+                        "(default 2 3; fcfs once, at 1)")
+    v.add_argument("--requests", type=int, default=None, metavar="K",
+                   help="serving scenarios: requests per measured run (default: the scenario's workload.requests)")
     v.add_argument("--threads", type=int, default=1)
     v.set_defaults(func=_cmd_validate)
     return p

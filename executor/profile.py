@@ -5,6 +5,8 @@ Writes into TRACE_DIR:
                    layers    one decoder layer's decode step (one token) against context length, per layer
                    embed     the embedding of one token
                    lm_head   final norm + LM head of one position
+                   prefill   a serving request's prompt chunk: one layer's forward over T positions
+                             0..T-1 against T (median over layers), and the chunk's embedding
                    link      point-to-point message time against size for each device pair used: the
                              sender's blocking send, and half the round trip (one-way delivery) of a
                              ping-pong between two ranks over the same transport the runs use
@@ -116,11 +118,50 @@ def compute_benchmarks(cfg: ProfileConfig) -> dict:
         tok = torch.tensor([[1]], device=device)
         embed, _ = _median_s(lambda: (model.tok_embeddings(tok), sync()), cfg.repeats, cfg.warmup)
         lm_head, _ = _median_s(lambda: (model.output(model.norm(x)), sync()), cfg.repeats, cfg.warmup)
+        prefill = prefill_benchmarks(model, cfg, sync)
     layers = [{"layer": i, "ctx": c, "median_s": statistics.median(v), "samples_s": v} for (i, c), v in samples.items()]
     return {"model": {"layers": mc.n_layers, "dim": mc.dim, "ffn": mc.ffn_dim, "heads": mc.n_heads,
                       "kv_heads": mc.n_kv_heads, "vocab": mc.vocab_size, "max_seq_len": mc.max_seq_len,
                       "dtype_bytes": next(model.parameters()).element_size()},
-            "contexts": contexts, "layers": layers, "embed_s": embed, "lm_head_s": lm_head}
+            "contexts": contexts, "layers": layers, "embed_s": embed, "lm_head_s": lm_head, "prefill": prefill}
+
+
+def prefill_sizes(max_seq_len: int) -> list[int]:
+    """Prompt chunk lengths of the prefill sweep: 4 × 4^k below the model's context (serving's prompts)."""
+    out, t = [], 4
+    while t < max_seq_len:
+        out.append(t)
+        t *= 4
+    return out or [max(1, max_seq_len - 1)]
+
+
+def prefill_benchmarks(model, cfg: ProfileConfig, sync) -> list[dict]:
+    """Per-layer time of a prefill chunk (a serving request's prompt: positions 0..T-1 in one forward,
+    executor/serving.py) against T, the median over every layer and repeat; plus the chunk's embedding
+    on the first stage. Round-robin over the sizes, as the decode sweep goes over the contexts."""
+    import torch
+    device = next(model.parameters()).device
+    sizes = prefill_sizes(model.cfg.max_seq_len)
+    per: dict[int, list[float]] = {t: [] for t in sizes}
+    emb: dict[int, list[float]] = {t: [] for t in sizes}
+    for rep in range(cfg.warmup + cfg.repeats):
+        for t in sizes[rep % len(sizes):] + sizes[:rep % len(sizes)]:
+            pos = torch.arange(t, device=device)
+            cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+            ids = torch.ones(1, t, dtype=torch.long, device=device)
+            t0 = time.perf_counter_ns()
+            h = model.tok_embeddings(ids)
+            sync()
+            if rep >= cfg.warmup:
+                emb[t].append((time.perf_counter_ns() - t0) * 1e-9)
+            for layer in model.layers:
+                t0 = time.perf_counter_ns()
+                h = layer(h, cos, sin, pos)
+                sync()
+                if rep >= cfg.warmup:
+                    per[t].append((time.perf_counter_ns() - t0) * 1e-9)
+    return [{"tokens": t, "median_s": statistics.median(per[t]), "embed_s": statistics.median(emb[t])}
+            for t in sizes]
 
 
 # --- links: a ping-pong between two ranks over the runs' transport ---------------------------------

@@ -39,11 +39,16 @@ from spdsim.verdict import FAIL, PASS, UNDETERMINED, Interval, error_interval, m
 # Measured on this prompt; `executor profile` calibrates on executor.profile.CALIBRATION_PROMPT.
 VALIDATION_PROMPT = "def parse(line):\n    key, _, value = line.partition('=')\n    return "
 METRICS = ("tokens_per_s", "speedup_vs_pp", "bubble_ratio")
+# serving points (a scenario with workload.arrivals): throughput over all requests, TPOT p50 / p90, bubble
+SERVING_METRICS = ("tokens_per_s", "tpot_p50_ms", "tpot_p90_ms", "bubble_ratio")
+ALL_METRICS = tuple(dict.fromkeys(METRICS + SERVING_METRICS))
 COLUMNS = ["scheme", "stages", "tp", "partition", "acceptance", "metric", "predicted", "measured", "error_pct",
            "measured_spread",   # half the range over repeats, in error_pct's unit: the measurement's own noise
            "ci_low", "ci_high",  # 95% bootstrap interval of the measured median (the metric's unit)
            "error_ci_low", "error_ci_high",   # ... of the error, in error_pct's unit (spdsim.verdict)
-           "repeats", "verdict"]  # pass | fail | undetermined
+           "repeats", "verdict",  # pass | fail | undetermined
+           "policy", "concurrency", "rate_per_s"]   # serving points ('' otherwise)
+DEFAULT_CONCURRENCY = (2, 3)
 # Below 8 repeats even the sign test's 95% interval of a median is the whole range of the repeats (and a
 # percentile bootstrap's is too): such a point stays undetermined.
 MIN_REPEATS = 8
@@ -52,21 +57,37 @@ MIN_REPEATS = 8
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One measurable configuration: a scenario point as the executor runs it (`runnable_cases` makes spd
-    cases for n > 1 only, and measures any one-rank point as ar)."""
+    cases for n > 1 only, and measures any one-rank point as ar). A serving point (the scenario has
+    workload.arrivals) also has its policy, the concurrency C it runs at and its Poisson rate."""
     scheme: str
     stages: int
     draft: str | None          # oracle:ALPHA | head:PATH | None
     acceptance: str            # the validation.csv `acceptance` column ('' for AR / PP)
     tp: int = 1                # ranks per stage (tensor parallel)
+    policy: str | None = None  # serving only
+    concurrency: int = 0
+    rate: float | None = None  # requests per second
+
+    @property
+    def serving(self) -> bool:
+        return self.policy is not None
 
     @property
     def label(self) -> str:
         return (f"{self.scheme} n={self.stages}" + (f" tp={self.tp}" if self.tp > 1 else "")
-                + (f" α={self.acceptance}" if self.acceptance else ""))
+                + (f" α={self.acceptance}" if self.acceptance else "")
+                + (f" {self.policy} C={self.concurrency} λ={self.rate:g}/s" if self.serving else ""))
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return SERVING_METRICS if self.serving else METRICS
 
 
-def runnable_cases(scenario, max_stages: int, head: str | None) -> tuple[list[Case], list[str]]:
+def runnable_cases(scenario, max_stages: int, head: str | None,
+                   concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY) -> tuple[list[Case], list[str]]:
     """The scenario's points this machine runs, and a note for each kind it skips."""
+    if scenario.workload.serving:
+        return serving_cases(scenario, max_stages, head, concurrency)
     cases: list[Case] = []
     notes: list[str] = []
     seen = set()
@@ -105,12 +126,72 @@ def runnable_cases(scenario, max_stages: int, head: str | None) -> tuple[list[Ca
     return cases, notes
 
 
+def serving_cases(scenario, max_stages: int, head: str | None,
+                  concurrency: tuple[int, ...]) -> tuple[list[Case], list[str]]:
+    """A serving scenario's points as executor serving runs: each (scheme, stages, α, policy, Poisson
+    rate) at every concurrency C (fcfs once, at C = 1: it runs one request at a time whatever C is)."""
+    cases: list[Case] = []
+    notes: list[str] = []
+
+    def note(why: str) -> None:
+        if why not in notes:
+            notes.append(why)
+    if scenario.workload.arrivals.kind != "poisson":
+        return [], [f"arrivals {scenario.workload.arrivals.kind}: the executor validates Poisson arrivals only"]
+    for p in scenario.points():
+        why = None
+        if p.scheme not in ("ar", "pp", "spd"):
+            why = f"scheme {p.scheme}: the executor serves with ar / pp / spd only"
+        elif p.partition != "uniform":
+            why = f"partition {p.partition}: the executor runs the uniform partition only"
+        elif p.tp > 1:
+            why = f"tp {p.tp}: serving points are validated on TP = 1 (the executor serves on TP groups untimed)"
+        elif p.stages > max_stages:
+            why = f"{p.stages} stages > {max_stages} cores/devices here (oversubscribed: not validated)"
+        elif p.acceptance is not None and p.stages > 1 and p.acceptance.kind not in ("iid", "table"):
+            why = f"acceptance {p.acceptance.kind}: only an oracle α can be run"
+        elif p.policy == "adaptive" and not (head and p.scheme == "spd" and p.stages > 1):
+            why = "policy adaptive: needs the trained module's confidence (--head PATH); the oracle has none"
+        if why:
+            note(why)
+            continue
+        if p.stages == 1:
+            scheme, draft, acc = "ar", None, ""
+        elif p.scheme == "spd":
+            alpha = float(p.acceptance.alpha)
+            scheme, draft, acc = "spd", f"oracle:{alpha:g}", f"{alpha:g}"
+            if p.policy == "adaptive":
+                draft, acc = f"head:{head}", "head"
+        else:
+            scheme, draft, acc = p.scheme, None, ""
+        for c in ((1,) if p.policy == "fcfs" else concurrency):
+            case = Case(scheme, p.stages, draft, acc, policy=p.policy, concurrency=c, rate=float(p.load))
+            if case not in cases:
+                cases.append(case)
+    if any(p.policy == "fcfs" for p in scenario.points()):
+        note("policy fcfs: one request at a time whatever C is (measured once, at C = 1)")
+    return cases, notes
+
+
+def serving_job(case: Case, prompts: list[list[int]], new_tokens: int, seed: int, threshold: float = 0.5) -> dict:
+    """One measured serving run of `case`: its requests' Poisson arrivals drawn from `seed` (each repeat
+    its own, the simulator replays each)."""
+    from executor.runner import parse_arrivals
+    times = parse_arrivals(f"poisson:{case.rate:g}", len(prompts), seed)
+    return {"scheme": case.scheme, "prompt": prompts[0], "new_tokens": new_tokens, "draft": case.draft,
+            "seed": seed, "serving": {"policy": case.policy, "concurrency": case.concurrency, "threshold": threshold,
+                                      "arrivals": f"poisson:{case.rate:g}",
+                                      "requests": [{"prompt": p, "new_tokens": new_tokens, "arrival_s": t}
+                                                   for p, t in zip(prompts, times)]}}
+
+
 # --- measuring -----------------------------------------------------------------------------------------
 
 def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, repeats: int, device: str,
             threads: int, calib_out: Path | None = None, calib_prompt: list[int] | None = None,
             calib_alpha: float = 0.6, head: str | None = None, log=print, first: int = 0,
-            warmup: int = 1, pin: bool = False) -> dict[Case, list[dict]]:
+            warmup: int = 1, pin: bool = False, serving_prompts: list[list[int]] | None = None,
+            threshold: float = 0.5) -> dict[Case, list[dict]]:
     """`repeats` decodes per case (repeats first .. first + repeats - 1 of the validation: their seeds and
     calibration run names), one launch (one set of processes) per stage count, after `warmup` untimed
     decodes of the first case in the same processes (the first decode of a launch pays for cold caches
@@ -118,7 +199,8 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
 
     With `calib_out`, calibration runs (AR / PP / SPD at `calib_alpha`, on `calib_prompt`) are interleaved
     with the measured ones in the same processes, their traces written to calib_out/runs/<run>-r<i>/:
-    calibration and measurement then see the same machine load, yet never the same runs or prompt."""
+    calibration and measurement then see the same machine load, yet never the same runs or prompt.
+    A serving case's decode is a serving run of `serving_prompts` (held-out files) with its own arrivals."""
     import shutil
     import tempfile
     from executor.runner import RunSpec, launch
@@ -135,9 +217,13 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
         # Round-robin over the cases (case 1, case 2, …, case 1, case 2, …): a slow spell of a shared
         # machine then hits every case alike instead of one case's repeats.
         jobs, kinds = [], []
+
+        def case_job(c: Case, seed: int) -> dict:
+            if c.serving:
+                return serving_job(c, serving_prompts, new_tokens, seed, threshold)
+            return {"scheme": c.scheme, "prompt": prompt, "new_tokens": new_tokens, "draft": c.draft, "seed": seed}
         for _ in range(warmup):
-            jobs.append({"scheme": group[0].scheme, "prompt": prompt, "new_tokens": new_tokens,
-                         "draft": group[0].draft, "seed": 999})
+            jobs.append(case_job(group[0], 999))
             kinds.append(("warmup", None))
         for i in range(first, first + repeats):
             for name, scheme, draft in calib:
@@ -145,8 +231,7 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
                              "seed": 100 + i})
                 kinds.append(("calib", f"{name}-r{i}"))
             for c in group:
-                jobs.append({"scheme": c.scheme, "prompt": prompt, "new_tokens": new_tokens, "draft": c.draft,
-                             "seed": 1000 + i})
+                jobs.append(case_job(c, 1000 + i))
                 kinds.append(("case", c))
         tmp = Path(tempfile.mkdtemp(prefix="spd-validate.")) if calib else None
         t0 = time.time()
@@ -173,6 +258,23 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
 
 
 # --- predicting ----------------------------------------------------------------------------------------
+
+def predict_serving(scenario, case: Case, calibration: Path, run: dict, seed: int = 0,
+                    threshold: float = 0.5) -> dict:
+    """One simulated serving run of `case` with the calibrated costs, replaying the measured run's
+    arrivals, lengths and each request's verdicts (spdsim.replay_serving)."""
+    from spdsim.replay_serving import MeasuredRequest, replay_serving
+    features = bool(case.draft and case.draft.startswith("head:"))
+    sc = dataclasses.replace(scenario, calibration=str(calibration), path=None)
+    reqs = [MeasuredRequest(q["arrival_s"], q["prompt_tokens"], q["new_tokens"], tuple(q["accepts"]),
+                            tuple(q["confidences"])) for q in run["requests"]]
+    out = replay_serving(sc, case.scheme, case.stages, case.policy, case.concurrency, reqs, features, threshold,
+                         seed=seed)
+    m = out.metrics
+    return {"tokens_per_s": m.tokens_per_s, "bubble_ratio": m.bubble_ratio, "acceptance_rate": m.acceptance_rate,
+            "accepted": m.accepted, "rejected": m.rejected, "tpot_p50_ms": out.extra["tpot_p50_ms"],
+            "tpot_p90_ms": out.extra["tpot_p90_ms"], "ttft_p50_ms": out.extra["ttft_p50_ms"]}
+
 
 def predict(scenario, case: Case, calibration: Path, prompt_tokens: int, new_tokens: int,
             accepts: list[int], seed: int = 0) -> dict:
@@ -212,16 +314,17 @@ def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict
     median of per-round ratios), each with the bootstrap interval of the measured median (ci_low,
     ci_high), of the error (error_ci_low, error_ci_high; repeats resampled in pairs, spdsim.verdict) and
     the verdict that interval gives against the tolerance."""
-    pp_case = {(c.stages, c.tp): c for c in cases if c.scheme == "pp"}
+    pp_case = {(c.stages, c.tp): c for c in cases if c.scheme == "pp" and not c.serving}
     rows = []
     for k, c in enumerate(cases):
+        direct = [m for m in c.metrics if m != "speedup_vs_pp"]
         series: dict[str, tuple[list[float], list[float]]] = {
-            m: ([r[m] for r in measured[c]], [r[m] for r in predicted[c]]) for m in ("tokens_per_s", "bubble_ratio")}
-        if (c.stages, c.tp) in pp_case:
+            m: ([r.get(m) for r in measured[c]], [r.get(m) for r in predicted[c]]) for m in direct}
+        if (c.stages, c.tp) in pp_case and not c.serving:
             base = pp_case[(c.stages, c.tp)]
             series["speedup_vs_pp"] = (_paired_ratios(measured[c], measured[base]),
                                        _paired_ratios(predicted[c], predicted[base]))
-        for metric in METRICS:
+        for metric in c.metrics:
             if metric not in series:
                 continue
             meas_xs, pred_xs = series[metric]
@@ -230,7 +333,7 @@ def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict
                 continue
             meas_xs, pred_xs = [m for m, _ in pairs], [p for _, p in pairs]
             relative = metric != "bubble_ratio"
-            seed = 7919 * k + METRICS.index(metric)        # reproducible intervals
+            seed = 7919 * k + ALL_METRICS.index(metric)    # reproducible intervals
             med = median_interval(meas_xs, seed=seed)
             err = error_interval(meas_xs, pred_xs, relative, seed=seed)
             scale = 100.0 / med.estimate if relative else 100.0
@@ -241,7 +344,9 @@ def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict
                          "error_pct": err.estimate, "measured_spread": spread,
                          "ci_low": med.low, "ci_high": med.high,
                          "error_ci_low": err.low, "error_ci_high": err.high, "repeats": len(meas_xs),
-                         "verdict": verdict(err, tol) if len(meas_xs) >= MIN_REPEATS else UNDETERMINED})
+                         "verdict": verdict(err, tol) if len(meas_xs) >= MIN_REPEATS else UNDETERMINED,
+                         "policy": c.policy or "", "concurrency": c.concurrency if c.serving else "",
+                         "rate_per_s": c.rate if c.serving else ""})
     return rows
 
 
@@ -282,7 +387,7 @@ def exit_status(rows: list[dict]) -> int:
 
 def summary(rows: list[dict]) -> dict[str, dict[str, float]]:
     out = {}
-    for metric in METRICS:
+    for metric in ALL_METRICS:
         errs = [abs(r["error_pct"]) for r in rows if r["metric"] == metric]
         if errs:
             spreads = [r.get("measured_spread", 0.0) for r in rows if r["metric"] == metric]
@@ -292,26 +397,31 @@ def summary(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("scheme", "n", "α", "metric", "predicted", "measured", "95% CI of measured", "error", "95% CI of error",
-            "verdict")
+    serving = any(r.get("policy") for r in rows)
+    head = (("scheme", "n", "α") + (("policy", "C", "rate/s") if serving else ())
+            + ("metric", "predicted", "measured", "95% CI of measured", "error", "95% CI of error", "verdict"))
     lines = [head]
     for r in rows:
         unit = " pp" if r["metric"] == "bubble_ratio" else "%"
-        fmt = ".3f" if r["metric"] != "tokens_per_s" else ".2f"
+        fmt = ".3f" if r["metric"] not in ("tokens_per_s", "tpot_p50_ms", "tpot_p90_ms") else ".2f"
         lines.append((r["scheme"], str(r["stages"]) + (f"×tp{r['tp']}" if r.get("tp", 1) > 1 else ""),
-                      r["acceptance"], r["metric"], format(r["predicted"], fmt),
-                      format(r["measured"], fmt), f"[{r['ci_low']:{fmt}}, {r['ci_high']:{fmt}}]",
-                      f"{r['error_pct']:+.1f}{unit}", f"[{r['error_ci_low']:+.1f}, {r['error_ci_high']:+.1f}]{unit}",
-                      r["verdict"]))
-    return align(lines, left=(0, 3, 9))
+                      r["acceptance"])
+                     + ((r["policy"], str(r["concurrency"]), f"{r['rate_per_s']:g}" if r["rate_per_s"] != "" else "")
+                        if serving else ())
+                     + (r["metric"], format(r["predicted"], fmt),
+                        format(r["measured"], fmt), f"[{r['ci_low']:{fmt}}, {r['ci_high']:{fmt}}]",
+                        f"{r['error_pct']:+.1f}{unit}", f"[{r['error_ci_low']:+.1f}, {r['error_ci_high']:+.1f}]{unit}",
+                        r["verdict"]))
+    return align(lines, left=(0, 3, 6, 12) if serving else (0, 3, 9))
 
 
 def parity_plot(rows: list[dict], path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4))
-    for ax, metric in zip(axes, METRICS):
+    metrics = [m for m in ALL_METRICS if any(r["metric"] == m for r in rows)] or list(METRICS)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         rs = [r for r in rows if r["metric"] == metric]
         for scheme, marker in (("ar", "s"), ("pp", "^"), ("spd", "o")):
             pts = [r for r in rs if r["scheme"] == scheme]
@@ -381,7 +491,22 @@ def validate_command(args) -> int:
         head = str(default_head) if default_head.exists() and model.name == "tiny.safetensors" else None
     elif not Path(head).exists():
         raise UserError(f"--head {head}: no such file")
-    cases, notes = runnable_cases(scenario, max_stages, head)
+    serving = scenario.workload.serving
+    concurrency = tuple(getattr(args, "concurrency", None) or DEFAULT_CONCURRENCY)
+    if min(concurrency) < 1:
+        raise UserError("--concurrency must be ≥ 1")
+    serving_prompts, threshold = None, 0.5
+    if serving:
+        from executor.prompts import heldout_prompts
+        from executor.runner import check_prompt
+        k = getattr(args, "requests", None) or scenario.workload.requests
+        if k < 1:
+            raise UserError("--requests must be ≥ 1")
+        serving_prompts = heldout_prompts(k)
+        for p in serving_prompts:
+            check_prompt(p, N, shape, what="a held-out prompt")
+        threshold = scenario.serving.adaptive.threshold
+    cases, notes = runnable_cases(scenario, max_stages, head, concurrency)
     for note in notes:
         print(f"executor: note: skipped {note}", file=sys.stderr)
     if not cases:
@@ -392,7 +517,9 @@ def validate_command(args) -> int:
     calib = args.calibration or scenario.calibration_path()
     if calib is not None:
         calib = Path(calib)
-        load_calibration(calib)                       # a bad file fails now, not after the measurements
+        given = load_calibration(calib)               # a bad file fails now, not after the measurements
+        if serving and given.prefill is None:
+            given.prefill_s(0, 0, 1, 1, 0, True, False)      # says why (no prefill measurements)
         print(f"validate: calibration {calib} (given)")
     else:                                             # microbenchmarks now, run traces interleaved below
         stages = max(c.stages for c in cases)
@@ -414,13 +541,14 @@ def validate_command(args) -> int:
         new = measure(cases, str(model), prompt, N, args.repeats, args.device, args.threads,
                       calib_out=out / "profile" if own_calibration else None,
                       calib_prompt=list(CALIBRATION_PROMPT.encode()), head=head, first=done,
-                      warmup=args.warmup, pin=args.pin)
+                      warmup=args.warmup, pin=args.pin, serving_prompts=serving_prompts, threshold=threshold)
         for c in cases:
             measured[c] += new[c]
         if own_calibration:     # refitted on every calibration run so far (never on the measured ones)
             costs, err, calib_lines = calibrate(out / "profile")
             calib = write_calibration(out / "calibration.yaml", costs, err)
-        predicted = {c: [predict(scenario, c, calib, len(prompt), N, r["accepts"], seed=i)
+        predicted = {c: [predict_serving(scenario, c, calib, r, seed=i, threshold=threshold) if c.serving
+                         else predict(scenario, c, calib, len(prompt), N, r["accepts"], seed=i)
                          for i, r in enumerate(measured[c])] for c in cases}
         rows = compare(cases, measured, predicted, args.tolerance, args.bubble_tolerance)
         round_s.append(time.time() - t_round)
@@ -436,7 +564,7 @@ def validate_command(args) -> int:
         print(f"validate: calibrated on the calibration prompt's runs (interleaved, never the measured ones) -> {calib}")
     for c in cases:                                   # the replay must reproduce the measured verdicts
         for m, p in zip(measured[c], predicted[c]):
-            if c.scheme == "spd" and (m["accepted"], m["rejected"]) != (p["accepted"], p["rejected"]):
+            if c.scheme == "spd" and not c.serving and (m["accepted"], m["rejected"]) != (p["accepted"], p["rejected"]):
                 print(f"executor: warning: {c.label}: replayed verdicts {p['accepted']}/{p['rejected']} differ from "
                       f"the measured {m['accepted']}/{m['rejected']}", file=sys.stderr)
 

@@ -82,6 +82,16 @@ def fit_layer(layers: list[dict]) -> tuple[float, float, float]:
     return float(a), float(b), _rel_rms(list(a + b * ctx), list(y))
 
 
+def fit_prefill(rows: list[dict] | None) -> tuple[tuple[float, float, float, float], float] | None:
+    """((a, b, embed a, embed b), error %) of a prompt chunk of T tokens: a + b·T per layer and the
+    chunk's embedding ea + eb·T (`executor profile`'s prefill sweep); None without one."""
+    if not rows:
+        return None
+    a, b, err = fit_layer([{"ctx": r["tokens"], "median_s": r["median_s"]} for r in rows])
+    ea, eb, _ = fit_layer([{"ctx": r["tokens"], "median_s": r.get("embed_s", 0.0)} for r in rows])
+    return (a, b, ea, eb), err
+
+
 def fit_link(link: list[dict]) -> tuple[float, float, float]:
     """(latency s, bandwidth B/s, error %) of one_way_s ≈ latency + bytes / bandwidth."""
     x = np.array([r["bytes"] for r in link], float)
@@ -313,11 +323,17 @@ def calibrate(trace_dir: Path) -> tuple[CalibratedCosts, dict, list[str]]:
               "model": prof.get("model"), "model_path": prof.get("model_path"), "cpu_count": prof.get("cpu_count"),
               "load_avg": prof.get("load_avg"), "prompt_tokens": prof.get("prompt_tokens"),
               "runs": [f"{t.header.scheme}-n{t.header.stages}:{t.header.extra.get('draft') or ''}" for t in runs]}
+    prefill = fit_prefill(prof.get("prefill"))        # serving's prompt chunks (None: not profiled)
+    if prefill:
+        (pa, pb, pea, peb), err["prefill"] = prefill
+        prefill = (pa * kappa, pb * kappa, pea * kappa, peb * kappa)
+        lines.append(f"prefill   a = {pa * 1e3:.4f} ms + b = {pb * 1e6:.4f} µs/token per layer, embedding "
+                     f"{pea * 1e3:.4f} ms + {peb * 1e6:.4f} µs/token   fit error {err['prefill']:.1f}%")
     costs = CalibratedCosts(layer_a_s=a * kappa, layer_b_s=b * kappa, embed_s_=embed * kappa,
                             lm_head_s_=lm_head * kappa, head_s_by_kind=head_by_kind, link_latency_s=lat,
                             link_bandwidth=bw, tick_overhead_s=tick, msg_overhead_s=msg, send_block_s=send_block,
                             contention=kappa, contention_by=contention_by, tick_by=tick_by, msg_by=msg_by,
-                            jitter_by=jitter_by,
+                            jitter_by=jitter_by, prefill=prefill,
                             source=source)
     if runs and prof.get("model"):
         base = _replay_scenario(prof["model"], max(t.header.stages for t in runs))

@@ -93,6 +93,10 @@ class CalibratedCosts:
     jitter: Jitter | None = None          # the picked regime's (None: every forward costs its mean)
     head_kind: str = "oracle"             # which drafter head_s stands for
     source: dict = field(default_factory=dict)
+    # serving: a prompt chunk of T tokens costs prefill_a_s + prefill_b_s · T per layer, plus
+    # prefill_embed_a_s + prefill_embed_b_s · T on the first stage (`executor profile`'s prefill sweep);
+    # None: not measured (an older file)
+    prefill: tuple[float, float, float, float] | None = None
     tp_calibration: TpCalibration | None = None   # the file's `tp:` section (module docstring)
     model: ModelShape | None = None       # the scenario's shape: TP message sizes (set by cost_choice)
     tp: int = 1                           # the TP degree for_point bound (1: exactly as without TP)
@@ -174,13 +178,26 @@ class CalibratedCosts:
     def hop_s(self, u: str, v: str, nbytes: int) -> tuple[float, float]:
         return nbytes / self.link_bandwidth, self.link_latency_s
 
-    # serving (workload.arrivals): the executor does not measure prefill or batched ticks yet
+    # serving (workload.arrivals): prefill chunks from `executor profile`'s prefill sweep; batched ticks
+    # are not measured yet
     def prefill_s(self, stage: int, first_layer: int, last_layer: int, tokens: int, ctx: int,
                   first: bool, last: bool) -> float:
+        """A chunk of `tokens` prompt positions through one stage (from position 0, as the executor
+        prefills: a chunk at ctx > 0 would attend to ctx more cached positions, not modelled here)."""
         if tokens <= 0:
             return 0.0
-        raise UserError("calibration: a calibration file has no prefill measurements; serving "
-                        "(workload.arrivals) needs the roofline (calibration: null) until the executor measures prefill")
+        if self.prefill is None:
+            raise UserError("calibration: this calibration file has no prefill measurements (written before "
+                            "`executor profile` measured prefill): profile and calibrate again, or use the "
+                            "roofline (calibration: null)")
+        a, b, ea, eb = self.prefill
+        nl = last_layer - first_layer
+        t = nl * (a + b * tokens) * self._layer_scale() + ((ea + eb * tokens) if first else 0.0)
+        t *= self.role_scale.get(stage_role(first, last), self.scale)
+        if self.tp > 1:     # two all-reduces of the chunk's hidden states per layer
+            c = self.tp_calibration
+            t += 2 * nl * (c.allreduce_latency_s + tokens * self.model.activation_bytes / c.allreduce_bandwidth)
+        return t
 
     def batch_stage_s(self, stage: int, first_layer: int, last_layer: int, ctxs, first: bool, last: bool) -> float:
         if len(ctxs) == 1:
@@ -227,6 +244,9 @@ class CalibratedCosts:
                 "tick_by_ms": {k: v * 1e3 for k, v in self.tick_by.items()},
                 "jitter_by": {k: v.to_dict() for k, v in self.jitter_by.items()},
                 "msg_by_ms": {k: v * 1e3 for k, v in self.msg_by.items()},
+                **({"prefill": {"a_ms": self.prefill[0] * 1e3, "b_us_per_token": self.prefill[1] * 1e6,
+                                "embed_a_ms": self.prefill[2] * 1e3, "embed_b_us_per_token": self.prefill[3] * 1e6}}
+                   if self.prefill is not None else {}),
                 "fit_error_pct": fit_error or {}, "source": self.source,
                 **({"tp": self.tp_calibration.to_yaml_dict()} if self.tp_calibration is not None else {})}
 
@@ -252,7 +272,11 @@ class CalibratedCosts:
                         jitter_by={str(k): Jitter.from_dict(v) for k, v in (d.get("jitter_by") or {}).items()},
                         msg_by={str(k): float(v) * 1e-3 for k, v in (d.get("msg_by_ms") or {}).items()},
                         source=dict(d.get("source") or {}),
-                        tp_calibration=(TpCalibration.from_yaml_dict(d["tp"], where) if d.get("tp") else None))
+                        tp_calibration=(TpCalibration.from_yaml_dict(d["tp"], where) if d.get("tp") else None),
+                        prefill=None if not d.get("prefill") else (
+                            float(d["prefill"]["a_ms"]) * 1e-3, float(d["prefill"].get("b_us_per_token", 0.0)) * 1e-6,
+                            float(d["prefill"].get("embed_a_ms", 0.0)) * 1e-3,
+                            float(d["prefill"].get("embed_b_us_per_token", 0.0)) * 1e-6))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: malformed calibration ({e.__class__.__name__}: {e})") from None
         if costs.link_bandwidth <= 0 or min(costs.layer_a_s, costs.tick_overhead_s, costs.msg_overhead_s,
