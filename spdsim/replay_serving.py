@@ -70,9 +70,13 @@ def replay_serving(scenario, scheme: str, stages: int, policy: str, concurrency:
     if not drafts:
         plan = Plan(plan.partition, plan.layers, plan.placement, None)
     base = costs.with_head("head" if features else "oracle") if costs is not None else cost_model(sc)
+    # the compute regime a calibration picks by scheme: PP serving several requests at once keeps its ranks
+    # computing together, as SPD does (spdsim.calibration_file.regime_of), not one at a time
+    together = n > 1 and policy != "fcfs" and concurrency > 1
+    regime_scheme = "spd" if together and scheme == "pp" else scheme
     m = sc.model
     # the RunConfig spdsim.engine.simulate_point builds for a point, with the measured lengths
-    cfg = RunConfig(costs=base.for_point(scheme, n), topology=sc.hardware.graph, prompt_tokens=prompt,
+    cfg = RunConfig(costs=base.for_point(regime_scheme, n), topology=sc.hardware.graph, prompt_tokens=prompt,
                     new_tokens=new, window=spec.window(n), drafts=drafts, features=features,
                     activation_bytes=m.activation_bytes,
                     feature_bytes=m.activation_bytes * sc.head.checkpoints_per_stage, rng=jitter_rng(seed))

@@ -164,7 +164,10 @@ def test_profile_writes_microbenchmarks_and_run_traces(tmp_path):
     assert any(e.kind == "head" for e in tr.events) and any(e.kind == "send" for e in tr.events)
     costs, err, lines = calibrate(out)
     assert costs.layer_a_s > 0 and costs.link_bandwidth > 0 and costs.tick_overhead_s > 0
-    assert {"layer", "link", "compute"} <= set(err)
+    assert {"layer", "link", "compute", "prefill"} <= set(err)
+    # serving's prompt chunks: measured against their length, fitted, longer chunks cost more
+    assert [x["tokens"] for x in prof["prefill"]] == [4, 16, 64] and all(x["median_s"] > 0 for x in prof["prefill"])
+    assert costs.prefill_s(0, 0, 4, 64, 0, True, False) > costs.prefill_s(0, 0, 4, 4, 0, True, False) > 0
 
 
 def test_validate_says_undetermined_when_too_few_repeats_were_allowed(tmp_path):
@@ -192,3 +195,63 @@ def test_tp_points_run_where_the_ranks_fit_the_cores(tmp_path):
     assert not [c for c in cases if c.tp == 2 and c.stages == 2]     # 4 ranks on 2 cores: oversubscribed
     assert any("tp 2" in n and "oversubscribed" in n for n in notes)
     assert Case("ar", 1, None, "", 2).label == "ar n=1 tp=2"
+
+
+SERVING = """
+name: small-serving
+hardware:
+  gpu: {name: cpu-core, mem_gb: 4, hbm_gbps: 20, bf16_tflops: 0.1}
+  count: 4
+  topology: {kind: full, latency_us: 30, gbps: 0.5}
+model: {name: small, layers: 8, hidden: 64, ffn: 128, heads: 4, kv_heads: 2, vocab: 256, dtype_bytes: 4}
+workload: {prompt_tokens: 48, new_tokens: 6, requests: 3, arrivals: {kind: poisson, rate_per_s: [5, 50]}}
+serving: {policy: [fcfs, interleave, adaptive]}
+head: {features: false}
+sweep: {stages: [2], partition: [uniform], acceptance: [0.5], schemes: [pp, spd]}
+"""
+
+
+def test_serving_cases_are_each_point_at_each_concurrency():
+    sc = parse_scenario(SERVING)
+    cases, notes = runnable_cases(sc, max_stages=2, head=None, concurrency=(2, 3))
+    assert all(c.serving and c.stages == 2 for c in cases) and len(cases) == len(set(cases))
+    assert Case("spd", 2, "oracle:0.5", "0.5", policy="interleave", concurrency=3, rate=50.0) in cases
+    assert Case("pp", 2, None, "", policy="interleave", concurrency=2, rate=5.0) in cases
+    assert {c.concurrency for c in cases if c.policy == "fcfs"} == {1}          # one request at a time
+    assert not any(c.policy == "adaptive" for c in cases) and any("adaptive" in n for n in notes)
+    with_head, _ = runnable_cases(sc, max_stages=2, head="h.safetensors", concurrency=(2,))
+    assert Case("spd", 2, "head:h.safetensors", "head", policy="adaptive", concurrency=2, rate=5.0) in with_head
+
+
+def test_serving_rows_compare_throughput_tpot_and_bubble():
+    c = Case("spd", 2, "oracle:0.5", "0.5", policy="interleave", concurrency=2, rate=5.0)
+    meas = [{"tokens_per_s": 100.0 + i, "tpot_p50_ms": 5.0, "tpot_p90_ms": 6.0, "bubble_ratio": 0.3} for i in range(9)]
+    pred = [{"tokens_per_s": 100.0, "tpot_p50_ms": 10.0, "tpot_p90_ms": 6.0, "bubble_ratio": 0.3}] * 9
+    rows = {r["metric"]: r for r in compare([c], {c: meas}, {c: pred})}
+    assert set(rows) == {"tokens_per_s", "tpot_p50_ms", "tpot_p90_ms", "bubble_ratio"}
+    assert rows["tpot_p50_ms"]["error_pct"] == pytest.approx(100.0) and rows["tpot_p50_ms"]["verdict"] == "fail"
+    assert rows["tpot_p90_ms"]["verdict"] == "pass" and rows["bubble_ratio"]["verdict"] == "pass"
+    assert all(r["policy"] == "interleave" and r["concurrency"] == 2 and r["rate_per_s"] == 5.0 for r in rows.values())
+
+
+def test_validate_measures_and_predicts_serving_points(tmp_path):
+    """End to end on a serving scenario: executor serving runs measured, replayed in the simulator with an
+    own calibration (prefill included); two repeats decide nothing (exit 3), but every row is there."""
+    ckpt = small_model(tmp_path)
+    scen = tmp_path / "serving.yaml"
+    scen.write_text(SERVING.replace("[fcfs, interleave, adaptive]", "[interleave]").replace("[5, 50]", "[50]"))
+    out = tmp_path / "val"
+    r = run_cli("validate", str(scen), "--model", str(ckpt), "--out", str(out), "--repeats", "2",
+                "--max-minutes", "0", "--concurrency", "2")
+    assert r.returncode == 3, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "validation.csv")))
+    assert {(x["scheme"], x["metric"]) for x in rows} == {(s, m) for s in ("pp", "spd") for m in
+                                                         ("tokens_per_s", "tpot_p50_ms", "tpot_p90_ms", "bubble_ratio")}
+    assert all(x["policy"] == "interleave" and x["concurrency"] == "2" and float(x["predicted"]) > 0 for x in rows)
+    meas = json.loads((out / "measured.json").read_text())
+    spd = next(c for c in meas["cases"] if c["scheme"] == "spd")
+    run = spd["measured"][0]
+    assert len(run["requests"]) == 3 and run["matches_reference"]
+    assert run["requests"][0]["prompt"] != CALIBRATION_PROMPT          # never the calibration prompt
+    assert spd["measured"][0]["requests"][1]["arrival_s"] != spd["measured"][1]["requests"][1]["arrival_s"]
+    assert "prefill" in (out / "calibration.yaml").read_text()
