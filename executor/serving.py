@@ -26,16 +26,18 @@ request follows its chunk through the same FIFO links, so no stage can see it fi
 feature-using drafter every stage sends its prefill output to rank 0 (FEAT, epoch -1), and the
 request's drafter starts when all depths are in.
 
-Rank 0's loop, one thread, as the simulator's first device (spdsim/serving.py `first_device`):
-  1. requests whose arrival time has come arrive; the controller admits what it can (a free slot each);
-  2. every message that has arrived is handled (RESULT → verdict per request; FEAT → features);
-  3. a draft whose features are there is made (oldest first), else
-  4. the tick the controller chooses enters stage 1 (a prefill chunk or one decode position); right
-     after its forward, if the controller wants a draft for it and its features are there, it is made;
-  5. nothing to do: wait for a message (or until the next arrival).
-Over gloo no receive can be polled (a timed-out wait breaks it), so there step 2 only sees what step 5
-took: rank 0 then takes messages only when it waits. The tokens are the same either way; the timing
-differs (documented in docs/executor-serving.md).
+Rank 0's loop, one thread, as the simulator's first device (spdsim/serving.py `first_device`) and as the
+single-request first rank reads its sockets — messages only when nothing can be issued:
+  1. a draft whose features are there is made (in queue order), else
+  2. the tick the controller chooses enters stage 1 (a prefill chunk or one decode position); right
+     after its forward, if the controller wants a draft for it, the draft is made when its features are
+     there — else the request holds (`ServingController.hold`: it issues nothing until its draft is
+     made, as one request waits for its draft's features), else
+  3. ONE message is read: a request whose arrival time has come (admitted when a slot and the
+     controller allow: at arrival and whenever a request finishes), else what a stage sent back (RESULT →
+     the request's verdict, FEAT → its features), waiting for it — or until the next arrival.
+Over gloo a receive cannot wait with a deadline (a timed-out wait breaks it), so while something is in
+flight rank 0 waits for the message even when an arrival falls due meanwhile: that arrival is read next.
 
 Timing: arrivals are scheduled on rank 0's clock from `origin` (the start of the timed loop, after
 every reference decode and drafter load); a request's records (spdsim.serving_metrics.RequestRecord)
@@ -270,6 +272,7 @@ def lead_serving(worker: Worker, job, idle_timeout: float) -> ServingResult:
             done[r] = live.pop(r)
             free.append(lv.slot)
             free.sort()
+            admit()                                  # its slot (and its place) may go to a waiting one
 
     def features_ready(lv: _Live, q: int) -> bool:
         P = len(lv.prompt)
@@ -357,20 +360,13 @@ def lead_serving(worker: Worker, job, idle_timeout: float) -> ServingResult:
             draft_jobs.append((r, q, e.epoch, tok))
             if not feats or features_ready(lv, q):      # as one request does: draft right after the forward
                 do_draft(draft_jobs.pop())
+            else:                                       # its features are on their way: r issues nothing
+                ctl.hold(r, e.epoch)                    # until the draft is made (as one request waits)
 
     try:
         while len(done) < K:
-            now = clock()
-            while waiting and origin + arrivals[waiting[0]] * 1e9 <= now:
-                r = waiting.popleft()
-                records[r] = RequestRecord(r, arrivals[r], math.nan, math.nan, math.nan, len(prompts[r]), news[r])
-                ctl.arrive(r, len(prompts[r]), news[r])
-            admit()
-            while expected and tr is not None and (got := tr.poll(sources, 0.0)) is not None:
-                handle(got[1])
-            if len(done) == K:
-                break
-            admit()
+            # as the simulator's first device (and the single-request first rank): draft what is ready,
+            # else issue, else read ONE message — an arrival that is due, or what a stage sent back
             job_ = ready_draft()
             if job_ is not None:
                 do_draft(job_)
@@ -380,9 +376,12 @@ def lead_serving(worker: Worker, job, idle_timeout: float) -> ServingResult:
                 run_tick(tick)
                 continue
             wake = origin + arrivals[waiting[0]] * 1e9 if waiting else None
-            if len(done) == K:
-                break
-            if expected:
+            if wake is not None and wake <= clock():
+                r = waiting.popleft()
+                records[r] = RequestRecord(r, arrivals[r], math.nan, math.nan, math.nan, len(prompts[r]), news[r])
+                ctl.arrive(r, len(prompts[r]), news[r])
+                admit()
+            elif expected:
                 if wake is None or not tr.can_poll:
                     handle(tr.recv(sources, w.timeout)[1])
                 else:
@@ -391,10 +390,10 @@ def lead_serving(worker: Worker, job, idle_timeout: float) -> ServingResult:
                         handle(got[1])
                     elif clock() - state["heard"] > w.timeout * 1e9:
                         raise PeerLost(sources[-1], f"sent nothing for {w.timeout:.0f} s (hung or dead)")
-            elif wake is not None:
+            elif wake is not None:                       # nothing in flight: idle until the next arrival
                 left = max(0.0, (wake - clock()) / 1e9)
                 if tr is not None and tr.can_poll:
-                    got = tr.poll(sources, left)
+                    got = tr.poll(sources, left)         # (a peer's death still shows)
                     if got is not None:
                         handle(got[1])
                 else:
@@ -402,9 +401,9 @@ def lead_serving(worker: Worker, job, idle_timeout: float) -> ServingResult:
             else:
                 state_of = {r.rid: (r.ctl.known, r.ctl.next_position, r.ctl.epoch, r.prefill_next)
                             for r in ctl.running}
-                raise RuntimeError(f"serving stalled: nothing in flight, nothing to issue (a bug): running "
-                                   f"(known, next, epoch, prefilled) {state_of}, waiting {len(ctl.waiting)}, "
-                                   f"drafts pending {list(draft_jobs)}, done {sorted(done)}, ctl finished {ctl.finished}, live {sorted(live)}")
+                raise RuntimeError(f"serving stalled with nothing in flight and nothing to issue (a bug): "
+                                   f"running (known, next, epoch, prefilled) {state_of}, {len(ctl.waiting)} "
+                                   f"waiting, drafts pending {list(draft_jobs)}")
     except PeerLost as e:
         unfinished = [r for r in range(K) if r not in done]
         e.args = (f"{e.args[0]}; {len(unfinished)} of {K} requests unfinished: {id_ranges(unfinished)}",)

@@ -20,7 +20,6 @@ from spdsim.cost_choice import cost_model
 from spdsim.costs import CostModel
 from spdsim.engine import plan_point
 from spdsim.kernel import RunConfig, jitter_rng
-from spdsim.partition import Plan
 from spdsim.scenario import Point, Workload
 from spdsim.schemes import SCHEMES
 from spdsim.serving import ServingOutcome, ServingRun, ServingSim
@@ -68,7 +67,7 @@ def replay_serving(scenario, scheme: str, stages: int, policy: str, concurrency:
     point = Point(scheme, n, "uniform", replay(sequence=[1]) if drafts else None)
     plan = plan_point(sc, point)
     if not drafts:
-        plan = Plan(plan.partition, plan.layers, plan.placement, None)
+        plan = dc_replace(plan, head_device=None)
     base = costs.with_head("head" if features else "oracle") if costs is not None else cost_model(sc)
     # the compute regime a calibration picks by scheme: PP serving several requests at once keeps its ranks
     # computing together, as SPD does (spdsim.calibration_file.regime_of), not one at a time
@@ -76,10 +75,11 @@ def replay_serving(scenario, scheme: str, stages: int, policy: str, concurrency:
     regime_scheme = "spd" if together and scheme == "pp" else scheme
     m = sc.model
     # the RunConfig spdsim.engine.simulate_point builds for a point, with the measured lengths
-    cfg = RunConfig(costs=base.for_point(regime_scheme, n), topology=sc.hardware.graph, prompt_tokens=prompt,
-                    new_tokens=new, window=spec.window(n), drafts=drafts, features=features,
+    cfg = RunConfig(costs=base.for_point(regime_scheme, n, plan.tp, plan.groups or None), topology=sc.hardware.graph,
+                    prompt_tokens=prompt, new_tokens=new, window=spec.window(n), drafts=drafts, features=features,
                     activation_bytes=m.activation_bytes,
-                    feature_bytes=m.activation_bytes * sc.head.checkpoints_per_stage, rng=jitter_rng(seed))
+                    feature_bytes=m.activation_bytes * sc.head.checkpoints_per_stage, rng=jitter_rng(seed),
+                    logits_bytes=m.logits_bytes)
     adaptive = policy == "adaptive" and drafts
     run = ServingRun(
         policy=policy, requests=[Request(i, r.arrival_s, r.prompt_tokens, r.new_tokens) for i, r in enumerate(requests)],
