@@ -55,6 +55,11 @@ Control protocol (the simulator models the same one; the state machine is spdsim
   position j ≤ q (depth 0 = embedding, which rank 0 computes itself), and waits for the missing ones.
   A feature (e, j) counts unless a later epoch restarted at a position ≤ j.
 
+  Serving (several requests, executor/serving.py): the same protocol per request — each message names
+  its request, each stage computes a request against its own KV-cache slot (the slot rides on the
+  request's PREFILL), and rank 0 drives spdsim.serving_protocol.ServingController instead of one
+  SpdController.
+
   End. After the N-th commit nothing is in flight (nothing past P+N-2 is issued, links are FIFO).
   Rank 0 sends STOP down the pipeline; each rank sends its trace events to rank 0 (BLOB). A final
   STOP(aux=1) ends the processes.

@@ -23,6 +23,11 @@ rank that finishes its chunk) and copies it to the others. The socket transport 
 token's hidden state (≤ 64 KiB) a collective is latency-bound, and direct costs one message per peer
 where the ring costs 2(t − 1) messages in a row (see docs/executor-tp.md for the figures).
 
+Every message carries the request it belongs to (`Message.request`, in the header; −1 for a single
+decode): serving runs several requests through one pipeline (executor/serving.py). `poll(sources,
+timeout)` is a receive that returns None at its deadline instead of failing: the serving first rank waits
+for a message or the next arrival, whichever comes first (gloo cannot: `can_poll` is False there).
+
 Every receive has a timeout. A peer that dies is reported as `PeerLost(rank)`: the socket transport sees
 the dead rank's connection close at once and tells every other rank (ABORT), so each survivor names the
 rank that died; the dist transport names the rank it was waiting on.
