@@ -72,7 +72,8 @@ def main() -> int:
     prompts = heldout_prompts(args.requests)
     arrivals = f"poisson:{args.rate:g}" if args.rate else None
     cases = [Case(s, args.stages, f"oracle:{args.alpha:g}" if s == "spd" else None,
-                  f"{args.alpha:g}" if s == "spd" else "", args.policy, c, args.rate) for c in cs for s in ("pp", "spd")]
+                  f"{args.alpha:g}" if s == "spd" else "", policy=args.policy, concurrency=c, rate=args.rate)
+             for c in cs for s in ("pp", "spd")]
     jobs = []
     for i in range(args.repeats):
         for c in cases:
