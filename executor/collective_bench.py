@@ -10,7 +10,6 @@ the gathered row for the all-gather (each rank contributes size / tp); message h
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import statistics
 import time
 
@@ -21,21 +20,11 @@ def _rank(rank: int, tp: int, port: int, kind: str, device: str, sizes: tuple[in
           warmup: int, algorithms: tuple[str, ...]) -> dict | None:
     """One member of the group; rank 0 returns {op: {algorithm: {"sizes", "seconds", "samples_s"}}}."""
     import torch
-    from executor.transport import connect
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(tp), "RANK": str(rank)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    from executor.transport import connect_on_port
     torch.set_num_threads(1)
     group = list(range(tp))
-    try:
-        dev = torch.device(device)
-        tr = connect(kind, rank, tp, dev, timeout=120, groups=[group])
-    finally:                                     # leave no torchrun-like variables in this process
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    dev = torch.device(device)
+    tr = connect_on_port(kind, rank, tp, dev, port, groups=[group])
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     out: dict = {"allreduce": {}, "allgather": {}}
     try:

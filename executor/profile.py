@@ -170,19 +170,9 @@ def _link_rank(rank: int, port: int, kind: str, device: str, sizes: tuple[int, .
                warmup: int) -> list[dict]:
     """One side of the ping-pong: rank 0 sends and times, rank 1 echoes. Returns rank 0's medians."""
     import torch
-    from executor.transport import ACT, Message, connect
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        dev = torch.device(device)
-        tr = connect(kind, rank, 2, dev, timeout=120)
-    finally:                                     # leave no torchrun-like variables in this process
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    from executor.transport import ACT, Message, connect_on_port
+    dev = torch.device(device)
+    tr = connect_on_port(kind, rank, 2, dev, port)
     out = []
     try:
         for size in sizes:

@@ -645,3 +645,20 @@ def connect(kind: str, rank: int, world: int, device: torch.device, timeout: flo
     if kind == "dist":
         return DistTransport(rank, world, device, timeout, groups)
     raise ValueError(f"unknown transport {kind!r}")
+
+
+def connect_on_port(kind: str, rank: int, world: int, device: torch.device, port: int, timeout: float = 120.0,
+                    groups: list[list[int]] = ()) -> Transport:
+    """`connect` for a benchmark's own ranks on this host (profile's ping-pong, the collective benchmark):
+    the rendezvous variables are set only while connecting, so none is left behind in this process."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return connect(kind, rank, world, device, timeout=timeout, groups=groups)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
