@@ -115,6 +115,7 @@ class Sim:
         self._jitter = (JitterProcess(jitter, self.n, cfg.rng or np.random.default_rng(0))
                         if jitter is not None and jitter.sd > 0 else None)
         self._paths: dict[tuple[str, str], list[tuple[str, str, float, float]]] = {}
+        self._stage_cost: dict[tuple[int, int], float] = {}     # (stage, position) → forward ns
         self.tp = plan.tp
         self._issue_pairs = [(plan.placement[0], d) for d in plan.group(0)[1:]]
 
@@ -150,9 +151,12 @@ class Sim:
 
     # --- costs ------------------------------------------------------------------------------------
     def stage_ns(self, s: int, position: int) -> float:
-        a, b = self.plan.layers[s]
-        # position q attends to positions 0..q: context length q + 1
-        t = self.cfg.costs.stage_s(s, a, b, position + 1, s == 0, s == self.n - 1) * NS
+        t = self._stage_cost.get((s, position))
+        if t is None:
+            a, b = self.plan.layers[s]
+            # position q attends to positions 0..q: context length q + 1 (a pure cost: computed once)
+            t = self._stage_cost[(s, position)] = self.cfg.costs.stage_s(s, a, b, position + 1, s == 0,
+                                                                          s == self.n - 1) * NS
         return t * self._jitter.factor(s) if self._jitter is not None else t
 
     def head_ns(self, position: int) -> float:
@@ -171,16 +175,32 @@ class Sim:
         return p
 
     def send(self, src: str, dst: str, nbytes: int, box: Mailbox, msg: tuple, stage: int) -> None:
-        """Deliver msg to box over the topology (non-blocking for the sender)."""
-        path = self._path(src, dst, nbytes)
-        if not path and not self._msg:
-            box.put(msg)
-            return
-        if self._msg:
-            ev = self.env.timeout(self._msg)
-            ev.callbacks.append(lambda _e: self._hop(path, 0, src, nbytes, box, msg, stage))
+        """Deliver msg to box over the topology (non-blocking for the sender).
+
+        Every hop is booked now, as `book` does for TP bursts: a hop's link is held for bytes /
+        bandwidth from when the message reaches it or the link frees, then the hop's latency; the
+        message is delivered by one event (`_hop` booked each hop when the message reached it, one
+        event per hop). The same schedule on one-hop topologies; on switched ones a later hop is
+        reserved in send order rather than arrival order, which differs only when two messages from
+        different senders reach a shared link within a serialization time of each other (ns)."""
+        env = self.env
+        now = env.now
+        t = now + self._msg
+        free = self.link_free
+        for link, name, ser, lat in self._path(src, dst, nbytes):
+            start = free.get(link, 0.0)
+            if start < t:
+                start = t
+            end = start + ser
+            free[link] = end
+            if self.log_sends:
+                self.log.append(("send", start, end, stage, src, msg[2], msg[1], nbytes, name, None))
+            t = end + lat
+        delay = t - now
+        if delay > 0.5:     # below the trace's 1 ns resolution: deliver now (free links)
+            env.timeout(delay).callbacks.append(lambda _e: box.put(msg))
         else:
-            self._hop(path, 0, src, nbytes, box, msg, stage)
+            box.put(msg)
 
     def _hop(self, path, i: int, src: str, nbytes: int, box: Mailbox, msg: tuple, stage: int) -> None:
         """msg has reached hop i's link (or, past the last hop, its destination) now.
@@ -288,9 +308,9 @@ class Sim:
                 discarded = (q - 1, e) not in committed    # drafted on behalf of issue q-1
             else:
                 discarded = False
-            out.append(TraceEvent(kind=kind, start_ns=int(round(t0)), end_ns=int(round(t1)), stage=s,
-                                  device=dev, position=q, bytes=nbytes, discarded=discarded,
-                                  accepted=accepted, name=name))
+            out.append(TraceEvent.trusted(kind=kind, start_ns=int(round(t0)), end_ns=int(round(t1)), stage=s,
+                                          device=dev, position=q, bytes=nbytes, discarded=discarded,
+                                          accepted=accepted, name=name))
         if sends:
             out.sort(key=lambda ev: (ev.start_ns, ev.end_ns))
         return out

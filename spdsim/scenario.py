@@ -204,10 +204,14 @@ class Scenario:
 
 def serving_points(base: list[Point], serving: ServingSpec, workload: Workload) -> list[Point]:
     """Each decode point × policy × load. spd_first and adaptive differ from interleave only in how
-    drafts enter, so points that draft nothing (AR, PP, SPD on one stage) run fcfs and interleave."""
+    drafts enter, so points that draft nothing (AR, PP, SPD on one stage) run fcfs and interleave; PP
+    and SPD on one stage are AR, and are left out where the AR point is there."""
     loads = list(workload.arrivals.loads) or [None]
+    ar_tps = {p.tp for p in base if p.scheme == "ar"}
     out = []
     for p in base:
+        if p.scheme in ("pp", "spd") and p.stages == 1 and p.tp in ar_tps:
+            continue
         drafts = p.scheme == "spd" and p.stages > 1
         for policy in serving.policies:
             if not drafts and policy in ("spd_first", "adaptive"):

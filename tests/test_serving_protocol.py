@@ -176,3 +176,24 @@ def test_prefill_closed_form_and_one_token():
     assert c.prefill_s(0, 0, 8, 1, ctx, True, False) == pytest.approx(c.stage_s(0, 0, 8, ctx + 1, True, False))
     assert c.prefill_s(0, 0, 8, 1, ctx, True, True) == pytest.approx(
         c.stage_s(0, 0, 8, ctx + 1, True, True) - c.lm_head_s())
+
+
+def test_a_held_request_waits_for_its_draft():
+    """hold: the request's draft waits for features; it issues nothing, not even a known token,
+    until the draft is made or a flush starts a newer epoch (as the single-request first rank)."""
+    ctl = ServingController("interleave", window=4, drafts=True)
+    ctl.arrive(0, 1, 8)
+    ctl.admit()
+    t = ctl.next_tick()                        # position 0 (known)
+    ctl.hold(0, 0)
+    ctl.on_result(0, 0, 0, lambda c: True)     # position 1 is known now, but the draft is pending
+    assert ctl.next_tick() is None
+    ctl.on_draft(0, 1, 0)                      # the (late) draft arrives: the hold ends
+    t = ctl.next_tick()
+    assert t.entries[0].position == 1
+    ctl.hold(0, 0)
+    ctl.on_draft(0, 2, 0)
+    ctl.next_tick()                            # position 2, speculated
+    ctl.hold(0, 0)
+    v = ctl.on_result(0, 1, 0, lambda c: False)   # rejected: epoch 1, the hold of epoch 0 is void
+    assert v.verdict.accepted is False and ctl.next_tick().entries[0].epoch == 1
