@@ -90,8 +90,6 @@ def test_every_policy_and_concurrency_equals_each_requests_greedy_decode(ckpt, t
     assert any(q["accepts"] for q in by[("adaptive", 3, "head 0")]["requests"])
     assert all(c is not None and 0 < c <= 1 for q in by[("adaptive", 3, "head 0")]["requests"] for c in q["confidences"])
     assert by[("interleave", 2, "pp")]["waste_ratio"] == 0
-    # spd_first: only the oldest request speculates, so with C = 3 some verdicts are missing that
-    # interleave has (every request drafts) — the requests that were never the oldest while running
     for r in results:
         stats = serving_metrics([_record(q) for q in r["requests"]])
         assert r["tpot_p50_ms"] == pytest.approx(stats.latency["tpot"]["p50"])
