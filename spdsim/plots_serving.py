@@ -77,10 +77,19 @@ def plot_serving_vs_load(df: pd.DataFrame, path: Path) -> Path | None:
         ax.set_xlabel(_xlabel(df))
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-    if (best["ttft_p99_ms"] > 0).all() and best["ttft_p99_ms"].max() > 20 * best["ttft_p99_ms"].min():
-        axes[1].set_yscale("log")
-    axes[0].set_ylim(bottom=0)
+    for ax, col in ((axes[0], "tpot_p99_ms"), (axes[1], "ttft_p99_ms")):
+        if (best[col] > 0).all() and best[col].max() > 20 * best[col].min():
+            ax.set_yscale("log")          # fcfs queues and round robins over many requests span decades
+        else:
+            ax.set_ylim(bottom=0)
     axes[2].set_ylim(bottom=0)
+    xs = best["x"][best["x"] > 0]
+    if len(xs) and xs.max() >= 8 * xs.min():
+        ticks = sorted(xs.unique())
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+            ax.minorticks_off()
     handles = [Line2D([], [], lw=1.8, label=s, **styles[s]) for s in series]
     fig.legend(handles=handles, loc="outside right center", fontsize=8)
     names = ", ".join(sorted({str(x) for x in df["scenario"].dropna().unique()}))

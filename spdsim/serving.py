@@ -10,7 +10,9 @@ its topology paths, its costs, its RunConfig):
                 a RESULT, a stage's features, an arrival — in arrival order, or waits for the next.
                 It reads messages only when it cannot issue, exactly as the single-request first device
                 does (and the executor's first rank reads its sockets), and a request whose draft waits
-                for features issues nothing until the draft is made (`ServingController.hold`).
+                for features issues nothing until the draft is made (`ServingController.hold`). With
+                max_batch > 1 it reads every message that has arrived by then, so that a tick can batch
+                every request they made ready.
   stages 2..n   booked when a tick leaves stage 1 (`ServingSim.traverse`: the tandem-queue recursion);
                 what they send back — RESULTs and features — goes into the first device's inbox, a
                 heap of (arrival time, message), with no SimPy event: only the first device reads it,
@@ -511,6 +513,7 @@ class ServingSim(Sim):
         env, ctl, dev, n = self.env, self.ctl, self.first_dev, self.n
         records, inbox = self.records, self.inbox
         wait_features = self.cfg.features and self.head_device is not None
+        batched = ctl.max_batch > 1
         while True:
             if self.remaining == 0:
                 self.done.succeed()
@@ -522,12 +525,17 @@ class ServingSim(Sim):
                     continue
             tick = ctl.next_tick()
             if tick is None:
-                # as the single-request first device: read ONE message when nothing can be issued
+                # as the single-request first device: read ONE message when nothing can be issued;
+                # with batched ticks, every message that has arrived, so that the next tick can take
+                # every request they made ready (one at a time, each would go alone)
                 if not inbox:
                     raise RuntimeError("serving: nothing to issue and nothing in flight")
                 if inbox[0][0] - env.now > READY_NS:
                     yield env.timeout(inbox[0][0] - env.now)
                 self._handle(heapq.heappop(inbox)[2])
+                if batched:
+                    while inbox and inbox[0][0] - env.now <= READY_NS:
+                        self._handle(heapq.heappop(inbox)[2])
                 continue
             if tick.entries:
                 for e in tick.entries:

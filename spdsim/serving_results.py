@@ -66,9 +66,11 @@ def _load_label(df: pd.DataFrame) -> str:
 
 
 def _config(r) -> str:
-    tp = r.get("tp")
-    tp_part = f" tp={int(tp)}" if tp is not None and not (isinstance(tp, float) and math.isnan(tp)) and tp > 1 else ""
-    return f"{r['scheme']}/{r['policy']} n={r['stages']}{tp_part} {r['partition']}"
+    """'pp/interleave n=8 compute_balanced', 'tp8/fcfs (8 GPUs)': the series and where it runs."""
+    if r["stages"] == 1:
+        gpus = int(r["gpus"]) if "gpus" in r and r["gpus"] == r["gpus"] else 1
+        return f"{r['series']} ({gpus} GPU{'s' if gpus > 1 else ''})"
+    return f"{r['series']} n={r['stages']} {r['partition']}"
 
 
 def _pivot_table(best: pd.DataFrame, metric: str, title: str, xlabel: str) -> str:

@@ -112,6 +112,26 @@ def test_interleave_has_no_steady_state_bubble(tmp_path, n):
     assert r.metrics.tokens_per_s == pytest.approx(n * N / ((n * N + n - 1) * t), rel=1e-9)
 
 
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_batched_ticks_closed_form(tmp_path, batch):
+    """PP, n = 2 equal stages of t, k = 4 requests of N tokens at time 0, max_batch B (a fixed layer_ms
+    stands for the whole batched forward). With k/B ≥ n the stages never idle: N·k/B ticks, the last
+    one n − 1 ticks from the end; with k/B < n the round trip bounds it: a batch every n ticks. Where a
+    request's RESULT is read as it arrives (k/B ≤ n) it gets a token every n ticks exactly."""
+    n, k, N = 2, 4, 24
+    path = trace_file(tmp_path, [(0.0, 1, N)] * k)
+    s = scenario(IDEAL, tmp_path, workload={"arrivals": {"kind": "trace", "file": path}},
+                 serving={"policy": "interleave", "max_batch": batch}, sweep={**IDEAL["sweep"], "stages": [n]})
+    r = simulate_point(s, Point("pp", n, "uniform", None, policy="interleave", load=None))
+    t = 32 // n * 1e-3
+    window = (N * k / batch - 1 + n) * t if k / batch >= n else N * n * t
+    assert max(x.finish_s for x in r.requests) == pytest.approx(window, rel=1e-9)
+    assert r.metrics.bubble_ratio == pytest.approx(1 - N * k / batch * t / window, abs=1e-9)
+    if k / batch <= n:
+        for rec in r.requests:
+            assert rec.tpot_s == pytest.approx(n * t, rel=1e-9)
+
+
 # --- Little's law ------------------------------------------------------------------------------------
 
 def test_littles_law_on_a_long_run():
