@@ -34,23 +34,27 @@ from spdsim.replay import _replay, _replay_scenario, draft_kind, load_runs, repl
 from spdsim.textable import align  # noqa: E402
 
 
-def _key(scheme: str, stages: int, draft: str) -> str:
+def _key(scheme: str, stages: int, draft: str, tp: int = 1) -> str:
     kind = draft.split(":")[0] if draft else ""
-    return f"{scheme}-n{stages}" + (f" {kind}" if kind else "")
+    return f"{scheme}-n{stages}" + (f"-tp{tp}" if tp > 1 else "") + (f" {kind}" if kind else "")
 
 
 def in_sample(trace_dir: Path, calib: Path) -> dict[str, list[tuple[float, float]]]:
     """(measured, predicted) tokens/s of every calibration run, by case key."""
     prof = json.loads((trace_dir / "profile.json").read_text())
-    runs = load_runs(trace_dir)
-    base = _replay_scenario(prof["model"], max(t.header.stages for t in runs))
     costs = load_calibration(calib)
     out: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for tr, seed in zip(runs, replay_seeds(runs)):
-        h = tr.header
-        meas = run_metrics(tr.events, h.scheme, h.stages, h.new_tokens, h.placement).tokens_per_s
-        pred = _replay(base, tr, costs, seed=seed).metrics.tokens_per_s
-        out[_key(h.scheme, h.stages, draft_kind(tr))].append((meas, pred))
+    for sub in ("runs", "runs_tp"):
+        runs = load_runs(trace_dir, sub)
+        if not runs:
+            continue
+        tp = max(t.header.tp for t in runs)
+        base = _replay_scenario(prof["model"], max(t.header.stages for t in runs), tp)
+        for tr, seed in zip(runs, replay_seeds(runs)):
+            h = tr.header
+            meas = run_metrics(tr.events, h.scheme, h.stages, h.new_tokens, h.placement).tokens_per_s
+            pred = _replay(base, tr, costs, seed=seed).metrics.tokens_per_s
+            out[_key(h.scheme, h.stages, draft_kind(tr), h.tp)].append((meas, pred))
     return out
 
 
@@ -69,7 +73,7 @@ def main() -> None:
     rows = [("case", "in-sample err", "validation err", "meas. prompt ratio", "pred. prompt ratio",
              "first-repeat err", "other repeats err")]
     for c in meas["cases"]:
-        key = _key(c["scheme"], c["stages"], c.get("draft") or ("oracle" if c["scheme"] == "spd" else ""))
+        key = _key(c["scheme"], c["stages"], c.get("draft") or ("oracle" if c["scheme"] == "spd" else ""), c.get("tp", 1))
         val = [(m["tokens_per_s"], p["tokens_per_s"]) for m, p in zip(c["measured"], c["predicted"])]
         cal = ins.get(key, [])
         ratio_m = ratio_p = ""
