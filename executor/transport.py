@@ -276,7 +276,7 @@ class SocketTransport(Transport):
             except BlockingIOError:
                 pass
             except (ConnectionError, OSError):
-                raise PeerLost(dst, "died (send failed)") from None
+                self._send_failed(dst)
             if not len(view):
                 return
             if dst not in self.closed:
@@ -295,9 +295,22 @@ class SocketTransport(Transport):
         except BlockingIOError:
             return
         except (ConnectionError, OSError):
-            raise PeerLost(j, "died (send failed)") from None
+            self._send_failed(j)
         if j not in self.closed:            # all written: back to reading only
             self.selector.modify(s, selectors.EVENT_READ, j)
+
+    def _send_failed(self, j: int) -> None:
+        """A send to j failed: j is gone. Read what j wrote before it went first — an ABORT there names
+        the rank that really died (j may have quit because of it), and every survivor should say so."""
+        try:
+            for _ in range(64):
+                if j in self.closed:
+                    break
+                self._take(j)
+        except PeerLost as e:
+            if e.rank != j:
+                raise
+        raise PeerLost(j, "died (send failed)")
 
     def _wait_sent(self, dsts, deadline: float) -> None:
         while any(self.outq[j] for j in dsts):

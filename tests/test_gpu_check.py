@@ -95,8 +95,10 @@ def test_calibration_loads_and_moves_the_prediction(check):
     # the simulator's tokens/s moves the way the fitted layer time does (the roofline's closed form)...
     tps_cal = simulate_point(with_cal, Point("ar", 1, "uniform", None)).metrics.tokens_per_s
     tps_def = simulate_point(without, Point("ar", 1, "uniform", None)).metrics.tokens_per_s
-    ctx = 32 + 12
-    slower = costs.layer_s(0, ctx) > default.layer_s(0, ctx)
+    def decode_s(c):           # AR's closed form: one whole-model forward per token, contexts 32..55
+        L = shape.layers
+        return sum(c.stage_s(0, 0, L, q + 1, True, True) for q in range(31, 31 + 24))
+    slower = decode_s(costs) > decode_s(default)
     assert (tps_cal < tps_def) == slower and tps_cal != tps_def
     # ... and from the catalog's prediction toward what the check measured: the catalog's 20 µs per layer
     # is a GPU's launch overhead, a CPU's eager layer pays hundreds of µs of operator calls
