@@ -59,6 +59,22 @@ ARRIVE = "arrive"
 READY_NS = 0.5          # a message due within this of now is readable now (the kernel's delivery rule)
 
 
+def _through(path, tt: float, now: float) -> float:
+    """A message entering `path` (hops of (LinkBook, name, ser, lat)) at tt: each hop booked in its first
+    free gap (appended when it is the latest, the common case), then its latency; the arrival time."""
+    for book, _name, ser, lat in path:
+        ends = book.ends
+        if not ends or tt >= ends[-1]:
+            book.starts.append(tt)
+            ends.append(tt + ser)
+            if len(ends) > book.limit:
+                book._prune(now)
+        else:
+            tt = book.reserve(tt, ser, now)
+        tt += ser + lat
+    return tt
+
+
 @dataclass
 class ServingRun:
     """Everything a serving run needs besides the plan and the RunConfig."""
@@ -291,17 +307,7 @@ class ServingSim(Sim):
         total = 0.0
         inbox, push = self.inbox, heapq.heappush
         for s in range(1, n):
-            tt = t + msg_over
-            for book, _name, ser, lat in self._act_paths[s][0]:
-                ends = book.ends
-                if not ends or tt >= ends[-1]:
-                    book.starts.append(tt)
-                    ends.append(tt + ser)
-                    if len(ends) > book.limit:
-                        book._prune(now)
-                else:
-                    tt = book.reserve(tt, ser, now)
-                tt += ser + lat
+            tt = _through(self._act_paths[s][0], t + msg_over, now)
             f = free[s]
             start = (tt if tt > f else f) + tick_over
             dur = costs[s].get(q)
@@ -313,17 +319,7 @@ class ServingSim(Sim):
             total += dur
             fpath = self._feature_paths[s]
             if fpath is not None:
-                tt = end + msg_over
-                for book, _name, ser, lat in fpath:
-                    ends = book.ends
-                    if not ends or tt >= ends[-1]:
-                        book.starts.append(tt)
-                        ends.append(tt + ser)
-                        if len(ends) > book.limit:
-                            book._prune(now)
-                    else:
-                        tt = book.reserve(tt, ser, now)
-                    tt += ser + lat
+                tt = _through(fpath, end + msg_over, now)
                 push(inbox, (tt if tt - now > READY_NS else now, self._order, (FEATURE, s, tick)))
                 self._order += 1
             t = end
