@@ -554,6 +554,13 @@ class DistTransport(Transport):
     def can_poll(self) -> bool:          # gloo: a timed-out wait breaks the receive, is_completed never moves
         return self.backend != "gloo"
 
+    def _post_headers(self, sources: list[int]) -> None:
+        """One posted header receive per source that has none (NCCL has no any-source receive)."""
+        for j in sources:
+            if j not in self._pending:
+                buf = torch.empty(HEADER_FIELDS, dtype=torch.int64, device=self.device)
+                self._pending[j] = (self.dist.irecv(buf, j), buf)
+
     def poll(self, sources: list[int], timeout: float = 0.0) -> tuple[int, Message] | None:
         for j in sources:
             if self.inbox.get(j):
@@ -561,10 +568,7 @@ class DistTransport(Transport):
         if not self.can_poll:
             return None
         deadline = time.monotonic() + timeout
-        for j in sources:
-            if j not in self._pending:
-                buf = torch.empty(HEADER_FIELDS, dtype=torch.int64, device=self.device)
-                self._pending[j] = (self.dist.irecv(buf, j), buf)
+        self._post_headers(sources)
         while True:
             for j in sources:
                 work, buf = self._pending[j]
@@ -584,10 +588,7 @@ class DistTransport(Transport):
             return self._recv_any(sources, timeout)
         # NCCL has no any-source receive: one posted header receive per source, polled.
         deadline = time.monotonic() + timeout
-        for j in sources:
-            if j not in self._pending:
-                buf = torch.empty(HEADER_FIELDS, dtype=torch.int64, device=self.device)
-                self._pending[j] = (self.dist.irecv(buf, j), buf)
+        self._post_headers(sources)
         while True:
             for j in sources:
                 work, buf = self._pending[j]
