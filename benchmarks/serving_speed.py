@@ -17,26 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-import simpy
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from spdsim import acceptance as acc  # noqa: E402
 from spdsim.engine import simulate_point  # noqa: E402
 from spdsim.scenario import Point, parse_scenario  # noqa: E402
-
-
-class CountingEnv(simpy.Environment):
-    """Counts processed events."""
-    def __init__(self) -> None:
-        super().__init__()
-        self.processed = 0
-
-    def step(self) -> None:
-        self.processed += 1
-        super().step()
+from sim_speed import CountingEnv  # noqa: E402  (benchmarks/: the same event counter)
 
 
 def scenario(requests: int, rate: float, policy: str, max_batch: int, stages: int, features: bool):

@@ -331,14 +331,21 @@ class SocketTransport(Transport):
         if self.outq[dst]:                  # the kernel's buffer is full: read while the peer drains it
             self._wait_sent([dst], time.monotonic() + self.timeout)
 
+    def _first_ready(self, sources: list[int]) -> tuple[int, Message] | None:
+        """The first source (in order) with a message waiting; a closed one that has none is dead."""
+        for j in sources:
+            if self.inbox[j]:
+                return j, self.inbox[j].popleft()
+            if j in self.closed:
+                raise PeerClosed(j, "died (connection closed)")
+        return None
+
     def recv(self, sources: list[int], timeout: float) -> tuple[int, Message]:
         deadline = time.monotonic() + timeout
         while True:
-            for j in sources:
-                if self.inbox[j]:
-                    return j, self.inbox[j].popleft()
-                if j in self.closed:
-                    raise PeerClosed(j, "died (connection closed)")
+            got = self._first_ready(sources)
+            if got is not None:
+                return got
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerLost(sources[-1], f"sent nothing for {timeout:.0f} s (hung or dead)")
@@ -351,11 +358,9 @@ class SocketTransport(Transport):
         deadline = time.monotonic() + timeout
         while True:
             self._pump(0.0)
-            for j in sources:
-                if self.inbox[j]:
-                    return j, self.inbox[j].popleft()
-                if j in self.closed:
-                    raise PeerClosed(j, "died (connection closed)")
+            got = self._first_ready(sources)
+            if got is not None:
+                return got
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
