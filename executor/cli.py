@@ -264,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--calibration", type=Path, default=None, metavar="CALIB.yaml",
                    help="use this calibration (default: the scenario's, else profile + calibrate now)")
     v.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    v.add_argument("--repeats", type=int, default=5,
-                   help="measured decodes per point and round (default 5); rounds are added until every "
-                        "point's verdict is known or --max-minutes is spent")
+    v.add_argument("--repeats", type=int, default=8,
+                   help="measured decodes per point and round (default 8: the fewest an interval can decide "
+                        "on); rounds are added until every point's verdict is known or --max-minutes is spent")
     v.add_argument("--max-minutes", type=float, default=15.0,
                    help="stop adding rounds after this long (default 15; 0: one round)")
     v.add_argument("--warmup", type=int, default=1,

@@ -31,10 +31,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from spdsim.errors import UserError
 from spdsim.textable import align
-from spdsim.verdict import FAIL, PASS, UNDETERMINED, Interval, error_interval, median_interval, overall, \
-    repeats_to_decide, verdict
+from spdsim.verdict import FAIL, PASS, UNDETERMINED, Interval, overall, paired_error, repeats_to_decide, \
+    statistic_interval, throughput, verdict
 
 # Measured on this prompt; `executor profile` calibrates on executor.profile.CALIBRATION_PROMPT.
 VALIDATION_PROMPT = "def parse(line):\n    key, _, value = line.partition('=')\n    return "
@@ -226,13 +228,12 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
             jobs.append(case_job(group[0], 999))
             kinds.append(("warmup", None))
         for i in range(first, first + repeats):
-            for name, scheme, draft in calib:
-                jobs.append({"scheme": scheme, "prompt": calib_prompt, "new_tokens": new_tokens, "draft": draft,
-                             "seed": 100 + i})
-                kinds.append(("calib", f"{name}-r{i}"))
-            for c in group:
-                jobs.append(case_job(c, 1000 + i))
-                kinds.append(("case", c))
+            calib_jobs = [(("calib", f"{name}-r{i}"), {"scheme": scheme, "prompt": calib_prompt,
+                                                       "new_tokens": new_tokens, "draft": draft, "seed": 100 + i})
+                          for name, scheme, draft in calib]
+            for kind, job in interleave(calib_jobs, [(("case", c), case_job(c, 1000 + i)) for c in group]):
+                kinds.append(kind)
+                jobs.append(job)
         tmp = Path(tempfile.mkdtemp(prefix="spd-validate.")) if calib else None
         t0 = time.time()
         try:
@@ -251,10 +252,31 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
         log(f"validate: measured {len(group) * repeats} decodes on {n * tp} rank(s)"
             + (f", {len(calib) * repeats} calibration decodes interleaved" if calib else "")
             + f" ({time.time() - t0:.0f} s)")
-        results = [(what, r) for (kind, what), r in zip(kinds, res) if kind == "case"]
+        results = [(what, {**r, "calibration_neighbours": neighbours(kinds, j)})
+                   for j, ((kind, what), r) in enumerate(zip(kinds, res)) if kind == "case"]
         for c in group:
             out[c] = [r for what, r in results if what == c]
     return out
+
+
+def interleave(calib: list, cases: list) -> list:
+    """One repeat's jobs: the calibration decodes spread among the cases (cal, case, case, cal, case, …),
+    so that every measured decode has a calibration decode next to it, a second or so away."""
+    if not calib:
+        return list(cases)
+    out, k = [], len(calib)
+    bounds = [round(j * len(cases) / k) for j in range(k + 1)]
+    for j, cal in enumerate(calib):
+        out += [cal, *cases[bounds[j]:bounds[j + 1]]]
+    return out
+
+
+def neighbours(kinds: list[tuple[str, object]], j: int) -> list[str]:
+    """The calibration runs on either side of job j in one launch: the nearest before and the nearest
+    after (one at the ends of the launch, none without calibration runs)."""
+    before = next((what for kind, what in reversed(kinds[:j]) if kind == "calib"), None)
+    after = next((what for kind, what in kinds[j + 1:] if kind == "calib"), None)
+    return [w for w in (before, after) if w is not None]
 
 
 # --- predicting ----------------------------------------------------------------------------------------
@@ -292,15 +314,25 @@ def predict(scenario, case: Case, calibration: Path, prompt_tokens: int, new_tok
 
 # --- comparing -----------------------------------------------------------------------------------------
 
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
+def statistic(metric: str):
+    """How repeats are combined for `metric`: tokens/s as throughput (total tokens over total decode time:
+    what the calibration's mean costs predict, and steady where the median of a host jumping between two
+    speeds is not), the bubble as a mean (what calibrate's spread fit matches), latency percentiles as
+    medians."""
+    return {"tokens_per_s": throughput, "bubble_ratio": np.mean}.get(metric, np.median)
 
 
-def _paired_ratios(runs: list[dict], base: list[dict]) -> list[float]:
-    """tokens/s of each repeat over the base case's in the same round (measure() runs the cases round-
-    robin in one launch): a slow spell hits both sides of a ratio alike."""
-    return [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs, base, strict=True)]
+def at_host_speed(pred: dict, speed: float) -> dict:
+    """A non-serving prediction at `speed` × the calibration's host speed: every simulated duration
+    divided by it, so tokens/s scales by it and ratios of durations (the bubble) stay."""
+    return {**pred, "tokens_per_s": pred["tokens_per_s"] * speed}
+
+
+def neighbour_speed(run: dict, speeds: dict[str, float]) -> float:
+    """The host speed while a measured decode ran: `host_speed` of the calibration decodes on either side
+    of it, combined as throughput (1 when validating against a given calibration: no such runs)."""
+    near = [speeds[n] for n in run.get("calibration_neighbours", ()) if n in speeds]
+    return throughput(near) if near else 1.0
 
 
 def tolerance_pct(metric: str, tolerance: float, bubble_tolerance: float) -> float:
@@ -310,41 +342,48 @@ def tolerance_pct(metric: str, tolerance: float, bubble_tolerance: float) -> flo
 
 def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict[Case, list[dict]],
             tolerance: float = 0.05, bubble_tolerance: float = 0.03) -> list[dict]:
-    """validation.csv rows: medians over repeats (speedup_vs_pp against PP of the same stage count, as the
-    median of per-round ratios), each with the bootstrap interval of the measured median (ci_low,
-    ci_high), of the error (error_ci_low, error_ci_high; repeats resampled in pairs, spdsim.verdict) and
-    the verdict that interval gives against the tolerance."""
+    """validation.csv rows: each metric's `statistic` over repeats (speedup_vs_pp: the case's throughput
+    over PP's of the same stage count, in the same rounds), with the bootstrap interval of the measured
+    figure (ci_low, ci_high), of the error (error_ci_low, error_ci_high; repeats resampled in pairs, a
+    round's case and PP decodes together: spdsim.verdict) and the verdict that interval gives against the
+    tolerance."""
     pp_case = {(c.stages, c.tp): c for c in cases if c.scheme == "pp" and not c.serving}
     rows = []
     for k, c in enumerate(cases):
-        direct = [m for m in c.metrics if m != "speedup_vs_pp"]
-        series: dict[str, tuple[list[float], list[float]]] = {
-            m: ([r.get(m) for r in measured[c]], [r.get(m) for r in predicted[c]]) for m in direct}
-        if (c.stages, c.tp) in pp_case and not c.serving:
-            base = pp_case[(c.stages, c.tp)]
-            series["speedup_vs_pp"] = (_paired_ratios(measured[c], measured[base]),
-                                       _paired_ratios(predicted[c], predicted[base]))
         for metric in c.metrics:
-            if metric not in series:
-                continue
-            meas_xs, pred_xs = series[metric]
-            pairs = [(m, p) for m, p in zip(meas_xs, pred_xs) if m is not None and p is not None]
-            if not pairs:
-                continue
-            meas_xs, pred_xs = [m for m, _ in pairs], [p for _, p in pairs]
+            if metric == "speedup_vs_pp":
+                if (c.stages, c.tp) not in pp_case:
+                    continue
+                base = pp_case[(c.stages, c.tp)]      # the same rounds: measure() runs both in one launch
+                m, mb, p, pb = (np.array([r["tokens_per_s"] for r in rs], float)
+                                for rs in (measured[c], measured[base], predicted[c], predicted[base]))
+                meas_stat = lambda idx, m=m, mb=mb: throughput(m[idx]) / throughput(mb[idx])   # noqa: E731
+                pred_stat = lambda idx, p=p, pb=pb: throughput(p[idx]) / throughput(pb[idx])   # noqa: E731
+                meas_xs = list(m / mb)
+            else:
+                pairs = [(r.get(metric), q.get(metric)) for r, q in zip(measured[c], predicted[c])
+                         if r.get(metric) is not None and q.get(metric) is not None]
+                if not pairs:
+                    continue
+                m, p = (np.array(xs, float) for xs in zip(*pairs))
+                stat = statistic(metric)
+                meas_stat = lambda idx, m=m, stat=stat: float(stat(m[idx]))   # noqa: E731
+                pred_stat = lambda idx, p=p, stat=stat: float(stat(p[idx]))   # noqa: E731
+                meas_xs = list(m)
+            n = len(meas_xs)
             relative = metric != "bubble_ratio"
             seed = 7919 * k + ALL_METRICS.index(metric)    # reproducible intervals
-            med = median_interval(meas_xs, seed=seed)
-            err = error_interval(meas_xs, pred_xs, relative, seed=seed)
+            med = statistic_interval(meas_stat, n, seed=seed)
+            err = paired_error(meas_stat, pred_stat, n, relative, seed=seed)
             scale = 100.0 / med.estimate if relative else 100.0
-            spread = (max(meas_xs) - min(meas_xs)) / 2 * scale if len(meas_xs) > 1 else 0.0
+            spread = (max(meas_xs) - min(meas_xs)) / 2 * scale if n > 1 else 0.0
             tol = tolerance_pct(metric, tolerance, bubble_tolerance)
             rows.append({"scheme": c.scheme, "stages": c.stages, "tp": c.tp, "partition": "uniform", "acceptance": c.acceptance,
-                         "metric": metric, "predicted": statistics.median(pred_xs), "measured": med.estimate,
+                         "metric": metric, "predicted": pred_stat(np.arange(n)), "measured": med.estimate,
                          "error_pct": err.estimate, "measured_spread": spread,
                          "ci_low": med.low, "ci_high": med.high,
-                         "error_ci_low": err.low, "error_ci_high": err.high, "repeats": len(meas_xs),
-                         "verdict": verdict(err, tol) if len(meas_xs) >= MIN_REPEATS else UNDETERMINED,
+                         "error_ci_low": err.low, "error_ci_high": err.high, "repeats": n,
+                         "verdict": verdict(err, tol) if n >= MIN_REPEATS else UNDETERMINED,
                          "policy": c.policy or "", "concurrency": c.concurrency if c.serving else "",
                          "rate_per_s": c.rate if c.serving else ""})
     return rows
@@ -462,6 +501,7 @@ def validate_command(args) -> int:
     from executor.runner import resolve_model
     from spdsim.calibrate import calibrate
     from spdsim.calibration_file import load_calibration, write_calibration
+    from spdsim.replay import host_speed
     from spdsim.scenario import load_scenario
     scenario = load_scenario(args.scenario)
     if args.tolerance <= 0 or args.bubble_tolerance <= 0:
@@ -544,11 +584,14 @@ def validate_command(args) -> int:
                       warmup=args.warmup, pin=args.pin, serving_prompts=serving_prompts, threshold=threshold)
         for c in cases:
             measured[c] += new[c]
+        speeds: dict[str, float] = {}
         if own_calibration:     # refitted on every calibration run so far (never on the measured ones)
             costs, err, calib_lines = calibrate(out / "profile")
             calib = write_calibration(out / "calibration.yaml", costs, err)
+            speeds = host_speed(out / "profile", costs)
         predicted = {c: [predict_serving(scenario, c, calib, r, seed=i, threshold=threshold) if c.serving
-                         else predict(scenario, c, calib, len(prompt), N, r["accepts"], seed=i)
+                         else at_host_speed(predict(scenario, c, calib, len(prompt), N, r["accepts"], seed=i),
+                                            neighbour_speed(r, speeds))
                          for i, r in enumerate(measured[c])] for c in cases}
         rows = compare(cases, measured, predicted, args.tolerance, args.bubble_tolerance)
         round_s.append(time.time() - t_round)

@@ -120,23 +120,39 @@ def fit_jitter_scale(base, runs: list[Trace], costs: CalibratedCosts, regime: st
     return (lo + hi) / 2
 
 
+def replayed_runs(trace_dir: Path, costs: CalibratedCosts):
+    """Every calibration run under trace_dir (runs/ and runs_tp/) with its own replay: yields
+    (run directory name, trace, measured metrics, predicted metrics), seeds from `replay_seeds`."""
+    prof = json.loads((trace_dir / "profile.json").read_text())
+    if not prof.get("model"):
+        return
+    for sub in ("runs", "runs_tp"):
+        runs = load_runs(trace_dir, sub)
+        if not runs:
+            continue
+        names = sorted(p.name for p in (trace_dir / sub).iterdir() if p.is_dir())   # load_runs' order
+        stages = max(t.header.stages for t in runs)
+        bases = {tp: _replay_scenario(prof["model"], stages, tp) for tp in {t.header.tp for t in runs}}
+        for name, tr, seed in zip(names, runs, replay_seeds(runs)):
+            h = tr.header
+            meas = run_metrics(tr.events, h.scheme, h.stages, h.new_tokens, h.placement)
+            yield name, tr, meas, _replay(bases[h.tp], tr, costs, seed=seed).metrics
+
+
+def host_speed(trace_dir: Path, costs: CalibratedCosts) -> dict[str, float]:
+    """Measured tokens/s ÷ predicted tokens/s of every calibration run, by run name: how fast the host
+    ran while that run decoded, relative to the calibration's (mean) costs. `executor validate` predicts
+    each measured decode at the speed of the calibration decodes run next to it."""
+    return {name: meas.tokens_per_s / pred.tokens_per_s for name, _, meas, pred in replayed_runs(trace_dir, costs)}
+
+
 def in_sample(trace_dir: Path, calib: Path) -> list[str]:
     """Predict every calibration run itself (its own verdicts replayed): how much of the error is the
     model's structure rather than drift between calibration and validation. Not a validation."""
     prof = json.loads((trace_dir / "profile.json").read_text())
-    runs = load_runs(trace_dir)
-    tp_runs = load_runs(trace_dir, "runs_tp")
-    if not prof.get("model") or not runs:
-        return []
-    base = _replay_scenario(prof["model"], max(t.header.stages for t in runs))
-    bases = {t: _replay_scenario(prof["model"], max(r.header.stages for r in tp_runs), t)
-             for t in {r.header.tp for r in tp_runs}}
-    costs = load_calibration(calib)
     out = []
-    for tr, seed in [*zip(runs, replay_seeds(runs)), *zip(tp_runs, replay_seeds(tp_runs))]:
+    for _, tr, meas, pred in replayed_runs(trace_dir, load_calibration(calib)):
         h = tr.header
-        meas = run_metrics(tr.events, h.scheme, h.stages, h.new_tokens, h.placement)
-        pred = _replay(bases.get(h.tp, base) if h.tp > 1 else base, tr, costs, seed=seed).metrics
         tp = f"-tp{h.tp}" if h.tp > 1 else ""
         cores = prof.get("cpu_count") if prof.get("device", "cpu") == "cpu" else None
         over = " (oversubscribed: more ranks than cores, not modelled)" if cores and h.tp * h.stages > cores else ""

@@ -2,10 +2,12 @@
 interval for its error, and a point passes, fails or is undetermined by where that interval lies.
 
 A validated figure is a statistic of paired repeats: repeat i of a point was measured in round i and is
-predicted replaying its own accept/reject verdicts with jitter seed i. `error_interval` resamples the
+predicted replaying its own accept/reject verdicts with jitter seed i. `paired_error` resamples the
 repeats (pairs kept together, so a ratio's two sides and a prediction's measured partner move as one)
-and recomputes the error each time. The verdict, for a tolerance t (relative for tokens/s and speedup,
-absolute for the bubble):
+and recomputes the error each time. Which statistic is the caller's: `executor validate` compares
+tokens/s as `throughput` (total tokens over total time, what costs fitted as means predict), the bubble
+as a mean, latency percentiles as medians. The verdict, for a tolerance t (relative for tokens/s and
+speedup, absolute for the bubble):
 
   pass          the whole interval lies within [-t, t]        (|error| + half-width ≤ t)
   fail          the whole interval lies outside it            (|error| − half-width > t)
@@ -48,32 +50,56 @@ def bootstrap(stat: Callable[[np.ndarray], float], n: int, seed: int = 0, level:
     return float(lo), float(hi)
 
 
-def median_interval(xs: Sequence[float], seed: int = 0, level: float = LEVEL) -> Interval:
-    """The median of xs with its bootstrap interval (a one-repeat "interval" is the point itself)."""
-    x = np.asarray(xs, float)
-    est = float(np.median(x))
-    if len(x) < 2:
+Stat = Callable[[np.ndarray], float]       # a statistic of the repeats at these (resampled) indices
+
+
+def throughput(rates: Sequence[float]) -> float:
+    """Rates of equal work (tokens/s of decodes of N tokens) combined as total work over total time:
+    N·k / Σ N/rate_i, the harmonic mean. It is what costs fitted as means (mean forward times) predict,
+    and on a host whose speed jumps between two levels it stays put where a median jumps between them."""
+    x = np.asarray(rates, float)
+    return float(len(x) / np.sum(1.0 / x))
+
+
+def statistic_interval(stat: Stat, n: int, seed: int = 0, level: float = LEVEL) -> Interval:
+    """stat over all n repeats with its bootstrap interval (one repeat: the point itself)."""
+    est = stat(np.arange(n))
+    if n < 2:
         return Interval(est, est, est)
-    lo, hi = bootstrap(lambda idx: float(np.median(x[idx])), len(x), seed, level)
-    return Interval(est, lo, hi)
+    lo, hi = bootstrap(stat, n, seed, level)
+    return Interval(est, min(lo, est), max(hi, est))
+
+
+def median_interval(xs: Sequence[float], seed: int = 0, level: float = LEVEL) -> Interval:
+    """The median of xs with its bootstrap interval."""
+    x = np.asarray(xs, float)
+    return statistic_interval(lambda idx: float(np.median(x[idx])), len(x), seed, level)
+
+
+def paired_error(measured: Stat, predicted: Stat, n: int, relative: bool, seed: int = 0,
+                 level: float = LEVEL) -> Interval:
+    """Error of predicted(idx) against measured(idx) over n paired repeats, in percent (relative) or
+    percentage points (absolute), with its paired-bootstrap interval: both statistics see the same
+    resampled indices."""
+    if n < 1:
+        raise ValueError("no repeats to compare")
+
+    def err(idx: np.ndarray) -> float:
+        m, p = measured(idx), predicted(idx)
+        return 100.0 * ((p - m) / m if relative else p - m)
+    return statistic_interval(err, n, seed, level)
 
 
 def error_interval(measured: Sequence[float], predicted: Sequence[float], relative: bool,
-                   seed: int = 0, level: float = LEVEL) -> Interval:
-    """Error of the predicted median against the measured median, in percent (relative) or percentage
-    points (absolute), with its paired-bootstrap interval. measured[i] and predicted[i] are repeat i."""
+                   seed: int = 0, level: float = LEVEL,
+                   stat: Callable[[np.ndarray], float] = np.median) -> Interval:
+    """`paired_error` of stat(predicted) against stat(measured) (default: the median); measured[i] and
+    predicted[i] are repeat i."""
     m, p = np.asarray(measured, float), np.asarray(predicted, float)
     if len(m) != len(p) or not len(m):
         raise ValueError("measured and predicted need the same, non-zero number of repeats")
-
-    def err(idx: np.ndarray) -> float:
-        mm, pm = float(np.median(m[idx])), float(np.median(p[idx]))
-        return 100.0 * ((pm - mm) / mm if relative else pm - mm)
-    est = err(np.arange(len(m)))
-    if len(m) < 2:
-        return Interval(est, est, est)
-    lo, hi = bootstrap(err, len(m), seed, level)
-    return Interval(est, min(lo, est), max(hi, est))
+    return paired_error(lambda idx: float(stat(m[idx])), lambda idx: float(stat(p[idx])), len(m), relative,
+                        seed, level)
 
 
 def verdict(err: Interval, tolerance_pct: float) -> str:

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from executor.profile import CALIBRATION_PROMPT
-from executor.validate import (COLUMNS, VALIDATION_PROMPT, Case, compare, failures, runnable_cases, summary)
+from executor.validate import (COLUMNS, VALIDATION_PROMPT, Case, at_host_speed, compare, failures, interleave,
+                               neighbour_speed, neighbours, runnable_cases, summary)
 from spdsim.scenario import parse_scenario
 from executor_helpers import small_model
 
@@ -67,23 +68,25 @@ def test_compare_and_tolerances():
     pp, spd = Case("pp", 2, None, ""), Case("spd", 2, "oracle:0.8", "0.8")
     measured = {pp: [{"tokens_per_s": 10.0, "bubble_ratio": 0.5}] * 9,
                 spd: [{"tokens_per_s": 15.0, "bubble_ratio": 0.20}, {"tokens_per_s": 16.0, "bubble_ratio": 0.22},
-                      {"tokens_per_s": 30.0, "bubble_ratio": 0.9}] * 3}
+                      {"tokens_per_s": 30.0, "bubble_ratio": 0.24}] * 3}
     predicted = {pp: [{"tokens_per_s": 10.2, "bubble_ratio": 0.51}] * 9,
                  spd: [{"tokens_per_s": 18.0, "bubble_ratio": 0.21}] * 9}
     rows = compare([pp, spd], measured, predicted)
     assert {tuple(r) for r in rows} == {tuple(COLUMNS)}
     by = {(r["scheme"], r["metric"]): r for r in rows}
-    assert by[("spd", "tokens_per_s")]["measured"] == 16.0                    # median over repeats
-    assert by[("spd", "speedup_vs_pp")]["measured"] == pytest.approx(1.6)      # median of per-round ratios
-    assert by[("spd", "speedup_vs_pp")]["measured_spread"] == pytest.approx(100 * (3.0 - 1.5) / 2 / 1.6)
+    through = 3 / (1 / 15 + 1 / 16 + 1 / 30)          # total tokens over total time, not the median (16)
+    assert by[("spd", "tokens_per_s")]["measured"] == pytest.approx(through)
+    assert by[("spd", "speedup_vs_pp")]["measured"] == pytest.approx(through / 10.0)   # over PP's, same rounds
+    assert by[("spd", "speedup_vs_pp")]["measured_spread"] == pytest.approx(100 * (3.0 - 1.5) / 2 / (through / 10))
     assert by[("spd", "speedup_vs_pp")]["predicted"] == pytest.approx(18.0 / 10.2)
+    assert by[("spd", "bubble_ratio")]["measured"] == pytest.approx(0.22)    # the mean
     assert by[("spd", "bubble_ratio")]["error_pct"] == pytest.approx(-1.0)   # points, absolute
-    # +12.5% off, but every third repeat ran at 30 tok/s: the error's interval spans the tolerance
+    # −2.5% off, but every third repeat ran at 30 tok/s: the error's interval spans the tolerance
     assert by[("spd", "tokens_per_s")]["verdict"] == "undetermined"
     assert by[("spd", "tokens_per_s")]["error_ci_low"] < -5 < 5 < by[("spd", "tokens_per_s")]["error_ci_high"]
     assert by[("pp", "tokens_per_s")]["verdict"] == "pass"                   # +2%, no spread
     assert failures(rows, tolerance=0.05, bubble_tolerance=0.03) == []
-    assert summary(rows)["tokens_per_s"]["max_abs"] == pytest.approx(12.5)
+    assert summary(rows)["tokens_per_s"]["max_abs"] == pytest.approx(100 * (1 - 18.0 / through))
     # the same errors measured quietly (every repeat alike) are decided: the worst failure first
     quiet = {pp: measured[pp], spd: [{"tokens_per_s": 16.0, "bubble_ratio": 0.22}] * 9}
     assert all(r["verdict"] == "undetermined" for r in compare([pp, spd], {c: v[:7] for c, v in quiet.items()},
@@ -103,6 +106,40 @@ def test_speedup_is_paired_by_round():
     assert by[("spd", "speedup_vs_pp")]["measured"] == pytest.approx(1.4)
     assert by[("spd", "speedup_vs_pp")]["measured_spread"] == pytest.approx(0.0)
     assert by[("spd", "tokens_per_s")]["measured_spread"] > 10     # each case alone does move
+
+
+def test_calibration_decodes_are_spread_among_the_measured_ones():
+    cal = [("calib", f"c{j}") for j in range(3)]
+    cases = [("case", f"k{j}") for j in range(6)]
+    order = interleave(cal, cases)
+    assert [w for _, w in order] == ["c0", "k0", "k1", "c1", "k2", "k3", "c2", "k4", "k5"]
+    assert interleave([], cases) == cases and [w for _, w in interleave(cal[:1], cases[:1])] == ["c0", "k0"]
+    kinds = [("warmup", None)] + order + interleave(cal, cases)          # two repeats in one launch
+    by_job = {w: neighbours(kinds, j) for j, (kind, w) in enumerate(kinds) if kind == "case" and j < 10}
+    assert by_job == {"k0": ["c0", "c1"], "k1": ["c0", "c1"], "k2": ["c1", "c2"], "k3": ["c1", "c2"],
+                      "k4": ["c2", "c0"], "k5": ["c2", "c0"]}
+    assert neighbours([("case", "k")], 0) == []                          # a given calibration: none
+
+
+def test_a_host_that_changes_speed_is_predicted_at_its_neighbours_speed():
+    """Every other decode ran on a host twice as slow; the calibration decodes next to each one saw the
+    same: predicted at their speed the error is decided (it passes), with one calibration speed for all
+    the error is the same on average but undetermined."""
+    ar = Case("ar", 1, None, "")
+    slow = [1.0, 0.5] * 6
+    measured = {ar: [{"tokens_per_s": 100.0 * f, "bubble_ratio": 0.0, "calibration_neighbours": [f"c{i}"]}
+                     for i, f in enumerate(slow)]}
+    speeds = {f"c{i}": f / (2 / 3) for i, f in enumerate(slow)}       # relative to the mean-cost speed
+    base = [{"tokens_per_s": 100.0 * 2 / 3, "bubble_ratio": 0.0}] * len(slow)   # N / mean time
+    tracked = [at_host_speed(p, neighbour_speed(r, speeds)) for p, r in zip(base, measured[ar])]
+    assert [p["tokens_per_s"] for p in tracked] == pytest.approx([100.0 * f for f in slow])
+    assert neighbour_speed({"calibration_neighbours": ["c0", "c1"]}, speeds) == pytest.approx(1.0)   # 1.5, 0.75
+    assert neighbour_speed({}, speeds) == 1.0
+    by = {r["metric"]: r for r in compare([ar], measured, {ar: tracked})}
+    assert by["tokens_per_s"]["error_pct"] == pytest.approx(0.0) and by["tokens_per_s"]["verdict"] == "pass"
+    by = {r["metric"]: r for r in compare([ar], measured, {ar: base})}
+    assert by["tokens_per_s"]["error_pct"] == pytest.approx(0.0, abs=1e-9)     # throughput: the level is right
+    assert by["tokens_per_s"]["verdict"] == "undetermined"
 
 
 def test_validate_rejects_a_model_that_is_not_the_scenarios(tmp_path):

@@ -92,3 +92,16 @@ def test_median_interval_brackets_its_estimate():
     iv = median_interval([3.0, 1.0, 2.0, 5.0, 4.0])
     assert iv.estimate == 3.0 and iv.low <= 3.0 <= iv.high
     assert isinstance(iv, Interval) and iv.half_width >= 0
+
+
+def test_throughput_is_total_work_over_total_time_and_steady_on_a_two_speed_host():
+    from spdsim.verdict import throughput
+    assert throughput([10.0, 20.0]) == pytest.approx(2 / (1 / 10 + 1 / 20))
+    # a host at 100 or 50 tok/s, half the time each, in random order: the median jumps between the two
+    # levels with the sample, throughput (N / mean time) stays near 66.7
+    rng = np.random.default_rng(5)
+    samples = [rng.choice([100.0, 50.0], 21) for _ in range(200)]
+    medians = np.array([np.median(x) for x in samples])
+    through = np.array([throughput(x) for x in samples])
+    assert medians.std() > 3 * through.std()
+    assert abs(through.mean() - 200 / 3) < 1.0
