@@ -10,14 +10,16 @@ uses, stage counts up to the number of cores or GPUs, oracle acceptance α or a 
      calibration never saw these measurements), each reduced by spdsim.metrics inside the executor;
   3. predict: the simulator with the calibrated cost model, the measured prompt length and token count,
      replaying each measured decode's accept/reject sequence (so timing error is not mixed with
-     acceptance error), the same spdsim.metrics over its event log;
-  4. compare medians over repeats: tokens_per_s and speedup_vs_pp (relative error), bubble_ratio (absolute),
-     each with a bootstrap confidence interval of its error (spdsim.verdict): pass when the whole interval
-     is within the tolerance, fail when it is wholly outside, undetermined otherwise.
+     acceptance error), at the host speed of the calibration decodes run next to it, the same
+     spdsim.metrics over its event log;
+  4. compare over repeats: tokens_per_s as throughput and speedup_vs_pp as a ratio of throughputs
+     (relative error), bubble_ratio as a mean (absolute), each with a bootstrap confidence interval of
+     its error (spdsim.verdict): pass when the whole interval is within the tolerance, fail when it is
+     wholly outside, undetermined otherwise.
 Steps 2-4 repeat in rounds of `--repeats` decodes per point (all points of a round in the same processes;
 the calibration refitted on every calibration run so far) until no point is undetermined or
 `--max-minutes` is spent. Writes OUT/validation.csv (with the intervals, the verdicts and each figure's
-measured spread), OUT/parity.png (error bars: the measured median's interval), OUT/measured.json; prints a
+measured spread), OUT/parity.png (error bars: the measured figure's interval), OUT/measured.json; prints a
 table. Exit 0: every point passes; 1: some point fails (the worst are named); 3: none fails but some are
 undetermined (how many more minutes would likely decide them is printed).
 """
@@ -46,7 +48,7 @@ SERVING_METRICS = ("tokens_per_s", "tpot_p50_ms", "tpot_p90_ms", "bubble_ratio")
 ALL_METRICS = tuple(dict.fromkeys(METRICS + SERVING_METRICS))
 COLUMNS = ["scheme", "stages", "tp", "partition", "acceptance", "metric", "predicted", "measured", "error_pct",
            "measured_spread",   # half the range over repeats, in error_pct's unit: the measurement's own noise
-           "ci_low", "ci_high",  # 95% bootstrap interval of the measured median (the metric's unit)
+           "ci_low", "ci_high",  # 95% bootstrap interval of the measured figure (the metric's unit)
            "error_ci_low", "error_ci_high",   # ... of the error, in error_pct's unit (spdsim.verdict)
            "repeats", "verdict",  # pass | fail | undetermined
            "policy", "concurrency", "rate_per_s"]   # serving points ('' otherwise)
@@ -416,6 +418,18 @@ def more_repeats(rows: list[dict], tolerance: float, bubble_tolerance: float) ->
     return need
 
 
+def open_launches(rows: list[dict]) -> list[tuple[int, int]]:
+    """The (stages, tp) launches with an undetermined row: only these get another round (a launch runs
+    its points together, so a PP base and its SPD ratios stay in the same rounds)."""
+    return sorted({(int(r["stages"]), int(r["tp"])) for r in rows if r["verdict"] == UNDETERMINED})
+
+
+def repeats_label(measured: dict[Case, list[dict]]) -> str:
+    """'56', or '24-56' once decided launches have stopped getting rounds."""
+    ks = sorted({len(v) for v in measured.values()})
+    return str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]}"
+
+
 EXIT_STATUS = {PASS: 0, FAIL: 1, UNDETERMINED: 3}
 
 
@@ -473,7 +487,7 @@ def parity_plot(rows: list[dict], path: Path) -> Path:
             lo, hi = min(vals), max(vals)
             pad = 0.05 * (hi - lo or abs(hi) or 1)
             ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=0.8)
-        ax.set_xlabel(f"measured {metric} (95% CI of the median)")
+        ax.set_xlabel(f"measured {metric} (95% CI)")
         ax.set_ylabel(f"predicted {metric}")
         ax.set_title(metric)
         ax.legend(fontsize=8)
@@ -575,15 +589,17 @@ def validate_command(args) -> int:
     measured: dict[Case, list[dict]] = {c: [] for c in cases}
     round_s: list[float] = []
     calib_lines: list[str] = []
+    launches = sorted({(c.stages, c.tp) for c in cases})      # one set of processes each, per round
     while True:                 # rounds of --repeats more decodes per point, until every verdict is known
         t_round = time.time()
-        done = len(measured[cases[0]])
-        new = measure(cases, str(model), prompt, N, args.repeats, args.device, args.threads,
-                      calib_out=out / "profile" if own_calibration else None,
-                      calib_prompt=list(CALIBRATION_PROMPT.encode()), head=head, first=done,
-                      warmup=args.warmup, pin=args.pin, serving_prompts=serving_prompts, threshold=threshold)
-        for c in cases:
-            measured[c] += new[c]
+        for launch in launches:
+            group = [c for c in cases if (c.stages, c.tp) == launch]
+            new = measure(group, str(model), prompt, N, args.repeats, args.device, args.threads,
+                          calib_out=out / "profile" if own_calibration else None,
+                          calib_prompt=list(CALIBRATION_PROMPT.encode()), head=head, first=len(measured[group[0]]),
+                          warmup=args.warmup, pin=args.pin, serving_prompts=serving_prompts, threshold=threshold)
+            for c in group:
+                measured[c] += new[c]
         speeds: dict[str, float] = {}
         if own_calibration:     # refitted on every calibration run so far (never on the measured ones)
             costs, err, calib_lines = calibrate(out / "profile")
@@ -596,10 +612,11 @@ def validate_command(args) -> int:
         rows = compare(cases, measured, predicted, args.tolerance, args.bubble_tolerance)
         round_s.append(time.time() - t_round)
         counts = {v: sum(r["verdict"] == v for r in rows) for v in (PASS, FAIL, UNDETERMINED)}
-        print(f"validate: round {len(round_s)}: {len(measured[cases[0]])} repeats per point, "
+        launches = open_launches(rows)
+        print(f"validate: round {len(round_s)}: {repeats_label(measured)} repeats per point, "
               f"{counts[PASS]} pass / {counts[FAIL]} fail / {counts[UNDETERMINED]} undetermined "
               f"({time.time() - t_start:.0f} s)", flush=True)
-        if not counts[UNDETERMINED] or time.time() + statistics.fmean(round_s) > deadline:
+        if not launches or time.time() + round_s[-1] > deadline:
             break
     if own_calibration:
         for line in calib_lines:
@@ -618,7 +635,8 @@ def validate_command(args) -> int:
         w.writerows(rows)
     (out / "measured.json").write_text(json.dumps({
         "scenario": str(args.scenario), "calibration": str(calib), "prompt": VALIDATION_PROMPT,
-        "new_tokens": N, "repeats": len(measured[cases[0]]), "rounds": len(round_s), "round_s": round_s,
+        "new_tokens": N, "repeats": max(len(v) for v in measured.values()), "round_repeats": args.repeats,
+        "rounds": len(round_s), "round_s": round_s,
         "minutes": (time.time() - t_start) / 60, "device": args.device, "load_avg": os.getloadavg(),
         "cases": [{**dataclasses.asdict(c), "measured": measured[c], "predicted": predicted[c]} for c in cases]},
         default=str, indent=1))
@@ -632,8 +650,8 @@ def validate_command(args) -> int:
           f"{out / 'parity.png'}")
     bad = failures(rows, args.tolerance, args.bubble_tolerance)
     verdict_all = overall([r["verdict"] for r in rows])
-    repeats = len(measured[cases[0]])
-    print(f"validate: {repeats} repeats per point in {len(round_s)} round(s), {(time.time() - t_start) / 60:.1f} "
+    repeats = max(len(v) for v in measured.values())
+    print(f"validate: {repeats_label(measured)} repeats per point in {len(round_s)} round(s), {(time.time() - t_start) / 60:.1f} "
           f"minutes; verdict: {verdict_all}")
     if bad:
         worst = "; ".join(f"{r['scheme']} n={r['stages']}{' α=' + r['acceptance'] if r['acceptance'] else ''} "

@@ -221,6 +221,33 @@ def test_validate_says_undetermined_when_too_few_repeats_were_allowed(tmp_path):
     assert rows and all(x["verdict"] == "undetermined" for x in rows)
 
 
+def test_own_calibration_predicts_each_decode_at_its_neighbours_host_speed(tmp_path):
+    """End to end with an own calibration: every measured decode names the calibration runs on either
+    side of it, those runs exist, and its prediction is the one-speed prediction times their speed."""
+    from executor.validate import predict
+    from spdsim.calibration_file import load_calibration
+    from spdsim.replay import host_speed
+    from spdsim.scenario import load_scenario
+    ckpt = small_model(tmp_path)
+    scen = scenario_file(tmp_path, stages="[2]")
+    out = tmp_path / "val"
+    r = run_cli("validate", str(scen), "--model", str(ckpt), "--out", str(out), "--repeats", "2",
+                "--max-minutes", "0", "--new-tokens", "6")
+    assert r.returncode in (0, 1, 3), r.stderr[-2000:]
+    meas = json.loads((out / "measured.json").read_text())
+    speeds = host_speed(out / "profile", load_calibration(out / "calibration.yaml"))
+    assert set(speeds) == {f"{k}-r{i}" for k in ("ar-n1", "pp-n2", "spd-n2-a0.6") for i in (0, 1)}
+    assert all(0.2 < v < 5 for v in speeds.values()), speeds
+    sc = load_scenario(scen)
+    for c in meas["cases"]:
+        case = Case(c["scheme"], c["stages"], c["draft"], c["acceptance"], c["tp"])
+        for i, (m, p) in enumerate(zip(c["measured"], c["predicted"])):
+            assert 1 <= len(m["calibration_neighbours"]) <= 2 and set(m["calibration_neighbours"]) <= set(speeds)
+            one = predict(sc, case, out / "calibration.yaml", m["prompt_tokens"], 6, m["accepts"], seed=i)
+            assert p["tokens_per_s"] == pytest.approx(one["tokens_per_s"] * neighbour_speed(m, speeds))
+            assert p["bubble_ratio"] == pytest.approx(one["bubble_ratio"])
+
+
 def test_tp_points_run_where_the_ranks_fit_the_cores(tmp_path):
     text = SMALL.replace("STAGES", "[1, 2], tp: [1, 2]").replace("PARTS", "[uniform]")
     p = tmp_path / "tp.yaml"
@@ -292,3 +319,13 @@ def test_validate_measures_and_predicts_serving_points(tmp_path):
     assert run["requests"][0]["prompt"] != CALIBRATION_PROMPT          # never the calibration prompt
     assert spd["measured"][0]["requests"][1]["arrival_s"] != spd["measured"][1]["requests"][1]["arrival_s"]
     assert "prefill" in (out / "calibration.yaml").read_text()
+
+
+def test_only_launches_with_an_open_verdict_get_another_round():
+    from executor.validate import open_launches, repeats_label
+    rows = [{"stages": 1, "tp": 1, "verdict": "pass"}, {"stages": 1, "tp": 2, "verdict": "pass"},
+            {"stages": 2, "tp": 1, "verdict": "pass"}, {"stages": 2, "tp": 1, "verdict": "undetermined"}]
+    assert open_launches(rows) == [(2, 1)]
+    assert open_launches(rows[:3]) == []
+    a, b = Case("ar", 1, None, ""), Case("pp", 2, None, "")
+    assert repeats_label({a: [{}] * 8, b: [{}] * 8}) == "8" and repeats_label({a: [{}] * 8, b: [{}] * 24}) == "8-24"
