@@ -424,6 +424,17 @@ def open_launches(rows: list[dict]) -> list[tuple[int, int]]:
     return sorted({(int(r["stages"]), int(r["tp"])) for r in rows if r["verdict"] == UNDETERMINED})
 
 
+def round_repeats(launches: list[tuple[int, int]], repeats: int, per_repeat_s: dict[tuple[int, int], float],
+                  most: int = 8) -> dict[tuple[int, int], int]:
+    """Repeats each open launch gets this round: `repeats` × the slowest launch's time per repeat (of all
+    measured so far), so that a cheap one-rank point is not held to the pace of a two-rank one and a
+    round stays long against the refit between rounds (at most `most` × repeats). Without timings yet
+    (the first round), `repeats` each."""
+    slowest = max(per_repeat_s.values(), default=0.0)
+    return {k: repeats if k not in per_repeat_s or per_repeat_s[k] <= 0 else
+            min(most * repeats, repeats * max(1, int(slowest / per_repeat_s[k]))) for k in launches}
+
+
 def repeats_label(measured: dict[Case, list[dict]]) -> str:
     """'56', or '24-56' once decided launches have stopped getting rounds."""
     ks = sorted({len(v) for v in measured.values()})
@@ -590,14 +601,18 @@ def validate_command(args) -> int:
     round_s: list[float] = []
     calib_lines: list[str] = []
     launches = sorted({(c.stages, c.tp) for c in cases})      # one set of processes each, per round
+    per_repeat_s: dict[tuple[int, int], float] = {}
     while True:                 # rounds of --repeats more decodes per point, until every verdict is known
         t_round = time.time()
+        shares = round_repeats(launches, args.repeats, per_repeat_s)
         for launch in launches:
             group = [c for c in cases if (c.stages, c.tp) == launch]
-            new = measure(group, str(model), prompt, N, args.repeats, args.device, args.threads,
+            t_launch = time.time()
+            new = measure(group, str(model), prompt, N, shares[launch], args.device, args.threads,
                           calib_out=out / "profile" if own_calibration else None,
                           calib_prompt=list(CALIBRATION_PROMPT.encode()), head=head, first=len(measured[group[0]]),
                           warmup=args.warmup, pin=args.pin, serving_prompts=serving_prompts, threshold=threshold)
+            per_repeat_s[launch] = (time.time() - t_launch) / shares[launch]
             for c in group:
                 measured[c] += new[c]
         speeds: dict[str, float] = {}

@@ -329,3 +329,13 @@ def test_only_launches_with_an_open_verdict_get_another_round():
     assert open_launches(rows[:3]) == []
     a, b = Case("ar", 1, None, ""), Case("pp", 2, None, "")
     assert repeats_label({a: [{}] * 8, b: [{}] * 8}) == "8" and repeats_label({a: [{}] * 8, b: [{}] * 24}) == "8-24"
+
+
+def test_a_faster_launch_gets_more_repeats_in_the_same_time():
+    from executor.validate import round_repeats
+    launches = [(1, 1), (1, 2), (2, 1)]
+    assert round_repeats(launches, 8, {}) == {k: 8 for k in launches}            # first round: no timings
+    shares = round_repeats(launches, 8, {(1, 1): 1.4, (1, 2): 4.4, (2, 1): 8.8})
+    assert shares == {(1, 1): 48, (1, 2): 16, (2, 1): 8}
+    assert round_repeats([(1, 1)], 8, {(1, 1): 1.4, (2, 1): 8.8}) == {(1, 1): 48}  # alone: a round as long
+    assert round_repeats(launches, 8, {(1, 1): 0.01, (2, 1): 9.0})[(1, 1)] == 64   # capped
