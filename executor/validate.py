@@ -401,38 +401,59 @@ def failures(rows: list[dict], tolerance: float, bubble_tolerance: float) -> lis
     return [r for _, r in sorted(bad, key=lambda t: -t[0])]
 
 
-def more_repeats(rows: list[dict], tolerance: float, bubble_tolerance: float) -> int | None:
-    """Repeats in all that would likely decide every undetermined row (None: some sit on the tolerance)."""
-    need = 0
+def more_repeats(rows: list[dict], tolerance: float, bubble_tolerance: float) -> dict[tuple[int, int], int] | None:
+    """More repeats each launch would likely need to decide its undetermined rows (None: some sit on the
+    tolerance, and more repeats may never decide them)."""
+    need: dict[tuple[int, int], int] = {}
     for r in rows:
         if r["verdict"] != UNDETERMINED:
             continue
         if r["repeats"] < MIN_REPEATS:
-            need = max(need, MIN_REPEATS)
-            continue
-        k = repeats_to_decide(Interval(r["error_pct"], r["error_ci_low"], r["error_ci_high"]),
-                              tolerance_pct(r["metric"], tolerance, bubble_tolerance), r["repeats"])
-        if k is None:
-            return None
-        need = max(need, k)
+            k = MIN_REPEATS
+        else:
+            k = repeats_to_decide(Interval(r["error_pct"], r["error_ci_low"], r["error_ci_high"]),
+                                  tolerance_pct(r["metric"], tolerance, bubble_tolerance), r["repeats"])
+            if k is None:
+                return None
+        launch = (int(r["stages"]), int(r["tp"]))
+        need[launch] = max(need.get(launch, 0), k - r["repeats"])
     return need
 
 
-def open_launches(rows: list[dict]) -> list[tuple[int, int]]:
-    """The (stages, tp) launches with an undetermined row: only these get another round (a launch runs
-    its points together, so a PP base and its SPD ratios stay in the same rounds)."""
-    return sorted({(int(r["stages"]), int(r["tp"])) for r in rows if r["verdict"] == UNDETERMINED})
+def fit_in(shares: dict[tuple[int, int], int], per_repeat_s: dict[tuple[int, int], float], seconds: float,
+           fewest: int = 2) -> dict[tuple[int, int], int]:
+    """`shares` cut down in proportion to fit in `seconds` of measuring; {} when not even `fewest`
+    repeats of every launch would (a round that small is not worth its refit)."""
+    need = sum(n * per_repeat_s.get(k, 0.0) for k, n in shares.items())
+    if need <= seconds:
+        return shares
+    cut = {k: int(n * seconds / need) for k, n in shares.items()}
+    return cut if min(cut.values(), default=0) >= fewest else {}
 
 
-def round_repeats(launches: list[tuple[int, int]], repeats: int, per_repeat_s: dict[tuple[int, int], float],
+def open_launches(rows: list[dict]) -> dict[tuple[int, int], int]:
+    """The (stages, tp) launches with undetermined rows, and how many: only these get another round (a
+    launch runs its points together, so a PP base and its SPD ratios stay in the same rounds)."""
+    out: dict[tuple[int, int], int] = {}
+    for r in rows:
+        if r["verdict"] == UNDETERMINED:
+            k = (int(r["stages"]), int(r["tp"]))
+            out[k] = out.get(k, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def round_repeats(open_rows: dict[tuple[int, int], int], repeats: int, per_repeat_s: dict[tuple[int, int], float],
                   most: int = 8) -> dict[tuple[int, int], int]:
-    """Repeats each open launch gets this round: `repeats` × the slowest launch's time per repeat (of all
-    measured so far), so that a cheap one-rank point is not held to the pace of a two-rank one and a
-    round stays long against the refit between rounds (at most `most` × repeats). Without timings yet
+    """Repeats each open launch gets this round, for about the same measuring time per undetermined row:
+    the round is as long as `repeats` of the slowest launch measured so far, split over the open rows,
+    and a launch gets at least `repeats` and at most `most` × repeats. So a cheap one-rank point left
+    open after the two-rank points are decided gets the time they no longer need. Without timings yet
     (the first round), `repeats` each."""
-    slowest = max(per_repeat_s.values(), default=0.0)
-    return {k: repeats if k not in per_repeat_s or per_repeat_s[k] <= 0 else
-            min(most * repeats, repeats * max(1, int(slowest / per_repeat_s[k]))) for k in launches}
+    if not per_repeat_s:
+        return {k: repeats for k in open_rows}
+    per_row_s = repeats * max(per_repeat_s.values()) / max(open_rows.values())
+    return {k: repeats if per_repeat_s.get(k, 0) <= 0 else
+            min(most * repeats, max(repeats, int(per_row_s * n / per_repeat_s[k]))) for k, n in open_rows.items()}
 
 
 def repeats_label(measured: dict[Case, list[dict]]) -> str:
@@ -600,21 +621,27 @@ def validate_command(args) -> int:
     measured: dict[Case, list[dict]] = {c: [] for c in cases}
     round_s: list[float] = []
     calib_lines: list[str] = []
-    launches = sorted({(c.stages, c.tp) for c in cases})      # one set of processes each, per round
+    launches = {(c.stages, c.tp): 1 for c in sorted(cases, key=lambda c: (c.stages, c.tp))}   # one launch each per round
     per_repeat_s: dict[tuple[int, int], float] = {}
+    refit_s = 0.0                   # the refit and predictions after a round's measurements
     while True:                 # rounds of --repeats more decodes per point, until every verdict is known
-        t_round = time.time()
         shares = round_repeats(launches, args.repeats, per_repeat_s)
-        for launch in launches:
+        if round_s:             # the last round is cut to the time left rather than skipped
+            shares = fit_in(shares, per_repeat_s, deadline - time.time() - refit_s)
+            if not shares:
+                break
+        t_round = time.time()
+        for launch, k in shares.items():
             group = [c for c in cases if (c.stages, c.tp) == launch]
             t_launch = time.time()
-            new = measure(group, str(model), prompt, N, shares[launch], args.device, args.threads,
+            new = measure(group, str(model), prompt, N, k, args.device, args.threads,
                           calib_out=out / "profile" if own_calibration else None,
                           calib_prompt=list(CALIBRATION_PROMPT.encode()), head=head, first=len(measured[group[0]]),
                           warmup=args.warmup, pin=args.pin, serving_prompts=serving_prompts, threshold=threshold)
-            per_repeat_s[launch] = (time.time() - t_launch) / shares[launch]
+            per_repeat_s[launch] = (time.time() - t_launch) / k
             for c in group:
                 measured[c] += new[c]
+        t_refit = time.time()
         speeds: dict[str, float] = {}
         if own_calibration:     # refitted on every calibration run so far (never on the measured ones)
             costs, err, calib_lines = calibrate(out / "profile")
@@ -625,13 +652,14 @@ def validate_command(args) -> int:
                                             neighbour_speed(r, speeds))
                          for i, r in enumerate(measured[c])] for c in cases}
         rows = compare(cases, measured, predicted, args.tolerance, args.bubble_tolerance)
+        refit_s = time.time() - t_refit
         round_s.append(time.time() - t_round)
         counts = {v: sum(r["verdict"] == v for r in rows) for v in (PASS, FAIL, UNDETERMINED)}
         launches = open_launches(rows)
         print(f"validate: round {len(round_s)}: {repeats_label(measured)} repeats per point, "
               f"{counts[PASS]} pass / {counts[FAIL]} fail / {counts[UNDETERMINED]} undetermined "
               f"({time.time() - t_start:.0f} s)", flush=True)
-        if not launches or time.time() + round_s[-1] > deadline:
+        if not launches:
             break
     if own_calibration:
         for line in calib_lines:
@@ -665,7 +693,6 @@ def validate_command(args) -> int:
           f"{out / 'parity.png'}")
     bad = failures(rows, args.tolerance, args.bubble_tolerance)
     verdict_all = overall([r["verdict"] for r in rows])
-    repeats = max(len(v) for v in measured.values())
     print(f"validate: {repeats_label(measured)} repeats per point in {len(round_s)} round(s), {(time.time() - t_start) / 60:.1f} "
           f"minutes; verdict: {verdict_all}")
     if bad:
@@ -678,10 +705,10 @@ def validate_command(args) -> int:
     elif verdict_all == UNDETERMINED:
         open_rows = [r for r in rows if r["verdict"] == UNDETERMINED]
         need = more_repeats(rows, args.tolerance, args.bubble_tolerance)
-        per_repeat_min = sum(round_s) / repeats / 60
-        more = ("some error sits on its tolerance: more repeats may never decide it" if need is None else
-                f"about {max(need - repeats, 0) * per_repeat_min:.0f} more minutes (--max-minutes "
-                f"{args.max_minutes + max(need - repeats, 0) * per_repeat_min:.0f}) would likely decide them")
+        extra_min = None if need is None else sum(k * per_repeat_s.get(l, 0.0) for l, k in need.items()) / 60
+        more = ("some error sits on its tolerance: more repeats may never decide it" if extra_min is None else
+                f"about {extra_min:.0f} more minutes (--max-minutes {args.max_minutes + extra_min:.0f}) would "
+                f"likely decide them")
         print(f"executor: validation undetermined: {len(open_rows)} of {len(rows)} errors have a confidence "
               f"interval across the tolerance; {more}", file=sys.stderr)
     return exit_status(rows)

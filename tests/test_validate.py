@@ -325,17 +325,32 @@ def test_only_launches_with_an_open_verdict_get_another_round():
     from executor.validate import open_launches, repeats_label
     rows = [{"stages": 1, "tp": 1, "verdict": "pass"}, {"stages": 1, "tp": 2, "verdict": "pass"},
             {"stages": 2, "tp": 1, "verdict": "pass"}, {"stages": 2, "tp": 1, "verdict": "undetermined"}]
-    assert open_launches(rows) == [(2, 1)]
-    assert open_launches(rows[:3]) == []
+    assert open_launches(rows) == {(2, 1): 1}
+    assert open_launches(rows[:3]) == {}
     a, b = Case("ar", 1, None, ""), Case("pp", 2, None, "")
     assert repeats_label({a: [{}] * 8, b: [{}] * 8}) == "8" and repeats_label({a: [{}] * 8, b: [{}] * 24}) == "8-24"
 
 
-def test_a_faster_launch_gets_more_repeats_in_the_same_time():
-    from executor.validate import round_repeats
-    launches = [(1, 1), (1, 2), (2, 1)]
-    assert round_repeats(launches, 8, {}) == {k: 8 for k in launches}            # first round: no timings
-    shares = round_repeats(launches, 8, {(1, 1): 1.4, (1, 2): 4.4, (2, 1): 8.8})
-    assert shares == {(1, 1): 48, (1, 2): 16, (2, 1): 8}
-    assert round_repeats([(1, 1)], 8, {(1, 1): 1.4, (2, 1): 8.8}) == {(1, 1): 48}  # alone: a round as long
-    assert round_repeats(launches, 8, {(1, 1): 0.01, (2, 1): 9.0})[(1, 1)] == 64   # capped
+def test_each_open_row_gets_about_the_same_measuring_time():
+    from executor.validate import fit_in, round_repeats
+    per = {(1, 1): 1.4, (1, 2): 4.4, (2, 1): 8.8}
+    assert round_repeats({(1, 1): 1, (2, 1): 5}, 8, {}) == {(1, 1): 8, (2, 1): 8}   # first round: no timings
+    # the two-rank launch has 5 open rows, AR and TP 2 one each: each row ~14 s of a 70 s round
+    assert round_repeats({(1, 1): 1, (1, 2): 1, (2, 1): 5}, 8, per) == {(1, 1): 10, (1, 2): 8, (2, 1): 8}
+    # AR left alone gets the round the two-rank points no longer need, up to 8 × 8
+    assert round_repeats({(1, 1): 1}, 8, per) == {(1, 1): 50}
+    assert round_repeats({(1, 1): 1}, 8, {(1, 1): 0.01, (2, 1): 9.0}) == {(1, 1): 64}
+    # the last round is cut to the time left, or not run when too little is left
+    assert fit_in({(1, 1): 10, (2, 1): 8}, per, 1000.0) == {(1, 1): 10, (2, 1): 8}
+    assert fit_in({(1, 1): 10, (2, 1): 8}, per, 42.2) == {(1, 1): 5, (2, 1): 4}         # half the 84.4 s
+    assert fit_in({(1, 1): 10, (2, 1): 8}, per, 10.0) == {}
+
+
+def test_more_minutes_are_summed_over_the_launches_that_need_them():
+    from executor.validate import more_repeats
+    row = lambda n, tp, err, lo, hi, k: {"stages": n, "tp": tp, "metric": "tokens_per_s", "error_pct": err,  # noqa: E731
+                                         "error_ci_low": lo, "error_ci_high": hi, "repeats": k,
+                                         "verdict": "undetermined"}
+    need = more_repeats([row(1, 1, 3.0, -1.0, 7.0, 100), row(2, 1, 1.0, -5.0, 7.0, 16)], 0.05, 0.03)
+    assert need == {(1, 1): 300, (2, 1): 20}     # ±4 against a 2-point gap: 4× the 100; ±6 against 4: 2.25× 16
+    assert more_repeats([row(1, 1, 5.0, 0.0, 10.0, 16)], 0.05, 0.03) is None   # on the tolerance
