@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from executor.validate import Case, compare, neighbour_speed, predict, summary  # noqa: E402
+from executor.validate import CALIB_ALPHA, Case, calibration_jobs, compare, neighbour_speed, predict, summary  # noqa: E402
 from spdsim.calibration_file import load_calibration  # noqa: E402
 from spdsim.replay import draft_kind, host_speed, replayed_runs  # noqa: E402
 from spdsim.scenario import load_scenario  # noqa: E402
@@ -93,11 +93,10 @@ def _old_neighbours(i: int, repeats: int, per_launch: int, names: list[str]) -> 
 
 
 def _calibration_names(stages: int, tp: int, speeds: dict[str, float]) -> list[str]:
-    """The calibration runs of one launch in their job order (as executor.validate.measure names them)."""
-    t = f"-tp{tp}" if tp > 1 else ""
-    order = [f"ar-n1{t}"] if stages == 1 else [f"pp-n{stages}{t}", f"spd-n{stages}{t}-a", f"spd-n{stages}-head"]
-    found = {n.rsplit("-r", 1)[0] for n in speeds}
-    return [next(f for f in sorted(found) if f.startswith(o)) for o in order if any(f.startswith(o) for f in found)]
+    """The calibration runs of one launch in their job order (executor.validate.calibration_jobs), with
+    a trained-module run where this directory has one (the oracle's α as validate's default)."""
+    head = "head" if any(n.startswith(f"spd-n{stages}-head-r") for n in speeds) else None
+    return [name for name, _, _ in calibration_jobs(stages, tp, CALIB_ALPHA, head)]
 
 
 def _old_rows(cases: list[Case], measured: dict, predicted: dict) -> list[dict]:

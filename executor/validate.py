@@ -53,6 +53,8 @@ COLUMNS = ["scheme", "stages", "tp", "partition", "acceptance", "metric", "predi
            "repeats", "verdict",  # pass | fail | undetermined
            "policy", "concurrency", "rate_per_s"]   # serving points ('' otherwise)
 DEFAULT_CONCURRENCY = (2, 3)
+# The oracle α of the SPD calibration runs validate interleaves.
+CALIB_ALPHA = 0.6
 # Below 8 repeats even the sign test's 95% interval of a median is the whole range of the repeats (and a
 # percentile bootstrap's is too): such a point stays undetermined.
 MIN_REPEATS = 8
@@ -193,7 +195,7 @@ def serving_job(case: Case, prompts: list[list[int]], new_tokens: int, seed: int
 
 def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, repeats: int, device: str,
             threads: int, calib_out: Path | None = None, calib_prompt: list[int] | None = None,
-            calib_alpha: float = 0.6, head: str | None = None, log=print, first: int = 0,
+            calib_alpha: float = CALIB_ALPHA, head: str | None = None, log=print, first: int = 0,
             warmup: int = 1, pin: bool = False, serving_prompts: list[list[int]] | None = None,
             threshold: float = 0.5) -> dict[Case, list[dict]]:
     """`repeats` decodes per case (repeats first .. first + repeats - 1 of the validation: their seeds and
@@ -211,13 +213,7 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
     out: dict[Case, list[dict]] = {}
     for n, tp in sorted({(c.stages, c.tp) for c in cases}):
         group = [c for c in cases if (c.stages, c.tp) == (n, tp)]
-        calib: list[tuple[str, str, str | None]] = []
-        if calib_out is not None:
-            t = f"-tp{tp}" if tp > 1 else ""
-            calib = [(f"ar-n1{t}", "ar", None)] if n == 1 else [
-                (f"pp-n{n}{t}", "pp", None), (f"spd-n{n}{t}-a{calib_alpha:g}", "spd", f"oracle:{calib_alpha:g}")]
-            if head and n > 1 and tp == 1:
-                calib.append((f"spd-n{n}-head", "spd", f"head:{head}"))
+        calib = calibration_jobs(n, tp, calib_alpha, head) if calib_out is not None else []
         # Round-robin over the cases (case 1, case 2, …, case 1, case 2, …): a slow spell of a shared
         # machine then hits every case alike instead of one case's repeats.
         jobs, kinds = [], []
@@ -258,6 +254,18 @@ def measure(cases: list[Case], model: str, prompt: list[int], new_tokens: int, r
                    for j, ((kind, what), r) in enumerate(zip(kinds, res)) if kind == "case"]
         for c in group:
             out[c] = [r for what, r in results if what == c]
+    return out
+
+
+def calibration_jobs(n: int, tp: int, alpha: float, head: str | None) -> list[tuple[str, str, str | None]]:
+    """(run name, scheme, draft) of the calibration decodes one repeat of an (n, tp) launch interleaves,
+    in job order; run i of each is traced to `<run name>-r<i>`."""
+    t = f"-tp{tp}" if tp > 1 else ""
+    if n == 1:
+        return [(f"ar-n1{t}", "ar", None)]
+    out = [(f"pp-n{n}{t}", "pp", None), (f"spd-n{n}{t}-a{alpha:g}", "spd", f"oracle:{alpha:g}")]
+    if head and tp == 1:
+        out.append((f"spd-n{n}-head", "spd", f"head:{head}"))
     return out
 
 

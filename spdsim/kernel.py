@@ -5,7 +5,7 @@ engine, `spdsim.engine`, imports the schemes):
   - `RunConfig`, everything one run needs besides the plan;
   - a `Mailbox` per stage (ACT messages), one for the first device (RESULT, FEATURE, DRAFT messages) and
     one for a dedicated speculative module (ISSUE, FEATURE), and the message kinds;
-  - `Sim`: every directed link of the topology as a FIFO single server (`Sim._hop`: a message holds each
+  - `Sim`: every directed link of the topology as a single server (`Sim.book`: a message holds each
     hop for bytes / bandwidth — concurrent messages on a link queue — and then pays the hop's latency),
     the `stage` process for stages 2..n (stage 1 and the protocol live in `spdsim.schemes.spd`), and
     the event log, turned into `spdsim.trace.TraceEvent`s at the end (compute of a position in an epoch
@@ -175,58 +175,14 @@ class Sim:
         return p
 
     def send(self, src: str, dst: str, nbytes: int, box: Mailbox, msg: tuple, stage: int) -> None:
-        """Deliver msg to box over the topology (non-blocking for the sender).
+        """Deliver msg to box over the topology (non-blocking for the sender): a burst of one.
 
-        Every hop is booked now, as `book` does for TP bursts: a hop's link is held for bytes /
-        bandwidth from when the message reaches it or the link frees, then the hop's latency; the
-        message is delivered by one event (`_hop` booked each hop when the message reached it, one
-        event per hop). The same schedule on one-hop topologies; on switched ones a later hop is
-        reserved in send order rather than arrival order, which differs only when two messages from
-        different senders reach a shared link within a serialization time of each other (ns)."""
-        env = self.env
-        now = env.now
-        t = now + self._msg
-        free = self.link_free
-        for link, name, ser, lat in self._path(src, dst, nbytes):
-            start = free.get(link, 0.0)
-            if start < t:
-                start = t
-            end = start + ser
-            free[link] = end
-            if self.log_sends:
-                self.log.append(("send", start, end, stage, src, msg[2], msg[1], nbytes, name, None))
-            t = end + lat
-        delay = t - now
-        if delay > 0.5:     # below the trace's 1 ns resolution: deliver now (free links)
-            env.timeout(delay).callbacks.append(lambda _e: box.put(msg))
-        else:
-            box.put(msg)
-
-    def _hop(self, path, i: int, src: str, nbytes: int, box: Mailbox, msg: tuple, stage: int) -> None:
-        """msg has reached hop i's link (or, past the last hop, its destination) now.
-
-        A link is a FIFO single server: a message holds it for bytes / bandwidth from the moment the
-        link is free, then travels for the hop's latency. Booking at the arrival instant in simulated
-        time gives exactly the schedule of a capacity-1 SimPy resource with a FIFO queue, with one
-        event per hop instead of four."""
-        env = self.env
-        while i < len(path):
-            link, name, ser, lat = path[i]
-            now = env.now
-            start = self.link_free.get(link, 0.0)
-            if start < now:
-                start = now
-            end = start + ser
-            self.link_free[link] = end
-            if self.log_sends:
-                self.log.append(("send", start, end, stage, src, msg[2], msg[1], nbytes, name, None))
-            i += 1
-            delay = end + lat - now
-            if delay > 0.5:     # below the trace's 1 ns resolution: deliver now (free links)
-                ev = env.timeout(delay)
-                ev.callbacks.append(lambda _e, i=i: self._hop(path, i, src, nbytes, box, msg, stage))
-                return
-        box.put(msg)
+        Every hop is booked now (`book`): a hop's link is held for bytes / bandwidth from when the
+        message reaches it or the link frees, then the hop's latency; the message is delivered by one
+        event. On switched topologies a later hop is reserved in send order rather than arrival order,
+        which differs from a per-hop FIFO only when two messages from different senders reach a shared
+        link within a serialization time of each other (ns)."""
+        self.burst([(src, dst)], nbytes, box, msg, stage)
 
     def book(self, pairs: list[tuple[str, str]], nbytes: int, stage: int, position: int, epoch: int) -> float:
         """Book one message per (src, dst) pair, all sent now, on every hop of its path (see the module

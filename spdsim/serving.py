@@ -104,7 +104,7 @@ class LinkBook:
     """When one directed link is busy: sorted, disjoint [start, end) intervals, so that a message can be
     booked into the first gap at or after it reaches the link even when messages are booked out of
     time order (see `ServingSim.traverse`). Booked in time order, it is the kernel's FIFO single
-    server (`Sim._hop`): start = max(arrival, link free)."""
+    server (`Sim.book`): start = max(arrival, link free)."""
     __slots__ = ("starts", "ends", "limit")
 
     def __init__(self) -> None:
