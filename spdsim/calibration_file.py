@@ -87,7 +87,9 @@ class CalibratedCosts:
     contention_by: dict[str, float] = field(default_factory=dict)
     scale: float = 1.0                    # the picked regime's factor (applies to every compute cost)
     role_scale: dict[str, float] = field(default_factory=dict)   # ... per stage role, where measured
-    tick_by: dict[str, float] = field(default_factory=dict)   # tick_overhead_s per regime, where measured
+    # tick_overhead_s per regime, where measured; '<regime>:first' is SPD's first rank (calibrate.first_rank_gaps)
+    tick_by: dict[str, float] = field(default_factory=dict)
+    first_tick_overhead_s: float | None = None   # the picked regime's first-rank tick (None: tick_overhead_s)
     msg_by: dict[str, float] = field(default_factory=dict)    # msg_overhead_s per regime, where measured
     jitter_by: dict[str, Jitter] = field(default_factory=dict)   # forward variability per regime
     jitter: Jitter | None = None          # the picked regime's (None: every forward costs its mean)
@@ -229,6 +231,7 @@ class CalibratedCosts:
         return replace(self, scale=self.contention_by.get(regime, 1.0), role_scale=roles,
                        jitter=self.jitter_by.get(regime),
                        tick_overhead_s=self.tick_by.get(regime, self.tick_overhead_s),
+                       first_tick_overhead_s=self.tick_by.get(f"{regime}:first"),
                        msg_overhead_s=self.msg_by.get(regime, self.msg_overhead_s))
 
     # --- file form ---

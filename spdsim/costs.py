@@ -7,6 +7,7 @@ Everything the simulator charges time for comes from a `CostModel`:
   embed_s, lm_head_s, head_s   the embedding, final norm + LM head, the speculative module's draft
   hop_s        one link hop: (time the link is held = bytes / bandwidth, latency after it)
   tick_overhead_s  fixed host-side time per compute (the executor's Python per tick), not device-busy
+  first_tick_overhead_s  the same on SPD's first rank, whose send and draft are charged apart (None: as above)
   msg_overhead_s   fixed host-side time per message sent, added to its delivery
   prefill_s        serving: one stage's forward over a chunk of prompt tokens (compute-bound)
   batch_stage_s, batch_head_s  serving: one decode tick of several requests' positions at once
@@ -72,6 +73,7 @@ class CostModel(Protocol):
     """What the engine and the schemes ask of a cost model: `RooflineCosts` (here) or `CalibratedCosts`
     (spdsim/calibration_file.py), every figure in seconds."""
     tick_overhead_s: float
+    first_tick_overhead_s: float | None
     msg_overhead_s: float
     send_block_s: float                # the first rank blocks this long after each ACT send under SPD
     jitter: "Jitter | None"            # forward-to-forward variability the engine draws (spdsim/jitter.py)
@@ -116,6 +118,7 @@ class RooflineCosts:
     def __post_init__(self) -> None:
         o = self.overrides
         self.tick_overhead_s = o.tick_overhead_ms * 1e-3
+        self.first_tick_overhead_s = None
         self.msg_overhead_s = o.msg_overhead_ms * 1e-3
         self.send_block_s = 0.0
         self.jitter = None             # a roofline is deterministic

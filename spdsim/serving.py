@@ -536,8 +536,8 @@ class ServingSim(Sim):
             if tick.entries:
                 for e in tick.entries:
                     self._issue_epoch[e.request][e.position] = e.epoch
-            if self._tick:
-                yield env.timeout(self._tick)
+            if self._first_tick:       # the first rank's own tick (SPD's differs: spdsim.costs)
+                yield env.timeout(self._first_tick)
             t0 = env.now
             for r in ([tick.chunk.request] if tick.chunk is not None else [e.request for e in tick.entries]):
                 rec = records[r]

@@ -2,6 +2,7 @@
 predicts the timeline those traces came from. No torch here (spdsim must not need it)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -285,3 +286,63 @@ def test_concurrent_ns_equals_comparing_every_pair():
         want = [sum(max(0, min(e.end_ns, o.end_ns) - max(e.start_ns, o.start_ns)) for o in evs if o.device != e.device)
                 for e in evs]
         assert concurrent_ns(evs) == want
+
+
+def test_first_rank_gaps_start_at_its_own_work_or_the_result_whichever_is_later():
+    """SPD's first rank: each sample runs from the later of its own send + draft and the last RESULT's
+    arrival to its next forward (here 40 µs both times: once the RESULT comes last, once its own work)."""
+    from spdsim.calibrate import first_rank_gaps
+    us = 1000
+
+    def ev(kind, dev, t0, t1, name="", q=0):
+        return TraceEvent(kind, t0 * us, t1 * us, stage=0 if dev == "rank0" else 1, device=dev, position=q, name=name)
+    events = [ev("compute", "rank0", 0, 1000), ev("send", "rank0", 1010, 1060, "act 0->1"), ev("head", "rank0", 1065, 1068),
+              ev("send", "rank1", 1080, 1100, "result 1->0"),           # arrives after the first rank's own work
+              ev("compute", "rank0", 1140, 2140, q=1), ev("send", "rank0", 2150, 2200, "act 0->1", 1),
+              ev("send", "rank1", 2170, 2180, "result 1->0", 1),         # arrives before it
+              ev("head", "rank0", 2205, 2208, q=1), ev("compute", "rank0", 2248, 3248, q=2)]
+    h = TraceHeader("spd", 2, 3, source="executor", partition=[[0, 4], [4, 8]], placement=["rank0", "rank1"],
+                    prompt_tokens=P)
+    from spdsim.trace import Trace
+    assert first_rank_gaps(Trace(h, events)) == pytest.approx([40e-6, 40e-6])
+    assert first_rank_gaps(Trace(dataclasses.replace(h, scheme="pp"), events)) == []
+
+
+def test_spd_first_rank_pays_its_own_tick_and_the_other_ranks_theirs(tmp_path):
+    """tick_by['overlapped:first'] is charged before each of the first rank's forwards under SPD, the
+    regime's tick before the other ranks' (a calibration fitted on SPD runs has both)."""
+    from spdsim.acceptance import iid
+    costs, err, _ = calibrate(make_trace_dir(tmp_path))
+    costs.send_block_s = 0.0
+    costs.tick_by = {"overlapped": 0.0, "overlapped:first": 0.25e-3}
+    calib = write_calibration(tmp_path / "c.yaml", costs, err)
+    sc = parse_scenario(scenario_text(calib))
+    r = simulate_point(sc, Point("spd", 2, "uniform", iid(1.0)), keep_events=True)
+    gaps = {}
+    for s in (0, 1):
+        comp = sorted((e for e in r.events if e.kind == "compute" and e.stage == s and e.phase == "decode"),
+                      key=lambda e: e.start_ns)
+        gaps[s] = [b.start_ns - a.end_ns for a, b in zip(comp, comp[1:])]
+    assert min(gaps[0]) == pytest.approx(0.25e6, abs=1)        # ns: the first rank's tick, nothing else
+    assert min(gaps[1]) < 0.25e6 - 1
+    assert load_calibration(calib).for_point("spd", 2).first_tick_overhead_s == pytest.approx(0.25e-3)
+    assert load_calibration(calib).for_point("pp", 2).first_tick_overhead_s is None
+
+
+def test_serving_fcfs_charges_the_first_rank_tick_as_the_single_request_engine(tmp_path):
+    from spdsim import acceptance as acc
+    costs, err, _ = calibrate(make_trace_dir(tmp_path))
+    costs.tick_by = {"overlapped": 0.1e-3, "overlapped:first": 0.25e-3}
+    calib = write_calibration(tmp_path / "c.yaml", costs, err)
+    a = acc.replay(sequence=[1, 1, 0, 1, 0, 0, 1, 1])
+    one = simulate_point(parse_scenario(scenario_text(calib).replace(f"prompt_tokens: {P}", "prompt_tokens: 1")),
+                         Point("spd", 2, "uniform", a)).metrics
+    (tmp_path / "r.csv").write_text("arrival_s,prompt_tokens,new_tokens\n" + "".join(f"{t},1,{N}\n" for t in (0, 5)))
+    text = scenario_text(calib).replace(f"workload: {{prompt_tokens: {P}, new_tokens: {N}}}",
+                                        "workload: {arrivals: {kind: trace, file: r.csv}}\nserving: {policy: fcfs}")
+    (tmp_path / "s.yaml").write_text(text)
+    from spdsim.scenario import load_scenario
+    serv = load_scenario(tmp_path / "s.yaml")
+    r = simulate_point(serv, Point("spd", 2, "uniform", a, policy="fcfs", load=None))
+    for rec in r.requests:
+        assert (rec.finish_s - rec.start_s) * 1e9 == pytest.approx(one.window_ns, abs=1.0)

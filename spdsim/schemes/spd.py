@@ -105,8 +105,8 @@ def first_device(sim: Sim):
         drafting = sim.head_device is not None and q + 1 <= ctl.last_useful
         if drafting and dedicated:
             sim.send(dev, sim.head_device, RESULT_BYTES, sim.head_box, (ISSUE, e, q), 0)
-        if sim._tick:
-            yield env.timeout(sim._tick)
+        if sim._first_tick:
+            yield env.timeout(sim._first_tick)
         t0 = env.now
         if tp:      # the issue goes to stage 1's TP peers first; the group's forward ends after theirs
             yield env.timeout(sim.issue_wait_ns(q, e) + sim.stage_ns(0, q))
