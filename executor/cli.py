@@ -250,10 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="measure a scenario's points here, predict them, compare",
                        epilog="docs: docs/calibration.md",
                        description="For every point of SCENARIO this hardware can run: measure it with the "
-                                   "executor (median of repeats), predict it with the simulator from a "
-                                   "calibration fitted on separate runs (another prompt), replaying the "
-                                   "measured accept/reject sequence; write OUT/validation.csv, a parity plot "
-                                   "and a table. Exit 1 when an error exceeds the tolerance.")
+                                   "executor (tokens/s as throughput over repeats, bubble as a mean), predict "
+                                   "it with the simulator from a calibration fitted on separate runs (another "
+                                   "prompt, interleaved), replaying each measured accept/reject sequence, "
+                                   "with a 95% bootstrap interval of every error; rounds of repeats are added "
+                                   "until each point passes or fails for sure, or --max-minutes is spent. "
+                                   "Writes OUT/validation.csv, a parity plot and a table. Exit 0: every point "
+                                   "passes; 1: some point fails; 3: none fails, some undetermined.")
     v.add_argument("scenario", type=Path, metavar="SCENARIO.yaml")
     v.add_argument("--tolerance", type=float, default=0.05,
                    help="largest relative error allowed on tokens_per_s and speedup_vs_pp (default 0.05)")
