@@ -159,7 +159,7 @@ def first_rank_gaps(trace: Trace) -> list[float]:
     separately charged blocking ACT send; charging both overstated SPD's idle time (issue 15, runs 18-19:
     0.15 ms against 0.04 ms measured here)."""
     h, ev = trace.header, trace.events
-    if h.scheme != "spd" or h.stages < 2:
+    if h.scheme != "spd" or h.stages < 2 or h.tp > 1:     # TP runs are fitted apart (calibrate_tp)
         return []
     comp = _decode(ev, "compute", "rank0")
     own = sorted((e for e in ev if e.device == "rank0" and e.phase == "decode" and e.kind in ("send", "head")),
