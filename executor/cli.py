@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured decodes per point and round (default 8: the fewest an interval can decide "
                         "on); rounds are added until every point's verdict is known or --max-minutes is spent")
     v.add_argument("--max-minutes", type=float, default=15.0,
-                   help="stop adding rounds after this long (default 15; 0: one round)")
+                   help="stop adding rounds after this long (default 15; 0: the 3 rounds every verdict needs at least)")
     v.add_argument("--warmup", type=int, default=1,
                    help="untimed decodes at the start of each launch (default 1)")
     v.add_argument("--pin", action=argparse.BooleanOptionalAction, default=False,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -50,7 +51,7 @@ COLUMNS = ["scheme", "stages", "tp", "partition", "acceptance", "metric", "predi
            "measured_spread",   # half the range over repeats, in error_pct's unit: the measurement's own noise
            "ci_low", "ci_high",  # 95% bootstrap interval of the measured figure (the metric's unit)
            "error_ci_low", "error_ci_high",   # ... of the error, in error_pct's unit (spdsim.verdict)
-           "repeats", "verdict",  # pass | fail | undetermined
+           "repeats", "rounds", "verdict",  # pass | fail | undetermined
            "policy", "concurrency", "rate_per_s"]   # serving points ('' otherwise)
 DEFAULT_CONCURRENCY = (2, 3)
 # The oracle α of the SPD calibration runs validate interleaves.
@@ -58,6 +59,9 @@ CALIB_ALPHA = 0.6
 # Below 8 repeats even the sign test's 95% interval of a median is the whole range of the repeats (and a
 # percentile bootstrap's is too): such a point stays undetermined.
 MIN_REPEATS = 8
+# Repeats of one round share the host's state (spdsim.verdict): intervals resample whole rounds, and a
+# point is decided on 3 rounds at least (with 1 the interval would be one round's, with 2 the range of two).
+MIN_ROUNDS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,13 +354,22 @@ def tolerance_pct(metric: str, tolerance: float, bubble_tolerance: float) -> flo
     return 100.0 * (bubble_tolerance if metric == "bubble_ratio" else tolerance)
 
 
+def round_groups(runs: list[dict]) -> list[np.ndarray]:
+    """The indices of `runs` measured in each round (their `round` tag), in round order; a run without
+    one (an older measured.json, a test) is a round of its own."""
+    by: dict[object, list[int]] = {}
+    for i, r in enumerate(runs):
+        by.setdefault(r.get("round", ("repeat", i)), []).append(i)
+    return [np.array(ix) for ix in by.values()]
+
+
 def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict[Case, list[dict]],
             tolerance: float = 0.05, bubble_tolerance: float = 0.03) -> list[dict]:
     """validation.csv rows: each metric's `statistic` over repeats (speedup_vs_pp: the case's throughput
     over PP's of the same stage count, in the same rounds), with the bootstrap interval of the measured
     figure (ci_low, ci_high), of the error (error_ci_low, error_ci_high; repeats resampled in pairs, a
-    round's case and PP decodes together: spdsim.verdict) and the verdict that interval gives against the
-    tolerance."""
+    round's case and PP decodes together, and whole rounds at a time: spdsim.verdict) and the verdict that
+    interval gives against the tolerance (undetermined before MIN_REPEATS repeats in MIN_ROUNDS rounds)."""
     pp_case = {(c.stages, c.tp): c for c in cases if c.scheme == "pp" and not c.serving}
     rows = []
     for k, c in enumerate(cases):
@@ -370,12 +383,14 @@ def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict
                 meas_stat = lambda idx, m=m, mb=mb: throughput(m[idx]) / throughput(mb[idx])   # noqa: E731
                 pred_stat = lambda idx, p=p, pb=pb: throughput(p[idx]) / throughput(pb[idx])   # noqa: E731
                 meas_xs = list(m / mb)
+                runs = measured[c]
             else:
-                pairs = [(r.get(metric), q.get(metric)) for r, q in zip(measured[c], predicted[c])
-                         if r.get(metric) is not None and q.get(metric) is not None]
-                if not pairs:
+                kept = [(r, q) for r, q in zip(measured[c], predicted[c])
+                        if r.get(metric) is not None and q.get(metric) is not None]
+                if not kept:
                     continue
-                m, p = (np.array(xs, float) for xs in zip(*pairs))
+                runs = [r for r, _ in kept]
+                m, p = (np.array(xs, float) for xs in zip(*((r[metric], q[metric]) for r, q in kept)))
                 stat = statistic(metric)
                 meas_stat = lambda idx, m=m, stat=stat: float(stat(m[idx]))   # noqa: E731
                 pred_stat = lambda idx, p=p, stat=stat: float(stat(p[idx]))   # noqa: E731
@@ -383,8 +398,9 @@ def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict
             n = len(meas_xs)
             relative = metric != "bubble_ratio"
             seed = 7919 * k + ALL_METRICS.index(metric)    # reproducible intervals
-            med = statistic_interval(meas_stat, n, seed=seed)
-            err = paired_error(meas_stat, pred_stat, n, relative, seed=seed)
+            groups = round_groups(runs)
+            med = statistic_interval(meas_stat, n, seed=seed, groups=groups)
+            err = paired_error(meas_stat, pred_stat, n, relative, seed=seed, groups=groups)
             scale = 100.0 / med.estimate if relative else 100.0
             spread = (max(meas_xs) - min(meas_xs)) / 2 * scale if n > 1 else 0.0
             tol = tolerance_pct(metric, tolerance, bubble_tolerance)
@@ -392,8 +408,9 @@ def compare(cases: list[Case], measured: dict[Case, list[dict]], predicted: dict
                          "metric": metric, "predicted": pred_stat(np.arange(n)), "measured": med.estimate,
                          "error_pct": err.estimate, "measured_spread": spread,
                          "ci_low": med.low, "ci_high": med.high,
-                         "error_ci_low": err.low, "error_ci_high": err.high, "repeats": n,
-                         "verdict": verdict(err, tol) if n >= MIN_REPEATS else UNDETERMINED,
+                         "error_ci_low": err.low, "error_ci_high": err.high, "repeats": n, "rounds": len(groups),
+                         "verdict": (verdict(err, tol) if n >= MIN_REPEATS and len(groups) >= MIN_ROUNDS
+                                     else UNDETERMINED),
                          "policy": c.policy or "", "concurrency": c.concurrency if c.serving else "",
                          "rate_per_s": c.rate if c.serving else ""})
     return rows
@@ -416,8 +433,9 @@ def more_repeats(rows: list[dict], tolerance: float, bubble_tolerance: float) ->
     for r in rows:
         if r["verdict"] != UNDETERMINED:
             continue
-        if r["repeats"] < MIN_REPEATS:
-            k = MIN_REPEATS
+        rounds = int(r.get("rounds", r["repeats"]))
+        if r["repeats"] < MIN_REPEATS or rounds < MIN_ROUNDS:     # as many again per missing round
+            k = max(MIN_REPEATS, math.ceil(r["repeats"] * MIN_ROUNDS / max(rounds, 1)))
         else:
             k = repeats_to_decide(Interval(r["error_pct"], r["error_ci_low"], r["error_ci_high"]),
                                   tolerance_pct(r["metric"], tolerance, bubble_tolerance), r["repeats"])
@@ -634,7 +652,7 @@ def validate_command(args) -> int:
     refit_s = 0.0                   # the refit and predictions after a round's measurements
     while True:                 # rounds of --repeats more decodes per point, until every verdict is known
         shares = round_repeats(launches, args.repeats, per_repeat_s)
-        if round_s:             # the last round is cut to the time left rather than skipped
+        if len(round_s) >= MIN_ROUNDS:  # the last round is cut to the time left rather than skipped
             shares = fit_in(shares, per_repeat_s, deadline - time.time() - refit_s)
             if not shares:
                 break
@@ -647,8 +665,8 @@ def validate_command(args) -> int:
                           calib_prompt=list(CALIBRATION_PROMPT.encode()), head=head, first=len(measured[group[0]]),
                           warmup=args.warmup, pin=args.pin, serving_prompts=serving_prompts, threshold=threshold)
             per_repeat_s[launch] = (time.time() - t_launch) / k
-            for c in group:
-                measured[c] += new[c]
+            for c in group:           # the round each repeat was measured in: intervals resample rounds
+                measured[c] += [{**r, "round": len(round_s)} for r in new[c]]
         t_refit = time.time()
         speeds: dict[str, float] = {}
         if own_calibration:     # refitted on every calibration run so far (never on the measured ones)

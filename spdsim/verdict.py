@@ -13,6 +13,12 @@ speedup, absolute for the bubble):
   fail          the whole interval lies outside it            (|error| − half-width > t)
   undetermined  otherwise: the measurement cannot tell yet
 
+Repeats measured in one round share the host's state, so they are not independent: blocks of 8
+consecutive repeats strayed up to ±8% from their whole run's error, and a fifth of their 95% intervals
+missed it (docs/calibration.md, runs 18-20). With `groups` (the repeats of each round) the bootstrap
+resamples whole rounds instead, so the interval holds the round-to-round spread too; `executor validate`
+decides nothing before MIN_ROUNDS rounds.
+
 Repeats shrink a percentile interval roughly as 1/√k, which `repeats_to_decide` uses to say how many
 more a point would likely need. This module is pure (numpy only).
 """
@@ -40,11 +46,20 @@ class Interval:
         return (self.high - self.low) / 2
 
 
+Groups = Sequence[np.ndarray]     # the repeat indices of each round (resampled as wholes)
+
+
 def bootstrap(stat: Callable[[np.ndarray], float], n: int, seed: int = 0, level: float = LEVEL,
-              resamples: int = BOOTSTRAP) -> tuple[float, float]:
-    """Percentile interval of stat(indices) over `resamples` resamplings of n paired repeats."""
+              resamples: int = BOOTSTRAP, groups: Groups | None = None) -> tuple[float, float]:
+    """Percentile interval of stat(indices) over `resamples` resamplings of n paired repeats, or of
+    `groups` of them (whole groups drawn with replacement, as many as there are)."""
     rng = np.random.default_rng(seed)
-    draws = np.array([stat(rng.integers(0, n, n)) for _ in range(resamples)])
+    if groups:
+        k = len(groups)
+        draws = np.array([stat(np.concatenate([groups[j] for j in rng.integers(0, k, k)]))
+                          for _ in range(resamples)])
+    else:
+        draws = np.array([stat(rng.integers(0, n, n)) for _ in range(resamples)])
     a = (1 - level) / 2
     lo, hi = np.quantile(draws, [a, 1 - a])
     return float(lo), float(hi)
@@ -61,12 +76,14 @@ def throughput(rates: Sequence[float]) -> float:
     return float(len(x) / np.sum(1.0 / x))
 
 
-def statistic_interval(stat: Stat, n: int, seed: int = 0, level: float = LEVEL) -> Interval:
-    """stat over all n repeats with its bootstrap interval (one repeat: the point itself)."""
+def statistic_interval(stat: Stat, n: int, seed: int = 0, level: float = LEVEL,
+                       groups: Groups | None = None) -> Interval:
+    """stat over all n repeats with its bootstrap interval (one repeat: the point itself; `groups`:
+    resampled by round, see `bootstrap`)."""
     est = stat(np.arange(n))
     if n < 2:
         return Interval(est, est, est)
-    lo, hi = bootstrap(stat, n, seed, level)
+    lo, hi = bootstrap(stat, n, seed, level, groups=groups)
     return Interval(est, min(lo, est), max(hi, est))
 
 
@@ -77,17 +94,17 @@ def median_interval(xs: Sequence[float], seed: int = 0, level: float = LEVEL) ->
 
 
 def paired_error(measured: Stat, predicted: Stat, n: int, relative: bool, seed: int = 0,
-                 level: float = LEVEL) -> Interval:
+                 level: float = LEVEL, groups: Groups | None = None) -> Interval:
     """Error of predicted(idx) against measured(idx) over n paired repeats, in percent (relative) or
     percentage points (absolute), with its paired-bootstrap interval: both statistics see the same
-    resampled indices."""
+    resampled indices (whole rounds with `groups`)."""
     if n < 1:
         raise ValueError("no repeats to compare")
 
     def err(idx: np.ndarray) -> float:
         m, p = measured(idx), predicted(idx)
         return 100.0 * ((p - m) / m if relative else p - m)
-    return statistic_interval(err, n, seed, level)
+    return statistic_interval(err, n, seed, level, groups)
 
 
 def error_interval(measured: Sequence[float], predicted: Sequence[float], relative: bool,

@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from executor.profile import CALIBRATION_PROMPT
-from executor.validate import (COLUMNS, VALIDATION_PROMPT, Case, at_host_speed, compare, failures, interleave,
-                               neighbour_speed, neighbours, runnable_cases, summary)
+from executor.validate import (COLUMNS, MIN_ROUNDS, VALIDATION_PROMPT, Case, at_host_speed, compare, failures,
+                               interleave, more_repeats, neighbour_speed, neighbours, runnable_cases, summary)
 from spdsim.scenario import parse_scenario
 from executor_helpers import small_model
 
@@ -236,7 +237,10 @@ def test_own_calibration_predicts_each_decode_at_its_neighbours_host_speed(tmp_p
     assert r.returncode in (0, 1, 3), r.stderr[-2000:]
     meas = json.loads((out / "measured.json").read_text())
     speeds = host_speed(out / "profile", load_calibration(out / "calibration.yaml"))
-    assert set(speeds) == {f"{k}-r{i}" for k in ("ar-n1", "pp-n2", "spd-n2-a0.6") for i in (0, 1)}
+    assert meas["rounds"] == MIN_ROUNDS                  # --max-minutes 0: the fewest rounds that decide
+    repeats = {c["stages"]: len(c["measured"]) for c in meas["cases"]}     # a cheap launch gets more a round
+    assert set(speeds) == ({f"ar-n1-r{i}" for i in range(repeats[1])}
+                           | {f"{k}-r{i}" for k in ("pp-n2", "spd-n2-a0.6") for i in range(repeats[2])})
     assert all(0.2 < v < 5 for v in speeds.values()), speeds
     sc = load_scenario(scen)
     for c in meas["cases"]:
@@ -354,3 +358,37 @@ def test_more_minutes_are_summed_over_the_launches_that_need_them():
     need = more_repeats([row(1, 1, 3.0, -1.0, 7.0, 100), row(2, 1, 1.0, -5.0, 7.0, 16)], 0.05, 0.03)
     assert need == {(1, 1): 300, (2, 1): 20}     # ±4 against a 2-point gap: 4× the 100; ±6 against 4: 2.25× 16
     assert more_repeats([row(1, 1, 5.0, 0.0, 10.0, 16)], 0.05, 0.03) is None   # on the tolerance
+
+
+def _rounds(offsets: list[float], per_round: int = 8, noise: float = 0.002, seed: int = 0) -> list[dict]:
+    """Measured AR decodes of rounds whose host sat at `offsets` (relative) from the prediction of 100
+    tok/s, with a little noise within each round."""
+    rng = np.random.default_rng(seed)
+    return [{"tokens_per_s": 100.0 * (1 + off) * (1 + noise * rng.standard_normal()), "bubble_ratio": 0.01,
+             "round": k} for k, off in enumerate(offsets) for _ in range(per_round)]
+
+
+def test_rounds_that_disagree_leave_the_point_undetermined_where_repeats_alone_would_pass():
+    """Three rounds at −6%, 0, +6%: taken as 24 independent repeats the error's interval is narrow around
+    0 (pass); resampled by round it spans the rounds' spread (undetermined)."""
+    c = Case("ar", 1, None, "")
+    meas = _rounds([-0.06, 0.0, 0.06])
+    pred = [{"tokens_per_s": 100.0, "bubble_ratio": 0.01}] * len(meas)
+    by_round = {r["metric"]: r for r in compare([c], {c: meas}, {c: pred})}["tokens_per_s"]
+    untagged = [{k: v for k, v in m.items() if k != "round"} for m in meas]
+    by_repeat = {r["metric"]: r for r in compare([c], {c: untagged}, {c: pred})}["tokens_per_s"]
+    assert by_repeat["verdict"] == "pass" and by_repeat["rounds"] == len(meas)
+    assert by_round["verdict"] == "undetermined" and by_round["rounds"] == 3
+    assert by_round["error_ci_high"] - by_round["error_ci_low"] > 3 * (by_repeat["error_ci_high"] - by_repeat["error_ci_low"])
+
+
+def test_no_verdict_before_the_third_round_and_more_rounds_asked_for():
+    """A calibration 20% off, measured steadily: two rounds decide nothing, three fail it."""
+    c = Case("ar", 1, None, "")
+    for k, want in ((1, "undetermined"), (2, "undetermined"), (MIN_ROUNDS, "fail")):
+        meas = _rounds([0.2] * k)
+        pred = [{"tokens_per_s": 100.0, "bubble_ratio": 0.01}] * len(meas)
+        rows = compare([c], {c: meas}, {c: pred})
+        assert {r["metric"]: r["verdict"] for r in rows}["tokens_per_s"] == want, k
+        if k < MIN_ROUNDS:      # as many repeats again per missing round
+            assert more_repeats(rows, 0.05, 0.03)[(1, 1)] == 8 * (MIN_ROUNDS - k)
