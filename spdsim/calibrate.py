@@ -162,8 +162,7 @@ def first_rank_gaps(trace: Trace) -> list[float]:
     if h.scheme != "spd" or h.stages < 2 or h.tp > 1:     # TP runs are fitted apart (calibrate_tp)
         return []
     comp = _decode(ev, "compute", "rank0")
-    own = sorted((e for e in ev if e.device == "rank0" and e.phase == "decode" and e.kind in ("send", "head")),
-                 key=lambda e: e.start_ns)
+    own = sorted(_decode(ev, "send", "rank0") + _decode(ev, "head", "rank0"), key=lambda e: e.start_ns)
     own_starts = [e.start_ns for e in own]
     arrivals = sorted(e.end_ns for e in _decode(ev, "send", f"rank{h.stages - 1}", f"result {h.stages - 1}->0"))
     out = []

@@ -107,7 +107,7 @@ class Sim:
         self.committed: set[tuple[int, int]] = set()    # (position, epoch) whose RESULT committed a token
         self.done = self.env.event()
         self._tick = cfg.costs.tick_overhead_s * NS
-        first = getattr(cfg.costs, "first_tick_overhead_s", None)    # SPD's first rank (spdsim.costs)
+        first = cfg.costs.first_tick_overhead_s      # SPD's first rank (spdsim.costs)
         self._first_tick = self._tick if first is None else first * NS
         self._msg = cfg.costs.msg_overhead_s * NS
         # the first rank's blocking send of an ACT (a calibrated cost; the executor sends synchronously and
